@@ -69,6 +69,12 @@ def read_documents(source: str | Path) -> list[str]:
         raise CalibrationError(f"calibration source {source!r} is neither a local file nor a loadable dataset: {err}") from err
 
 
+def check_source(source: str | Path) -> None:
+    """Cheap early check (before a model is loaded) that a local calibration file exists."""
+    if str(source) not in BUNDLED_TEXTS and Path(source).suffix in {".txt", ".jsonl", ".json", ".parquet"} and not Path(source).is_file():
+        raise CalibrationError(f"calibration file not found: {source} (give a .txt, .jsonl or .parquet file, or 'c4')")
+
+
 @dataclass
 class CalibrationRecord:
     source: str

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -40,6 +41,7 @@ def atomic_directory_write(output: str | Path, write, overwrite: bool = False) -
     tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
     try:
         write(tmp)
+        _default_permissions(tmp)
         if output.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{output.name}.old-", dir=output.parent))
             output.rename(old / output.name)
@@ -51,6 +53,15 @@ def atomic_directory_write(output: str | Path, write, overwrite: bool = False) -
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return output
+
+
+def _default_permissions(directory: Path) -> None:
+    """mkdtemp (and safetensors) create owner-only files; give the output the permissions of any new file."""
+    umask = os.umask(0)
+    os.umask(umask)
+    directory.chmod(0o777 & ~umask)
+    for path in directory.rglob("*"):
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 def save_scores(scores: Scores, path: str | Path, extra: Scores | None = None, prefix: str = "layer") -> None:

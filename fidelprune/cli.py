@@ -51,6 +51,7 @@ def _add_prune(sub) -> None:
 
 def _run_prune(args) -> int:
     from . import load_model, prune, save
+    from .calibration import check_source
     from .checkpoint import check_output_dir
 
     if args.ratio is None and args.keep is None:
@@ -59,6 +60,7 @@ def _run_prune(args) -> int:
     amount = f"keep{args.keep}" if args.keep else f"{args.ratio:g}"
     output = Path(args.output or f"pruned-{name}-{args.method}-{amount}")
     check_output_dir(output, args.overwrite)  # before any compute
+    check_source(args.calibration)
     start = time.perf_counter()
     with console.status(f"loading {args.model or 'packaged SmolLM2-135M-Instruct'}"):
         model, tokenizer, source = load_model(args.model, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code)
@@ -98,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, FileExistsError, OSError) as err:
         if args.verbose:
             raise
-        console.print(f"[bold red]error:[/] {err}")
+        print(f"error: {err}", file=sys.stderr)  # one line, unwrapped, so scripts can grep it
         return 2
 
 

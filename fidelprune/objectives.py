@@ -27,6 +27,26 @@ def entropy(logits: torch.Tensor, input_ids: torch.Tensor | None = None, teacher
     return -(log_p.exp() * log_p).sum(dim=-1).mean(dim=1)
 
 
+class _KLToTeacher(torch.autograd.Function):
+    """Per-position KL(softmax(teacher) || softmax(student)) with its analytic gradient p_S - p_T w.r.t. the
+    student logits. Autograd through log_softmax gives p_S * sum(p_T) - p_T, which is ~1e-8 rather than 0 at
+    student = teacher because sum(p_T) is 1 only up to rounding; the seed method's premise (zero KD gradient at
+    the unpruned model) holds exactly with the analytic form."""
+
+    @staticmethod
+    def forward(ctx, student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+        teacher_log_p = F.log_softmax(teacher_logits, dim=-1)
+        student_log_p = F.log_softmax(student_logits, dim=-1)
+        ctx.save_for_backward(student_logits, teacher_logits)
+        return (teacher_log_p.exp() * (teacher_log_p - student_log_p)).sum(dim=-1)
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        student_logits, teacher_logits = ctx.saved_tensors  # recompute the softmaxes rather than keep two [B,T,V]
+        grad = F.softmax(student_logits, dim=-1) - F.softmax(teacher_logits, dim=-1)
+        return grad_output.unsqueeze(-1) * grad, None
+
+
 @dataclass(frozen=True)
 class KD:
     """SDMPrune: (1-alpha) CE + alpha mean_t KL(softmax(z_T / tau) || softmax(z_S)), no tau^2 factor."""
@@ -37,9 +57,7 @@ class KD:
     def __call__(self, logits: torch.Tensor, input_ids: torch.Tensor, teacher_logits: torch.Tensor | None = None) -> torch.Tensor:
         if teacher_logits is None:
             raise ValueError("the kd objective needs teacher logits")
-        teacher_log_p = F.log_softmax(teacher_logits.float() / self.temperature, dim=-1)
-        student_log_p = F.log_softmax(logits.float(), dim=-1)
-        kl = (teacher_log_p.exp() * (teacher_log_p - student_log_p)).sum(dim=-1).mean(dim=1)
+        kl = _KLToTeacher.apply(logits.float(), teacher_logits.float() / self.temperature).mean(dim=1)
         if self.alpha == 1.0:  # skip CE entirely so its gradient is not even approximately present
             return kl
         return (1 - self.alpha) * ce(logits, input_ids) + self.alpha * kl

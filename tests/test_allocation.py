@@ -1,0 +1,63 @@
+import pytest
+import torch
+
+from conftest import tiny_model
+from fidelprune.allocation import AllocationError, count_parameters, plan_width, select_uniform, top_k
+
+
+@pytest.mark.parametrize("family,ratio,round_to", [
+    ("llama", 0.1, 1), ("llama", 0.25, 8), ("phi3", 0.3, 4), ("llama-bias", 0.2, 1), ("gemma", 0.15, 8), ("qwen3", 0.05, 2),
+])
+def test_achieved_ratio_is_the_closest_reachable(family, ratio, round_to):
+    model = tiny_model(family, num_hidden_layers=3, intermediate_size=64)
+    plan = plan_width(model, ratio=ratio, round_to=round_to)
+    total = count_parameters(model)
+    per_unit = (64 * 3 * 32 + (2 * 64 if family == "llama-bias" else 0)) * 3 // 64  # per neuron, all 3 layers
+    reachable = [1 - (total - (64 - k) * per_unit) / total for k in range(round_to, 64, round_to)]
+    assert plan.width_after % round_to == 0
+    assert abs(plan.achieved_ratio - ratio) == pytest.approx(min(abs(r - ratio) for r in reachable))
+    assert plan.params_after == total - (64 - plan.width_after) * per_unit
+
+
+def test_seed_widths_for_llama_3_2_1b_shape():
+    """methods.md: LLaMA-3.2-1B at 20/30/40 % keeps 5,677 / 4,420 / 3,163 of 8,192 (the seeds truncate k);
+    the closest-ratio solver lands within one neuron of them."""
+    import transformers
+
+    config = transformers.LlamaConfig(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                                      num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=True)
+    with torch.device("meta"):
+        model = transformers.LlamaForCausalLM(config)
+    assert count_parameters(model) == 1_235_814_400
+    for ratio, seed_keep in ((0.2, 5677), (0.3, 4420), (0.4, 3163)):
+        assert abs(plan_width(model, ratio=ratio, round_to=1).width_after - seed_keep) <= 1
+
+
+@pytest.mark.parametrize("ratio", [0.0, -0.1, 1.0, 0.99])
+def test_impossible_ratios_are_refused(ratio):
+    with pytest.raises(AllocationError, match="ratio"):
+        plan_width(tiny_model("llama"), ratio=ratio)
+
+
+def test_ratio_that_removes_nothing_is_refused():
+    with pytest.raises(AllocationError, match="removes no neuron"):
+        plan_width(tiny_model("llama"), ratio=0.001, round_to=8)
+
+
+@pytest.mark.parametrize("keep", [0, 48, 100])
+def test_keep_out_of_range_is_refused(keep):
+    with pytest.raises(AllocationError, match="keep"):
+        plan_width(tiny_model("llama"), keep=keep)
+
+
+def test_top_k_keeps_original_order_and_breaks_ties_to_lower_index():
+    score = torch.tensor([0.5, 2.0, 1.0, 2.0, 0.1])
+    assert top_k(score, 3).tolist() == [1, 2, 3]
+    assert top_k(torch.ones(4), 2).tolist() == [0, 1]
+    assert top_k(score, 2, candidates=torch.tensor([0, 2, 4])).tolist() == [0, 2]
+
+
+def test_select_uniform_refuses_more_than_the_rankable_scores():
+    scores = {0: torch.tensor([1.0, float("-inf"), 2.0])}
+    with pytest.raises(AllocationError, match="stage-1 survivors"):
+        select_uniform(scores, 3)

@@ -1,0 +1,66 @@
+"""The CLI as a user runs it, on a tiny model saved with the real SmolLM2 tokenizer."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from conftest import tiny_model
+from fidelprune.cli import main
+from fidelprune.models import packaged_gguf
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    gguf = packaged_gguf()
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = tiny_model("llama", vocab_size=len(tokenizer))
+    path = tmp_path_factory.mktemp("models") / "tiny"
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def test_prune_cli_end_to_end(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "pruned"
+    code = main(["prune", str(tiny_dir), "--method", "sdmprune", "--keep", "40", "--samples", "4", "--seq-len", "32",
+                 "--round-to", "4", "--output", str(out)])
+    assert code == 0
+    manifest = json.loads((out / "pruning.json").read_text())
+    assert manifest["calibration"]["samples"] == 4 and manifest["method"]["method"] == "sdmprune"
+    reloaded = AutoModelForCausalLM.from_pretrained(out)
+    assert reloaded.config.intermediate_size == manifest["allocation"]["width_after"]
+    assert AutoTokenizer.from_pretrained(out)("hello")["input_ids"]
+    # re-prune at another ratio from the saved scores, without calibration
+    again = tmp_path / "again"
+    assert main(["prune", str(tiny_dir), "--method", "sdmprune", "--keep", "24", "--scores", str(out / "scores.safetensors"),
+                 "--output", str(again)]) == 0
+    assert set(json.loads((again / "pruning.json").read_text())["kept_neurons"]["0"]) <= set(manifest["kept_neurons"]["0"])
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["prune", "/no/such/model"], "not found"),
+    (["prune", "{tiny}", "--ratio", "1.5"], "ratio"),
+    (["prune", "{tiny}", "--ratio", "0.05"], "unreachable"),
+    (["prune", "{tiny}", "--ratio", "0"], "ratio"),
+    (["prune", "{tiny}", "--keep", "40", "--calibration", "/no/such.jsonl"], "not found"),
+    (["prune", "{tiny}", "--keep", "40", "--calibration", "{short}"], "fewer than"),
+])
+def test_bad_input_gives_one_line_error_and_writes_nothing(argv, message, tiny_dir, tmp_path, capsys):
+    short = tmp_path / "short.txt"
+    short.write_text("too short")
+    out = tmp_path / "out"
+    argv = [a.format(tiny=tiny_dir, short=short) for a in argv] + ["--output", str(out)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "error:" in err and message in err
+    assert not out.exists() and [p.name for p in tmp_path.iterdir()] == ["short.txt"]
+
+
+def test_non_empty_output_is_refused_before_loading(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "x").write_text("x")
+    assert main(["prune", str(tiny_dir), "--output", str(out)]) == 2
+    assert "--overwrite" in capsys.readouterr().err

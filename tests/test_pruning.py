@@ -1,0 +1,81 @@
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import tiny_model, tiny_windows
+from fidelprune import OutputExistsError, load_scores, prune, read_manifest, save
+from fidelprune.methods import SDMPRUNE_STAGE1_KEEP, sdmprune_defaults
+
+
+def test_manifest_records_everything_needed_to_reproduce(tmp_path):
+    model, windows = tiny_model("llama"), tiny_windows()
+    pruned, report = prune(model, None, "hfprune", 0.2, calibration_ids=windows, round_to=4, progress=False)
+    out = save(pruned, None, report, tmp_path / "run")
+    manifest = read_manifest(out)
+    assert manifest["method"]["objective"] == "entropy" and manifest["method"]["form"] == "activation"
+    assert manifest["source_model"]["sha256"] and manifest["architecture"] == "llama"
+    alloc = manifest["allocation"]
+    assert alloc["target_ratio"] == 0.2 and alloc["width_after"] % 4 == 0
+    assert alloc["params_before"] > alloc["params_after"]
+    assert all(len(v) == alloc["width_after"] for v in manifest["kept_neurons"].values())
+    assert {"torch", "transformers", "fidelprune"} <= manifest["versions"].keys()
+    assert torch.equal(load_file(str(out / "calibration.safetensors"))["input_ids"], windows)
+    assert set(load_scores(out)) == {0, 1}
+    assert (out / "model.safetensors").is_file() and (out / "config.json").is_file()
+    assert not list(tmp_path.glob(".run.tmp-*"))
+
+
+def test_reprune_from_saved_scores_matches_scoring_afresh(tmp_path):
+    model, windows = tiny_model("llama"), tiny_windows()
+    pruned, report = prune(model, None, "llm-pruner", keep=40, calibration_ids=windows, progress=False)
+    save(pruned, None, report, tmp_path / "a")
+    _, fresh = prune(model, None, "llm-pruner", keep=24, calibration_ids=windows, progress=False)
+    _, reused = prune(model, None, "llm-pruner", keep=24, scores=tmp_path / "a" / "scores.safetensors", progress=False)
+    assert fresh.manifest["kept_neurons"] == reused.manifest["kept_neurons"]
+
+
+def test_sdmprune_schedule_keeps_final_neurons_among_stage1_survivors():
+    model, windows = tiny_model("llama", intermediate_size=80), tiny_windows()
+    _, report = prune(model, None, "sdmprune", 0.2, calibration_ids=windows, round_to=1, progress=False)
+    stage1, stage2 = report.manifest["stages"]
+    assert stage1["keep"] == int(SDMPRUNE_STAGE1_KEEP * 80) and stage1["objective"] == "ce"
+    alpha, temperature = sdmprune_defaults(report.manifest["allocation"]["achieved_ratio"])
+    assert (stage2["alpha"], stage2["temperature"]) == (alpha, temperature) == (0.4, 0.2)
+    for layer, kept in report.manifest["kept_neurons"].items():
+        survivors = torch.topk(report.extra_scores[f"stage1.layer.{layer}"], stage1["keep"]).indices
+        assert set(kept) <= set(survivors.tolist())
+        assert torch.isinf(report.scores[int(layer)]).sum() == 80 - stage1["keep"]
+
+
+def test_objective_and_form_compose_from_the_api():
+    model, windows = tiny_model("qwen2"), tiny_windows()
+    _, report = prune(model, None, "hfprune", 0.1, objective="ce", form="weight-element", calibration_ids=windows, progress=False)
+    assert report.manifest["method"]["objective"] == "ce" and report.manifest["method"]["form"] == "weight-element"
+    with pytest.raises(ValueError, match="unknown score form"):
+        prune(model, None, "hfprune", 0.1, form="nope", calibration_ids=windows, progress=False)
+    with pytest.raises(ValueError, match="unknown method"):
+        prune(model, None, "nope", 0.1)
+
+
+def test_refuses_non_empty_output_and_overwrites_only_when_asked(tmp_path):
+    model = tiny_model("llama")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("user data")
+    pruned, report = prune(model, None, "magnitude", 0.1, progress=False)
+    with pytest.raises(OutputExistsError, match="--overwrite"):
+        save(pruned, None, report, out)
+    assert (out / "keep.txt").read_text() == "user data"
+    save(pruned, None, report, out, overwrite=True)
+    assert not (out / "keep.txt").exists() and json.loads((out / "pruning.json").read_text())
+
+
+def test_failed_save_leaves_nothing_that_looks_complete(tmp_path, monkeypatch):
+    model = tiny_model("llama")
+    pruned, report = prune(model, None, "magnitude", 0.1, progress=False)
+    monkeypatch.setattr("fidelprune.checkpoint.save_scores", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
+    with pytest.raises(OSError, match="disk full"):
+        save(pruned, None, report, tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []
