@@ -27,10 +27,11 @@ class Adapter:
     up: str | None = "up_proj"
     gate_up: str | None = None  # fused [gate; up] projection
     down: str = "down_proj"
+    bias_flag: str | None = None  # config switch that gives every MLP linear a bias, if the family has one
 
 
 ADAPTERS: tuple[Adapter, ...] = (
-    Adapter("llama", ("llama",)),
+    Adapter("llama", ("llama",), bias_flag="mlp_bias"),
     Adapter("mistral", ("mistral",)),
     Adapter("qwen2", ("qwen2",)),
     Adapter("qwen3", ("qwen3",)),
@@ -132,3 +133,27 @@ def slice_mlp(view: MLPView, keep: torch.Tensor, model: nn.Module) -> None:
         setattr(view.module, adapter.gate, _sliced_linear(view.gate, rows=keep))
         setattr(view.module, adapter.up, _sliced_linear(view.up, rows=keep))
     setattr(view.module, adapter.down, _sliced_linear(view.down, cols=keep))
+
+
+def add_down_bias(view: MLPView, shift: torch.Tensor, model: nn.Module) -> None:
+    """Add `shift` to the layer's down_proj bias, creating zero gate/up biases and the down bias where the model
+    has none (the family's config flag, e.g. LLaMA's mlp_bias, then declares them so transformers reloads them)."""
+    adapter = get_adapter(model)
+    weight = view.down.weight
+    if view.down.bias is None:
+        if adapter.bias_flag is None:
+            raise UnsupportedModelError(
+                f"{adapter.family} models have no MLP bias option in transformers, which FLAP's compensation needs; "
+                f"use another method or a llama-family model"
+            )
+        setattr(model.config, adapter.bias_flag, True)
+        for linear in (view.gate, view.up, view.gate_up):
+            if linear is not None:
+                linear.bias = nn.Parameter(torch.zeros(linear.out_features, dtype=weight.dtype, device=weight.device))
+        view.down.bias = nn.Parameter(torch.zeros(view.hidden_size, dtype=weight.dtype, device=weight.device))
+    with torch.no_grad():
+        view.down.bias += shift.to(weight.device, weight.dtype)
+
+
+def can_add_down_bias(model: nn.Module) -> bool:
+    return all(v.down.bias is not None for v in mlp_views(model)) or get_adapter(model).bias_flag is not None

@@ -23,49 +23,104 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+ALLOCATIONS = ("uniform", "global")
+
+
+@dataclass
+class AllocationConfig:
+    """How widths are chosen: `uniform` (every prunable layer keeps the same k, a vanilla checkpoint) or `global`
+    (all prunable layers' neurons ranked together on per-layer standardised scores, at least `min_keep` per
+    layer); the first `protect_first` and last `protect_last` layers keep every neuron (LLM-Pruner's habit)."""
+
+    kind: str = "uniform"
+    round_to: int = 8
+    protect_first: int = 0
+    protect_last: int = 0
+    min_keep: int | None = None  # global only; default: round_to
+
+    def __post_init__(self) -> None:
+        if self.kind not in ALLOCATIONS:
+            raise AllocationError(f"unknown allocation {self.kind!r}: choose one of {', '.join(ALLOCATIONS)}")
+        if self.protect_first < 0 or self.protect_last < 0:
+            raise AllocationError("--protect-first / --protect-last take a number of layers >= 0")
+        self.round_to = max(1, int(self.round_to))
+
+    def protected(self, num_layers: int) -> list[int]:
+        layers = sorted(set(range(self.protect_first)) | set(range(num_layers - self.protect_last, num_layers)))
+        if len(layers) >= num_layers:
+            raise AllocationError(f"protecting {len(layers)} of {num_layers} layers leaves nothing to prune")
+        return layers
+
+
 @dataclass
 class WidthPlan:
     width_before: int
-    width_after: int
+    width_after: int  # the uniform width of the prunable layers (global allocation: the budget's mean)
     params_before: int
     params_after: int
     target_ratio: float | None
     achieved_ratio: float
     round_to: int
+    protected_layers: list[int]
+    adds_mlp_bias: bool
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-def plan_width(model: nn.Module, ratio: float | None = None, keep: int | None = None, round_to: int = 8) -> WidthPlan:
-    """Solve the uniform kept width from a parameter ratio (the multiple of `round_to` whose achieved ratio is
-    closest to the target) or take it as given (`keep`). Errors if nothing or every neuron would go."""
+def params_after_widths(model: nn.Module, widths: dict[int, int], adds_mlp_bias: bool = False) -> int:
+    """Exact parameter count once layer l keeps widths[l] neurons (and, with adds_mlp_bias, once every MLP gains
+    gate/up/down biases, as FLAP's compensation needs)."""
+    total = count_parameters(model)
+    for view in mlp_views(model):
+        width = widths.get(view.index, view.width)
+        total -= (view.width - width) * view.params_per_neuron()
+        if adds_mlp_bias and view.down.bias is None:
+            total += 2 * width + view.hidden_size
+    return total
+
+
+def plan_width(
+    model: nn.Module,
+    ratio: float | None = None,
+    keep: int | None = None,
+    round_to: int = 8,
+    protected: list[int] | tuple[int, ...] = (),
+    adds_mlp_bias: bool = False,
+) -> WidthPlan:
+    """Solve the kept width of the prunable layers from a parameter ratio (the multiple of `round_to` whose
+    achieved ratio is closest to the target) or take it as given (`keep`). Errors if nothing or every neuron
+    would go."""
     if (ratio is None) == (keep is None):
         raise AllocationError("give exactly one of ratio (fraction of parameters to remove) or keep (neurons per layer)")
     views = mlp_views(model)
-    widths = {v.width for v in views}
+    prunable = [v for v in views if v.index not in set(protected)]
+    widths = {v.width for v in prunable}
     if len(widths) != 1:
-        raise AllocationError(f"MLP widths differ across layers ({sorted(widths)}); uniform allocation needs one width")
+        raise AllocationError(f"MLP widths differ across layers ({sorted(widths)}); this plan needs one width")
     width = widths.pop()
-    per_width_unit = sum(v.params_per_neuron() for v in views)  # parameters removed per neuron removed in every layer
     total = count_parameters(model)
     round_to = max(1, int(round_to))
 
+    # params_after is linear in k (each kept neuron costs the same in every prunable layer)
+    base = params_after_widths(model, {v.index: 0 for v in prunable}, adds_mlp_bias)
+    per_k = params_after_widths(model, {v.index: 1 for v in prunable}, adds_mlp_bias) - base
+
     def params_after(k: int) -> int:
-        return total - (width - k) * per_width_unit
+        return base + per_k * k
 
     if keep is None:
         if not 0 < ratio < 1:
             raise AllocationError(f"ratio must be between 0 and 1 (fraction of parameters removed), got {ratio}")
-        max_ratio = width * per_width_unit / total
-        exact = width - ratio * total / per_width_unit
+        max_ratio = 1 - base / total
         candidates = [*range(round_to, width, round_to), width]
-        if exact < 0 or len(candidates) == 1:
+        if ratio > max_ratio or len(candidates) == 1:
             raise AllocationError(
-                f"ratio {ratio} is unreachable: removing every MLP neuron removes only {max_ratio:.1%} of this "
-                f"model's parameters; choose a ratio below {max_ratio:.3f}"
+                f"ratio {ratio} is unreachable: removing every prunable MLP neuron removes only {max_ratio:.1%} of "
+                f"this model's parameters; choose a ratio below {max_ratio:.3f}"
             )
-        keep = min(candidates, key=lambda k: (abs(k - exact), -k))
+        achieved = {k: 1 - params_after(k) / total for k in candidates}
+        keep = min(candidates, key=lambda k: (abs(achieved[k] - ratio), -k))
         if keep >= width:
             raise AllocationError(f"ratio {ratio} removes no neuron at round-to {round_to}; choose a larger ratio")
     elif not 0 < keep < width:
@@ -78,6 +133,8 @@ def plan_width(model: nn.Module, ratio: float | None = None, keep: int | None = 
         target_ratio=ratio,
         achieved_ratio=1 - params_after(keep) / total,
         round_to=round_to,
+        protected_layers=list(protected),
+        adds_mlp_bias=adds_mlp_bias,
     )
 
 
@@ -106,3 +163,54 @@ def select_uniform(scores: Scores, k: int, candidates: dict[int, torch.Tensor] |
             )
         kept[index] = top_k(score, k, None if candidates is None else candidates[index])
     return kept
+
+
+def _global_widths(scores: Scores, budget: int, config: AllocationConfig, candidates: dict[int, torch.Tensor] | None) -> dict[int, int]:
+    """Per-layer widths from one ranking of every prunable neuron on per-layer standardised scores, so layers
+    with flat score distributions are not starved by layers with large raw scores; each layer keeps at least
+    min_keep, and widths are multiples of round_to (largest remainders keep the total on budget)."""
+    from .scoring import standardize
+
+    min_keep = max(config.min_keep or config.round_to, 1)
+    pooled, owners = [], []
+    for index, score in scores.items():
+        z = standardize(score)
+        if candidates is not None:
+            allowed = torch.full_like(z, float("-inf"))
+            allowed[candidates[index]] = z[candidates[index]]
+            z = allowed
+        z = z.sort(descending=True).values
+        z[:min_keep] = float("inf")  # the floor is kept whatever the ranking says
+        pooled.append(z)
+        owners.append(torch.full_like(z, index, dtype=torch.long))
+    pooled, owners = torch.cat(pooled), torch.cat(owners)
+    chosen = owners[torch.argsort(pooled, descending=True, stable=True)[:budget]]
+    raw = {index: int((chosen == index).sum()) for index in scores}
+    # round to multiples of round_to, distributing the remainder to the layers that lost the most
+    step = config.round_to
+    widths = {i: max(min_keep, (w // step) * step) for i, w in raw.items()}
+    leftover = budget - sum(widths.values())
+    for index in sorted(raw, key=lambda i: raw[i] - widths[i], reverse=True):
+        if leftover < step:
+            break
+        limit = len(scores[index]) if candidates is None else len(candidates[index])
+        if widths[index] + step <= limit:
+            widths[index] += step
+            leftover -= step
+    return widths
+
+
+def select_neurons(
+    scores: Scores, plan: WidthPlan, config: AllocationConfig, candidates: dict[int, torch.Tensor] | None = None
+) -> dict[int, torch.Tensor]:
+    """Kept neuron indices per layer for `plan` under `config` (protected layers keep every neuron)."""
+    protected = set(plan.protected_layers)
+    prunable = {i: s for i, s in scores.items() if i not in protected}
+    if config.kind == "uniform":
+        kept = select_uniform(prunable, plan.width_after, None if candidates is None else {i: candidates[i] for i in prunable})
+    else:
+        widths = _global_widths(prunable, plan.width_after * len(prunable), config, candidates)
+        kept = {i: top_k(prunable[i], w, None if candidates is None else candidates[i]) for i, w in widths.items()}
+    for index in protected:
+        kept[index] = torch.arange(len(scores[index]))
+    return dict(sorted(kept.items()))

@@ -44,6 +44,12 @@ def _add_prune(sub) -> None:
     p.add_argument("--form", choices=FORMS, default=None, help="override the method's score form")
     p.add_argument("--alpha", type=float, default=None, help="kd weight (sdmprune default by ratio: 0.4 / 0.42 / 0.1)")
     p.add_argument("--temperature", type=float, default=None, help="kd teacher temperature (sdmprune default 0.2 / 0.5 / 0.2)")
+    p.add_argument("--aggregation", choices=["mean", "l2"], default="mean", help="activation method: mean |a| or L2 norm")
+    p.add_argument("--allocation", choices=["uniform", "global"], default="uniform",
+                   help="uniform: same width everywhere (vanilla checkpoint); global: rank all layers together (needs fidelprune.load_model)")
+    p.add_argument("--min-keep", type=int, default=None, help="global allocation: neurons every layer keeps at least (default: --round-to)")
+    p.add_argument("--protect-first", type=int, default=0, help="first N layers keep every neuron (others prune harder)")
+    p.add_argument("--protect-last", type=int, default=0, help="last M layers keep every neuron")
     p.add_argument("--scores", default=None, help="re-prune from an earlier run's scores.safetensors (no calibration)")
     _add_model_flags(p)
     p.set_defaults(run=_run_prune)
@@ -69,7 +75,9 @@ def _run_prune(args) -> int:
         model, tokenizer, args.method, args.ratio, keep=args.keep, round_to=args.round_to,
         calibration=args.calibration, samples=args.samples, seq_len=args.seq_len, seed=args.seed,
         batch_size=args.batch_size, objective=args.objective, form=args.form, alpha=args.alpha,
-        temperature=args.temperature, scores=args.scores, inplace=True, source=source,
+        temperature=args.temperature, aggregation=args.aggregation, allocation=args.allocation,
+        protect_first=args.protect_first, protect_last=args.protect_last, min_keep=args.min_keep,
+        scores=args.scores, inplace=True, source=source,
     )
     report.manifest["timings_s"]["load"] = load_s
     path = save(pruned, tokenizer, report, output, overwrite=args.overwrite)

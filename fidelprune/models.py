@@ -123,9 +123,12 @@ def load_model(
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
     try:
         tokenizer = AutoTokenizer.from_pretrained(location, trust_remote_code=trust_remote_code, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(
-            location, dtype=torch_dtype, trust_remote_code=trust_remote_code, use_safetensors=None if gguf_file else True, **kwargs
-        )
+        if not gguf_file and directory.exists() and _layer_widths(directory):
+            model = load_pruned(directory, dtype=torch_dtype)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(
+                location, dtype=torch_dtype, trust_remote_code=trust_remote_code, use_safetensors=None if gguf_file else True, **kwargs
+            )
     except OSError as err:
         raise ModelLoadError(f"could not load model {source!r}: {err}") from err
     clear_quantization_markers(model)
@@ -149,3 +152,60 @@ def parameters_sha256(model: nn.Module) -> str:
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
+
+
+def _layer_widths(directory: Path) -> list[int] | None:
+    import json
+
+    from .surgery import LAYER_WIDTHS_KEY
+
+    config = directory / "config.json"
+    return json.loads(config.read_text()).get(LAYER_WIDTHS_KEY) if config.is_file() else None
+
+
+def load_pruned(directory: str | Path, dtype: str | torch.dtype | None = None, device: str | None = None) -> nn.Module:
+    """Load a checkpoint whose MLP widths differ per layer (global / protected allocation), which vanilla
+    transformers cannot shape from its config: load everything else the standard way, then give each MLP
+    its saved shapes and weights. Uniform checkpoints need none of this (`from_pretrained` loads them)."""
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    from .adapters import mlp_views
+
+    directory = Path(directory)
+    widths = _layer_widths(directory)
+    device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, device)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the mismatched MLP shapes are expected and replaced below
+    try:
+        model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch_dtype, ignore_mismatched_sizes=True, use_safetensors=True)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    if not widths:
+        return model.to(device)
+    names = {id(module): name for name, module in model.named_modules()}
+    saved = {}
+    for shard in sorted(directory.glob("*.safetensors")):
+        with safe_open(str(shard), framework="pt") as f:
+            saved.update({key: shard for key in f.keys()})
+    for view in mlp_views(model):
+        if view.width == widths[view.index]:
+            continue
+        for linear in (view.gate, view.up, view.gate_up, view.down):
+            if linear is None:
+                continue
+            name = names[id(linear)]
+            with safe_open(str(saved[f"{name}.weight"]), framework="pt") as f:
+                weight = f.get_tensor(f"{name}.weight").to(torch_dtype)
+                bias = f.get_tensor(f"{name}.bias").to(torch_dtype) if f"{name}.bias" in saved else None
+            new = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
+            new.weight = nn.Parameter(weight)
+            if bias is not None:
+                new.bias = nn.Parameter(bias)
+            parent_name, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(parent_name), attr, new)
+        if hasattr(view.module, "intermediate_size"):
+            view.module.intermediate_size = widths[view.index]
+    return model.to(device).eval()

@@ -290,3 +290,89 @@ def score_summary(scores: Scores) -> dict[str, float]:
     values = torch.cat([s.flatten() for s in scores.values()])
     finite = values[torch.isfinite(values)]
     return {"min": finite.min().item(), "max": finite.max().item(), "mean": finite.mean().item()} if len(finite) else {"min": math.nan}
+
+
+# ------------------------------------------------------------------------------------- forward-only scores
+FORWARD_METHODS = ("wanda-sp", "flap", "activation")
+AGGREGATIONS = ("mean", "l2")
+
+
+class ActivationStats:
+    """Per-neuron sums of a, |a| and a^2 over calibration tokens (fp64: variances of millions of tokens)."""
+
+    def __init__(self, width: int, device: torch.device) -> None:
+        zeros = lambda: torch.zeros(width, dtype=torch.float64, device=device)  # noqa: E731
+        self.sum, self.sum_abs, self.sum_sq, self.count = zeros(), zeros(), zeros(), 0
+
+    def add(self, a: torch.Tensor) -> None:
+        a = a.detach().reshape(-1, a.shape[-1]).double()
+        self.sum += a.sum(dim=0)
+        self.sum_abs += a.abs().sum(dim=0)
+        self.sum_sq += a.square().sum(dim=0)
+        self.count += a.shape[0]
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return self.sum / self.count
+
+    @property
+    def variance(self) -> torch.Tensor:  # population variance over all (n, t), as FLAP's fluctuation metric
+        return (self.sum_sq / self.count - self.mean.square()).clamp_min(0)
+
+
+@torch.no_grad()
+def activation_statistics(
+    model: nn.Module, windows: torch.Tensor, *, batch_size: int = 4, progress: bool = True
+) -> dict[int, ActivationStats]:
+    """One forward pass over the calibration windows, hooks on every down_proj input."""
+    device = next(model.parameters()).device
+    views = mlp_views(model)
+    stats = {v.index: ActivationStats(v.width, v.down.weight.device) for v in views}
+    hooks = [v.down.register_forward_pre_hook(lambda m, args, i=v.index: stats[i].add(args[0])) for v in views]
+    bar = tqdm(total=windows.numel(), unit="tok", unit_scale=True, desc="activations", disable=not progress)
+    with frozen_eval(model), registered(hooks):
+        for batch in batches(windows, batch_size):
+            model(input_ids=batch.to(device), use_cache=False)
+            bar.update(batch.numel())
+    bar.close()
+    return stats
+
+
+def standardize(score: torch.Tensor) -> torch.Tensor:
+    """(s - mean) / std over the layer's finite entries: FLAP's per-layer standardisation."""
+    finite = score[torch.isfinite(score)]
+    return (score - finite.mean()) / finite.std().clamp_min(1e-12)
+
+
+def forward_scores(model: nn.Module, stats: dict[int, ActivationStats], method: str, aggregation: str = "mean") -> Scores:
+    """Scores from activation statistics (../shared/docs/methods.md, "Baselines"):
+    activation (Minitron) mean_{n,t}|a_i| or, with aggregation l2, ||a_:,i||_2; Wanda-sp sum_j |W_down[j,i]| ||a_:,i||_2;
+    FLAP var_{n,t}(a_i) ||W_down[:,i]||^2, standardised per layer."""
+    if method not in FORWARD_METHODS:
+        raise ValueError(f"unknown forward-only method {method!r}: choose one of {', '.join(FORWARD_METHODS)}")
+    if aggregation not in AGGREGATIONS:
+        raise ValueError(f"unknown aggregation {aggregation!r}: choose one of {', '.join(AGGREGATIONS)}")
+    scores = {}
+    for view in mlp_views(model):
+        s = stats[view.index]
+        down = view.down.weight.detach().double()
+        if method == "activation":
+            score = s.sum_abs / s.count if aggregation == "mean" else s.sum_sq.sqrt()
+        elif method == "wanda-sp":
+            score = down.abs().sum(dim=0) * s.sum_sq.sqrt()
+        else:
+            score = standardize(s.variance * down.square().sum(dim=0))
+        scores[view.index] = score.float().cpu()
+    return check_finite(scores)
+
+
+def flap_bias_shift(model: nn.Module, stats: dict[int, ActivationStats], kept: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+    """FLAP's compensation: the removed neurons' mean contribution W_down[:, removed] . mean(a[removed]), per layer,
+    to be added to the down_proj bias so the layer's mean output is unchanged."""
+    shifts = {}
+    for view in mlp_views(model):
+        removed = torch.ones(view.width, dtype=torch.bool)
+        removed[kept[view.index].cpu()] = False
+        down = view.down.weight.detach().double().cpu()
+        shifts[view.index] = (down[:, removed] @ stats[view.index].mean.cpu()[removed]).float()
+    return shifts

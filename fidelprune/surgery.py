@@ -1,22 +1,35 @@
-"""Physically remove MLP neurons: slice the linears, update the config so vanilla transformers reloads it."""
+"""Physically remove MLP neurons: slice the linears, update the config so transformers reloads the shapes."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from .adapters import mlp_views, slice_mlp
+from .adapters import add_down_bias, mlp_views, slice_mlp
+
+# config key holding per-layer MLP widths when they differ (transformers has no per-layer intermediate_size for
+# these families; fidelprune.load_model / load_pruned read it back)
+LAYER_WIDTHS_KEY = "fidelprune_layer_widths"
 
 
-def remove_neurons(model: nn.Module, kept: dict[int, torch.Tensor]) -> None:
-    """Keep only neurons `kept[layer]` (sorted indices) in each layer's MLP, in place."""
+def remove_neurons(
+    model: nn.Module, kept: dict[int, torch.Tensor], down_bias_shift: dict[int, torch.Tensor] | None = None
+) -> None:
+    """Keep only neurons `kept[layer]` (sorted indices) in each layer's MLP, in place; optionally add a
+    per-layer shift to the down_proj biases (FLAP's compensation)."""
     views = mlp_views(model)
-    widths = {len(kept[v.index]) for v in views if v.index in kept} | {v.width for v in views if v.index not in kept}
-    if len(widths) != 1:
-        raise ValueError(f"uniform pruning needs one width in every layer, got {sorted(widths)}")
     for view in views:
-        if view.index in kept:
+        if view.index in kept and len(kept[view.index]) < view.width:
             slice_mlp(view, kept[view.index], model)
-            if hasattr(view.module, "intermediate_size"):
-                view.module.intermediate_size = len(kept[view.index])
-    model.config.intermediate_size = widths.pop()
+    views = mlp_views(model)  # the linears were replaced
+    for view in views:
+        if hasattr(view.module, "intermediate_size"):
+            view.module.intermediate_size = view.width
+        if down_bias_shift is not None:
+            add_down_bias(view, down_bias_shift[view.index], model)
+    widths = [v.width for v in views]
+    model.config.intermediate_size = max(widths)
+    if len(set(widths)) > 1:
+        setattr(model.config, LAYER_WIDTHS_KEY, widths)
+    elif hasattr(model.config, LAYER_WIDTHS_KEY):
+        delattr(model.config, LAYER_WIDTHS_KEY)

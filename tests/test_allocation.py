@@ -61,3 +61,30 @@ def test_select_uniform_refuses_more_than_the_rankable_scores():
     scores = {0: torch.tensor([1.0, float("-inf"), 2.0])}
     with pytest.raises(AllocationError, match="stage-1 survivors"):
         select_uniform(scores, 3)
+
+
+def test_protected_layers_keep_every_neuron_and_the_rest_still_reach_the_ratio():
+    from fidelprune import prune
+
+    model = tiny_model("llama", num_hidden_layers=4, intermediate_size=64)
+    _, uniform = prune(model, None, "magnitude", 0.2, round_to=1, progress=False)
+    _, protected = prune(model, None, "magnitude", 0.2, round_to=1, protect_first=1, protect_last=1, progress=False)
+    widths = protected.manifest["allocation"]["layer_widths_after"]
+    assert widths[0] == widths[3] == 64 and widths[1] == widths[2] < uniform.manifest["allocation"]["layer_widths_after"][1]
+    assert abs(protected.manifest["allocation"]["achieved_ratio"] - 0.2) < 0.01
+
+
+def test_global_allocation_ranks_standardised_scores_with_a_floor():
+    from fidelprune.allocation import AllocationConfig, plan_width, select_neurons
+
+    model = tiny_model("llama", num_hidden_layers=3, intermediate_size=64)
+    plan = plan_width(model, keep=32, round_to=4)
+    g = torch.Generator().manual_seed(0)
+    # layer 1's scores are 1000x larger but have the same shape: standardisation makes them comparable
+    scores = {0: torch.rand(64, generator=g), 1: 1000 * torch.rand(64, generator=g), 2: torch.rand(64, generator=g) ** 4}
+    kept = select_neurons(scores, plan, AllocationConfig("global", round_to=4, min_keep=8))
+    widths = [len(k) for k in kept.values()]
+    assert sum(widths) == 96 and all(w % 4 == 0 and w >= 8 for w in widths)
+    assert widths[1] < 64  # raw magnitude did not win every slot
+    for i, k in kept.items():  # within a layer, the top scores are the ones kept
+        assert set(k.tolist()) == set(torch.topk(scores[i], len(k)).indices.tolist())
