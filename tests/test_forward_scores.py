@@ -1,44 +1,24 @@
-"""Forward-only baselines against plain references from ../shared/docs/methods.md ("Baselines users will ask for")."""
+"""Forward-only baselines against fidelprune.reference (every activation held at once, formulas from
+../shared/docs/methods.md, "Baselines users will ask for"), and FLAP's bias compensation."""
 
 import pytest
 import torch
 
 from conftest import tiny_model, tiny_windows
-from fidelprune import prune
+from fidelprune import prune, reference
 from fidelprune.adapters import mlp_views
 from fidelprune.scoring import activation_statistics, forward_scores
-
-
-def captured_activations(model, windows):
-    """a[layer] = every calibration token's down_proj input, [N*L, I], via a plain hook."""
-    acts = {}
-    handles = [v.down.register_forward_pre_hook(lambda m, args, i=v.index: acts.setdefault(i, []).append(args[0].reshape(-1, args[0].shape[-1])))
-               for v in mlp_views(model)]
-    with torch.no_grad():
-        for w in windows:
-            model(w[None])
-    for h in handles:
-        h.remove()
-    return {i: torch.cat(a).double() for i, a in acts.items()}
 
 
 @pytest.mark.parametrize("family", ["llama", "phi3", "gemma2"])
 def test_forward_scores_match_plain_formulas(family):
     model, windows = tiny_model(family), tiny_windows(5)
-    acts = captured_activations(model, windows)
     stats = activation_statistics(model, windows, batch_size=2, progress=False)
-    for view in mlp_views(model):
-        a, down = acts[view.index], view.down.weight.detach().double()
-        flap = a.var(dim=0, unbiased=False) * down.square().sum(dim=0)
-        expected = {
-            ("activation", "mean"): a.abs().mean(dim=0),
-            ("activation", "l2"): a.norm(dim=0),
-            ("wanda-sp", "mean"): down.abs().sum(dim=0) * a.norm(dim=0),
-            ("flap", "mean"): (flap - flap.mean()) / flap.std(),
-        }
-        for (method, aggregation), reference in expected.items():
-            got = forward_scores(model, stats, method, aggregation)[view.index].double()
-            torch.testing.assert_close(got, reference, rtol=1e-4, atol=1e-6)
+    for method, aggregation in (("activation", "mean"), ("activation", "l2"), ("wanda-sp", "mean"), ("flap", "mean")):
+        got = forward_scores(model, stats, method, aggregation)
+        expected = reference.forward_scores(model, windows, method, aggregation)
+        for i in expected:
+            torch.testing.assert_close(got[i].double(), expected[i], rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("family", ["llama", "llama-bias"])

@@ -1,5 +1,6 @@
-"""Each score form against a plain reference written straight from ../shared/docs/methods.md: one sequence at
-a time, full weight (or activation) gradients from autograd, no hooks of fidelprune's."""
+"""Each score form against fidelprune.reference: plain implementations written straight from
+../shared/docs/methods.md, one sequence at a time, full weight (or activation) gradients from autograd,
+no hooks of fidelprune's."""
 
 import copy
 
@@ -7,79 +8,15 @@ import pytest
 import torch
 
 from conftest import tiny_model, tiny_windows
-from fidelprune.adapters import mlp_views
+from fidelprune import reference
 from fidelprune.allocation import select_uniform
 from fidelprune.objectives import KD, ce, entropy
 from fidelprune.scoring import ScoringError, check_finite, magnitude_scores, taylor_scores
 from fidelprune.surgery import remove_neurons
 
 
-def weight_grads(model, sequence, objective, teacher=None):
-    """Per-view (W_gate, W_up, W_down) and d loss / dW for one sequence, via plain autograd."""
-    model.zero_grad(set_to_none=True)
-    for p in model.parameters():
-        p.requires_grad_(True)
-    teacher_logits = None
-    if teacher is not None:
-        with torch.no_grad():
-            teacher_logits = teacher(sequence[None]).logits
-    objective(model(sequence[None]).logits, sequence[None], teacher_logits)[0].backward()
-    out = []
-    for view in mlp_views(model):
-        if view.gate_up is not None:
-            w, g, width = view.gate_up.weight, view.gate_up.weight.grad, view.width
-            gate, up, g_gate, g_up = w[:width], w[width:], g[:width], g[width:]
-        else:
-            gate, up, g_gate, g_up = view.gate.weight, view.up.weight, view.gate.weight.grad, view.up.weight.grad
-        out.append([t.detach().double().clone() for t in (gate, up, view.down.weight, g_gate, g_up, view.down.weight.grad)])
-    return out
-
-
-def reference_weight_element(model, windows, objective, teacher=None):
-    scores = None
-    for sequence in windows:
-        layer_scores = []
-        for gate, up, down, g_gate, g_up, g_down in weight_grads(model, sequence, objective, teacher):
-            P = g_down.T * down.T + g_up * up + g_gate * gate  # P_ij, summed before the absolute value
-            layer_scores.append(P.abs().mean(dim=1))
-        scores = layer_scores if scores is None else [s + t for s, t in zip(scores, layer_scores)]
-    return scores
-
-
-def reference_element(model, windows, objective, second_order=False):
-    per_sequence = [weight_grads(model, s, objective) for s in windows]
-    scores = []
-    for layer in range(len(per_sequence[0])):
-        gate, up, down = per_sequence[0][layer][:3]
-        g = [sum(seq[layer][k] for seq in per_sequence) for k in (3, 4, 5)]
-        fisher = [sum(seq[layer][k] ** 2 for seq in per_sequence) for k in (3, 4, 5)]
-        score = 0
-        for w, grad, f, dim in ((gate, g[0], fisher[0], 1), (up, g[1], fisher[1], 1), (down, g[2], fisher[2], 0)):
-            change = w * grad - (0.5 * w**2 * f if second_order else 0)
-            score = score + change.abs().sum(dim=dim)
-        scores.append(score)
-    return scores
-
-
-def reference_activation(model, windows, objective):
-    views = mlp_views(model)
-    scores = [torch.zeros(v.width, dtype=torch.float64) for v in views]
-    for sequence in windows:
-        captured = {}
-        handles = [v.down.register_forward_pre_hook(lambda m, args, i=v.index: captured.__setitem__(i, args[0]) or args[0].retain_grad())
-                   for v in views]
-        for p in model.parameters():
-            p.requires_grad_(True)
-        objective(model(sequence[None]).logits, sequence[None], None)[0].backward()
-        for h in handles:
-            h.remove()
-        for i, a in captured.items():
-            scores[i] += (a * a.grad).detach().double().abs().sum(dim=(0, 1))
-    return scores
-
-
-def assert_scores_close(scores, reference):
-    for i, ref in enumerate(reference):
+def assert_scores_close(scores, expected):
+    for i, ref in expected.items():
         torch.testing.assert_close(scores[i].double(), ref, rtol=1e-4, atol=1e-9)
 
 
@@ -87,14 +24,14 @@ def assert_scores_close(scores, reference):
 def test_weight_element_matches_per_sequence_reference(family):
     model, windows = tiny_model(family), tiny_windows(5)
     scores = taylor_scores(copy.deepcopy(model), windows, ce, "weight-element", batch_size=3, progress=False)
-    assert_scores_close(scores, reference_weight_element(model, windows, ce))
+    assert_scores_close(scores, reference.weight_element_scores(model, windows, ce))
 
 
 @pytest.mark.parametrize("family", ["llama", "phi3", "qwen3"])
 def test_activation_form_matches_reference(family):
     model, windows = tiny_model(family), tiny_windows(5)
     scores = taylor_scores(copy.deepcopy(model), windows, entropy, "activation", batch_size=2, progress=False)
-    assert_scores_close(scores, reference_activation(model, windows, entropy))
+    assert_scores_close(scores, reference.activation_scores(model, windows, entropy))
 
 
 @pytest.mark.parametrize("second_order", [False, True])
@@ -103,7 +40,7 @@ def test_llm_pruner_element_forms_match_reference(family, second_order):
     model, windows = tiny_model(family), tiny_windows(4)
     form = "element2" if second_order else "element1"
     scores = taylor_scores(copy.deepcopy(model), windows, ce, form, batch_size=3, progress=False)
-    assert_scores_close(scores, reference_element(model, windows, ce, second_order))
+    assert_scores_close(scores, reference.element_scores(model, windows, ce, second_order))
 
 
 @pytest.mark.parametrize("form", ["weight-element", "activation", "element1"])
@@ -133,8 +70,8 @@ def test_masked_student_scores_equal_a_physically_pruned_student():
     masked = taylor_scores(model, windows, kd, "weight-element", mask=survivors, needs_teacher=True, batch_size=2, progress=False)
     student = copy.deepcopy(model)
     remove_neurons(student, survivors)
-    reference = reference_weight_element(student, windows, kd, teacher=model)
-    for i, ref in enumerate(reference):
+    expected = reference.weight_element_scores(student, windows, kd, teacher=model)
+    for i, ref in expected.items():
         torch.testing.assert_close(masked[i][survivors[i]].double(), ref, rtol=1e-4, atol=1e-9)
         removed = torch.ones(48, dtype=torch.bool)
         removed[survivors[i]] = False

@@ -1,0 +1,128 @@
+"""Slow, obviously-correct implementations of every score, written straight from ../shared/docs/methods.md the
+way the published code computes them: one sequence at a time, full weight gradients from plain autograd, and
+[I, d] fp64 accumulators. The pipeline never uses these; the tests pin fidelprune's fast scores to them and
+`benchmarks/cost.py` measures against them."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from .adapters import mlp_views
+from .scoring import Objective, Scores
+
+
+@contextmanager
+def _all_weights_trainable(model: nn.Module):
+    flags = [p.requires_grad for p in model.parameters()]
+    for p in model.parameters():
+        p.requires_grad_(True)
+    try:
+        yield
+    finally:
+        for p, flag in zip(model.parameters(), flags):
+            p.requires_grad_(flag)
+            p.grad = None
+
+
+def _neuron_weights(view) -> list[tuple[torch.Tensor, torch.Tensor, int]]:
+    """(weight, its .grad, the dim that runs over a neuron's weights) for gate, up, down."""
+    if view.gate_up is not None:
+        w, g, width = view.gate_up.weight, view.gate_up.weight.grad, view.width
+        pairs = [(w[:width], g[:width]), (w[width:], g[width:])]
+    else:
+        pairs = [(view.gate.weight, view.gate.weight.grad), (view.up.weight, view.up.weight.grad)]
+    return [(w.detach().double(), g.double(), 1) for w, g in pairs] + [
+        (view.down.weight.detach().double(), view.down.weight.grad.double(), 0)]
+
+
+def _backward_one(model: nn.Module, sequence: torch.Tensor, objective: Objective, teacher: nn.Module | None) -> None:
+    model.zero_grad(set_to_none=True)
+    teacher_logits = None
+    if teacher is not None:
+        with torch.no_grad():
+            teacher_logits = teacher(sequence[None]).logits
+    objective(model(sequence[None]).logits, sequence[None], teacher_logits)[0].backward()
+
+
+def weight_element_scores(model: nn.Module, windows: torch.Tensor, objective: Objective, teacher: nn.Module | None = None) -> Scores:
+    """SDMPrune: per sequence P_ij = G^down_ji W^down_ji + G^up_ij W^up_ij + G^gate_ij W^gate_ij; s_i = sum_n mean_j |P_ij|."""
+    views = mlp_views(model)
+    acc = {v.index: torch.zeros(v.width, v.hidden_size, dtype=torch.float64) for v in views}
+    with _all_weights_trainable(model):
+        for sequence in windows:
+            _backward_one(model, sequence, objective, teacher)
+            for view in views:
+                (gate, g_gate, _), (up, g_up, _), (down, g_down, _) = _neuron_weights(view)
+                acc[view.index] += (g_down.T * down.T + g_up * up + g_gate * gate).abs()
+    return {i: a.mean(dim=1) for i, a in acc.items()}
+
+
+def activation_scores(model: nn.Module, windows: torch.Tensor, objective: Objective) -> Scores:
+    """HFPrune: s_i = sum_n sum_t |a_nti * dL_n/da_nti|."""
+    views = mlp_views(model)
+    scores = {v.index: torch.zeros(v.width, dtype=torch.float64) for v in views}
+    with _all_weights_trainable(model):
+        for sequence in windows:
+            captured = {}
+
+            def keep(module, args, index):
+                args[0].retain_grad()
+                captured[index] = args[0]
+
+            handles = [v.down.register_forward_pre_hook(lambda m, args, i=v.index: keep(m, args, i)) for v in views]
+            _backward_one(model, sequence, objective, None)
+            for handle in handles:
+                handle.remove()
+            for index, a in captured.items():
+                scores[index] += (a * a.grad).detach().double().abs().sum(dim=(0, 1))
+    return scores
+
+
+def element_scores(model: nn.Module, windows: torch.Tensor, objective: Objective, second_order: bool = False) -> Scores:
+    """LLM-Pruner element1: sum_w |w g|, g summed over sequences; element2: sum_w |w g - 1/2 w^2 sum_n g_n^2|."""
+    views = mlp_views(model)
+    grads = {v.index: None for v in views}
+    fisher = {v.index: None for v in views}
+    with _all_weights_trainable(model):
+        for sequence in windows:
+            _backward_one(model, sequence, objective, None)
+            for view in views:
+                per_weight = [g for _, g, _ in _neuron_weights(view)]
+                grads[view.index] = per_weight if grads[view.index] is None else [a + b for a, b in zip(grads[view.index], per_weight)]
+                squares = [g.square() for g in per_weight]
+                fisher[view.index] = squares if fisher[view.index] is None else [a + b for a, b in zip(fisher[view.index], squares)]
+        scores = {}
+        for view in views:
+            score = 0
+            for (w, _, dim), g, f in zip(_neuron_weights(view), grads[view.index], fisher[view.index]):
+                change = w * g - (0.5 * w.square() * f if second_order else 0)
+                score = score + change.abs().sum(dim=dim)
+            scores[view.index] = score
+    return scores
+
+
+@torch.no_grad()
+def forward_scores(model: nn.Module, windows: torch.Tensor, method: str, aggregation: str = "mean") -> Scores:
+    """activation / wanda-sp / flap from every calibration activation held at once (tokens x I per layer)."""
+    views = mlp_views(model)
+    acts = {v.index: [] for v in views}
+    handles = [v.down.register_forward_pre_hook(lambda m, args, i=v.index: acts[i].append(args[0].reshape(-1, args[0].shape[-1]).double()))
+               for v in views]
+    for sequence in windows:
+        model(sequence[None])
+    for handle in handles:
+        handle.remove()
+    scores = {}
+    for view in views:
+        a, down = torch.cat(acts[view.index]), view.down.weight.double()
+        if method == "activation":
+            scores[view.index] = a.abs().mean(dim=0) if aggregation == "mean" else a.norm(dim=0)
+        elif method == "wanda-sp":
+            scores[view.index] = down.abs().sum(dim=0) * a.norm(dim=0)
+        else:
+            flap = a.var(dim=0, unbiased=False) * down.square().sum(dim=0)
+            scores[view.index] = (flap - flap.mean()) / flap.std()
+    return scores
