@@ -1,0 +1,114 @@
+"""What every benchmark shares: the model under test, machine/version records, resumable results files."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from fidelprune.pruning import library_versions
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def machine() -> dict:
+    cpu = platform.processor() or ""
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    info = {"platform": platform.platform(), "cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def header(protocol: dict) -> dict:
+    return {
+        "command": " ".join(["python", *map(shlex.quote, sys.argv)]),
+        "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "machine": machine(),
+        "versions": library_versions(),
+        "protocol": protocol,
+        "rows": [],
+    }
+
+
+def load_model(name: str):
+    """(model, tokenizer, source): 'smollm2' (packaged) or 'tiny' (a random 2-layer LLaMA with SmolLM2's
+    tokenizer, for the smoke tests that keep these scripts from rotting)."""
+    import fidelprune
+
+    if name != "tiny":
+        return fidelprune.load_model(name, dtype="float32", device="cpu")
+    import transformers
+
+    from fidelprune.models import ModelSource
+
+    tokenizer = byte_tokenizer()
+    config = transformers.LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=256, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                                      tie_word_embeddings=True, bos_token_id=None, eos_token_id=len(tokenizer) - 1)
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(config).eval(), tokenizer, ModelSource("tiny", None, None, None)
+
+
+def byte_tokenizer():
+    """A real (fast) HF tokenizer over the 256 byte symbols, built in memory: no files, no download."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {symbol: i for i, symbol in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    vocab["<|endoftext|>"] = len(vocab)
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+
+
+class ResultsFile:
+    """A JSON results file that a long benchmark fills row by row and resumes: rows whose key is already there
+    are skipped; a file made under another protocol is refused rather than mixed."""
+
+    def __init__(self, path: str | Path, protocol: dict) -> None:
+        self.path = Path(path)
+        if self.path.exists():
+            self.data = json.loads(self.path.read_text())
+            if self.data["protocol"] != protocol:
+                raise SystemExit(f"{self.path} was made under another protocol; pass another --output to start a new table")
+            self.data.setdefault("resumed", []).append(" ".join(["python", *map(shlex.quote, sys.argv)]))
+        else:
+            self.data = header(protocol)
+
+    def done(self, key: str) -> bool:
+        return any(row["key"] == key for row in self.data["rows"])
+
+    def add(self, row: dict) -> None:
+        self.data["rows"].append(row)
+        self.write()
+
+    def write(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.data, indent=1) + "\n")
+        tmp.rename(self.path)
+
+
+def markdown_table(columns: list[str], rows: list[list]) -> str:
+    fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else ("" if v is None else str(v))  # noqa: E731
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def provenance(data: dict) -> str:
+    m = data["machine"]
+    return (f"Command: `{data['command']}`  \nMachine: {m['cpu']} ({m['cpu_count']} CPUs, {m['torch_threads']} torch threads)"
+            f"{', ' + m['gpu'] if 'gpu' in m else ''}; {m['platform']}  \nVersions: "
+            + ", ".join(f"{k} {v}" for k, v in data["versions"].items() if k != "platform") + f"  \nStarted: {data['started']}\n")

@@ -1,0 +1,195 @@
+"""Scoring cost: every method's tokens/s and peak memory against (a) the floor, a bare forward (+ backward)
+over the same calibration batches, and (b) fidelprune.reference, the straightforward per-sequence
+implementation with full weight gradients and [I, d] accumulators that the published code uses. Each
+measurement runs in its own process so peak memory is its own.
+
+    python benchmarks/cost.py                       # SmolLM2-135M, 8 x 256 C4 windows
+    python benchmarks/cost.py --model tiny --samples 2 --seq-len 16 --output /tmp/cost.json   # smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import RESULTS, ResultsFile, load_model, markdown_table, provenance  # noqa: E402
+
+GRADIENT_METHODS = ("hfprune", "sdmprune", "llm-pruner", "llm-pruner-element2")
+FORWARD_METHODS = ("wanda-sp", "flap", "activation")
+
+
+class PeakRSS:
+    """Peak resident memory of this process while inside the block, sampled every 5 ms from /proc (torch's CPU
+    allocations are invisible to tracemalloc, and ru_maxrss cannot be reset after the model load's own peak)."""
+
+    def __enter__(self):
+        self.before = self.peak = self._rss()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
+        return self
+
+    def _poll(self):
+        while not self._stop.wait(0.005):
+            self.peak = max(self.peak, self._rss())
+
+    @staticmethod
+    def _rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * 4096
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._rss())
+
+
+def run_floor(model, windows, batch_size, backward: bool) -> None:
+    from fidelprune.objectives import ce
+    from fidelprune.scoring import batches, frozen_eval, leaf_embeddings
+
+    with frozen_eval(model), leaf_embeddings(model), torch.set_grad_enabled(backward):
+        for batch in batches(windows, batch_size):
+            logits = model(input_ids=batch, use_cache=False).logits
+            if backward:
+                ce(logits, batch).sum().backward()
+
+
+def plan_20_percent(model):
+    """20 % of parameters, or (for the tiny smoke-test model, all embeddings) a quarter of each MLP."""
+    from fidelprune.allocation import AllocationError, plan_width
+
+    try:
+        return plan_width(model, ratio=0.2, round_to=1)
+    except AllocationError:
+        return plan_width(model, keep=model.config.intermediate_size * 3 // 4, round_to=1)
+
+
+def run_fast(model, windows, method: str, batch_size: int) -> None:
+    from fidelprune.allocation import AllocationConfig
+    from fidelprune.methods import MethodConfig, run_method
+
+    form = "element2" if method == "llm-pruner-element2" else None
+    name = "llm-pruner" if method == "llm-pruner-element2" else method
+    plan = plan_20_percent(model)
+    config = MethodConfig(name, form=form, batch_size=batch_size).resolved(plan.achieved_ratio)
+    run_method(model, windows, config, plan, AllocationConfig(round_to=1), progress=False)
+
+
+def run_reference(model, windows, method: str) -> None:
+    from fidelprune import reference
+    from fidelprune.allocation import select_uniform
+    from fidelprune.methods import sdmprune_defaults
+    from fidelprune.objectives import KD, ce, entropy
+    from fidelprune.surgery import remove_neurons
+
+    if method == "hfprune":
+        reference.activation_scores(model, windows, entropy)
+    elif method.startswith("llm-pruner"):
+        reference.element_scores(model, windows, ce, second_order=method.endswith("element2"))
+    elif method == "sdmprune":  # as published: stage-2 student is a pruned copy, the teacher the original
+        plan = plan_20_percent(model)
+        stage1 = reference.weight_element_scores(model, windows, ce)
+        student = copy.deepcopy(model)
+        remove_neurons(student, select_uniform(stage1, int(0.975 * plan.width_before)))
+        reference.weight_element_scores(student, windows, KD(*sdmprune_defaults(plan.achieved_ratio)), teacher=model)
+    else:
+        reference.forward_scores(model, windows, method)
+
+
+def worker(spec: dict) -> dict:
+    """One measurement in this process: load, draw the shared windows, then time and watch memory."""
+    from fidelprune.calibration import sample_windows
+
+    torch.manual_seed(0)
+    model, tokenizer, _ = load_model(spec["model"])
+    windows, _ = sample_windows(tokenizer, "c4", spec["samples"], spec["seq_len"], seed=0)
+    impl, method = spec["impl"], spec["method"]
+    with torch.no_grad():  # warm-up: first-call allocations and kernel choices are not scoring cost
+        model(input_ids=windows[:1], use_cache=False)
+    start = time.perf_counter()
+    with PeakRSS() as memory:
+        if impl == "floor":
+            run_floor(model, windows, spec["batch_size"], backward=method == "forward+backward")
+        elif impl == "fidelprune":
+            run_fast(model, windows, method, spec["batch_size"])
+        else:
+            run_reference(model, windows, method)
+    seconds = time.perf_counter() - start
+    return {"seconds": seconds, "tokens": windows.numel(), "tokens_per_s": windows.numel() / seconds,
+            "peak_rss_bytes": memory.peak, "extra_rss_bytes": memory.peak - memory.before}
+
+
+def measure(spec: dict, in_process: bool = False) -> dict:
+    if in_process:  # smoke tests only: memory figures then include earlier cells' leftovers
+        return worker(spec)
+    out = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True, text=True)
+    if out.returncode != 0:
+        raise SystemExit(f"worker {spec} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def render(data: dict) -> str:
+    rows = {(r["method"], r["impl"]): r for r in data["rows"]}
+    table = []
+    for method in (*GRADIENT_METHODS, *FORWARD_METHODS):
+        if (method, "fidelprune") not in rows:
+            continue
+        fast = rows[(method, "fidelprune")]
+        floor = rows.get(("forward+backward" if method in GRADIENT_METHODS else "forward", "floor"))
+        ref = rows.get((method, "reference"))
+        table.append([
+            method, fast["tokens_per_s"], floor and floor["tokens_per_s"], ref and ref["tokens_per_s"],
+            floor and fast["seconds"] / floor["seconds"], ref and ref["seconds"] / fast["seconds"],
+            fast["extra_rss_bytes"] / 2**20, ref and ref["extra_rss_bytes"] / 2**20,
+            ref and fast["extra_rss_bytes"] / max(ref["extra_rss_bytes"], 1),
+        ])
+    p = data["protocol"]
+    return (f"# Scoring cost\n\n{p['model']}, {p['samples']} x {p['seq_len']} C4 windows, batch {p['batch_size']}, "
+            f"one process per cell. Extra memory = peak RSS during scoring minus RSS before it. sdmprune runs two "
+            f"scoring passes (stage 1 and 2) over the windows.\n\n" + provenance(data) + "\n" + markdown_table(
+                ["method", "tok/s", "floor tok/s", "reference tok/s", "time / floor", "reference time / ours",
+                 "extra MiB", "reference extra MiB", "memory / reference"], table))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2")
+    parser.add_argument("--samples", type=int, default=8)
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--methods", default=",".join((*GRADIENT_METHODS, *FORWARD_METHODS)))
+    parser.add_argument("--output", default=str(RESULTS / "cost.json"))
+    parser.add_argument("--in-process", action="store_true", help="no subprocess per cell (fast smoke test; memory not isolated)")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(worker(json.loads(args.worker))))
+        return
+    protocol = {"model": args.model, "samples": args.samples, "seq_len": args.seq_len, "batch_size": args.batch_size}
+    results = ResultsFile(args.output, protocol)
+    methods = args.methods.split(",")
+    cells = [("forward+backward", "floor"), ("forward", "floor")]
+    cells += [(m, impl) for m in methods for impl in ("fidelprune", "reference")]
+    for method, impl in cells:
+        key = f"{method}/{impl}"
+        if results.done(key):
+            continue
+        row = {"key": key, "method": method, "impl": impl, **measure({**protocol, "method": method, "impl": impl}, args.in_process)}
+        print(f"{key}: {row['tokens_per_s']:.1f} tok/s, extra {row['extra_rss_bytes'] / 2**20:.0f} MiB", flush=True)
+        results.add(row)
+    Path(args.output).with_suffix(".md").write_text(render(results.data))
+    print(Path(args.output).with_suffix(".md").read_text())
+
+
+if __name__ == "__main__":
+    main()

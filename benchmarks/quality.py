@@ -1,0 +1,156 @@
+"""Quality tables: every method x ratio on SmolLM2-135M (packaged), the same calibration windows for every row
+(C4 train; never the evaluation text), each row recording its scoring time. Resumable: rows already in the
+results file are skipped, so a long table fills across runs.
+
+    python benchmarks/quality.py --table main       # dense, llm-pruner, sdmprune, hfprune at 20/30 %: full sets
+    python benchmarks/quality.py --table sweep      # every method x 10/20/30/40 % x reconstruction: fixed subsets
+    python benchmarks/quality.py --table ablation   # objective under one form; calibration size N
+    python benchmarks/quality.py --table sweep --only hfprune,flap --ratios 0.2    # a slice of a table
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import RESULTS, ResultsFile, load_model, markdown_table, provenance  # noqa: E402
+
+import fidelprune  # noqa: E402
+from fidelprune.evaluation import perplexity, zeroshot  # noqa: E402
+
+TASKS = ["arc_easy", "arc_challenge", "piqa", "boolq", "winogrande", "openbookqa"]
+SWEEP_METHODS = ["random", "magnitude", "llm-pruner", "llm-pruner-element2", "sdmprune", "hfprune", "wanda-sp", "flap", "activation"]
+
+# table -> evaluation protocol: perplexity (corpus, window, first-N windows or None = all) and zero-shot limit
+PROTOCOLS = {
+    "main": {"ppl": [["wikitext2", 128, None], ["ptb", 128, None], ["wikitext2", 2048, None]], "tasks": TASKS, "task_limit": None},
+    "sweep": {"ppl": [["wikitext2", 512, 64]], "tasks": TASKS, "task_limit": 300},
+    "ablation": {"ppl": [["wikitext2", 512, 64]], "tasks": TASKS, "task_limit": 300},
+}
+
+
+def table_rows(table: str, ratios: list[float], reconstruct: list[str]) -> list[dict]:
+    """Row specs: prune() arguments (method None = the dense model)."""
+    if table == "main":
+        return [{"method": None}] + [{"method": m, "ratio": r} for r in ratios for m in ("llm-pruner", "sdmprune", "hfprune")]
+    if table == "sweep":
+        return [{"method": None}] + [{"method": m, "ratio": r, "reconstruct": mode}
+                                     for mode in reconstruct for r in ratios for m in SWEEP_METHODS]
+    # ablation: the three objectives under one score form (activation, the cheapest), then calibration size N
+    return ([{"method": "hfprune", "ratio": 0.2, "objective": o, "form": "activation"} for o in ("ce", "kd", "entropy")]
+            + [{"method": "hfprune", "ratio": 0.2, "samples": n} for n in (32, 128, 512)])
+
+
+def row_key(spec: dict) -> str:
+    return " ".join(f"{k}={v}" for k, v in spec.items() if v is not None) or "dense"
+
+
+def prune_arguments(spec: dict, calibration: dict) -> dict:
+    spec = dict(spec)
+    if spec["method"] == "llm-pruner-element2":
+        spec.update(method="llm-pruner", form="element2")
+    return {**calibration, **spec}
+
+
+def evaluate_row(model, tokenizer, protocol: dict, batch_size: int) -> dict:
+    out = {}
+    for corpus, window, limit in protocol["ppl"]:
+        result = perplexity(model, tokenizer, corpus, seq_len=window, limit_windows=limit, batch_size=batch_size, progress=False)
+        out[f"ppl_{corpus}_{window}"] = result.ppl
+        out[f"windows_{corpus}_{window}"] = result.windows
+    if protocol["tasks"]:
+        zs = zeroshot(model, tokenizer, protocol["tasks"], limit=protocol["task_limit"], batch_size=batch_size)
+        for name, task in zs.tasks.items():
+            out[f"acc_{name}"] = task.reported
+            out[f"n_{name}"] = task.n
+        out["average"] = sum(out[f"acc_{t}"] for t in protocol["tasks"]) / len(protocol["tasks"])
+        out["zeroshot_s"] = zs.seconds
+    return out
+
+
+def render(data: dict) -> str:
+    p = data["protocol"]
+    ppl_cols = [f"ppl_{c}_{w}" for c, w, _ in p["ppl"]]
+    acc_cols = [f"acc_{t}" for t in p["tasks"]] + (["average"] if p["tasks"] else [])
+    columns = ["row", "achieved ratio", "scoring s", *ppl_cols, *acc_cols]
+    rows = [[r["key"], r.get("achieved_ratio"), r.get("scoring_s"), *(r.get(c) for c in ppl_cols + acc_cols)] for r in data["rows"]]
+    ppl = "; ".join(f"{c} at {w} tokens, {'all' if n is None else f'first {n}'} windows" for c, w, n in p["ppl"])
+    subset = "full sets" if p["task_limit"] is None else f"first {p['task_limit']} items each"
+    tasks = (f"{', '.join(p['tasks'])} ({subset}; acc_norm for ARC, PIQA, OBQA, acc for BoolQ, WinoGrande; "
+             f"average = mean of these six, not the 7-task average: no HellaSwag is bundled)") if p["tasks"] else "none"
+    cal = p["calibration"]
+    return (f"# Quality: {p['table']} table, {p['model']}\n\nCalibration: {cal['samples']} windows of {cal['seq_len']} tokens "
+            f"from the bundled C4 train sample, seed {cal['seed']}, the same for every row (ablation rows vary N). "
+            f"Perplexity: {ppl}. Zero-shot: {tasks}.\n\n" + provenance(data) + "\n" + markdown_table(columns, rows))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--table", choices=list(PROTOCOLS), default="sweep")
+    parser.add_argument("--model", default="smollm2")
+    parser.add_argument("--ratios", default=None, help="comma list (main: 0.2,0.3; sweep: 0.1,0.2,0.3,0.4)")
+    parser.add_argument("--reconstruct", default="none,sequential", help="sweep: reconstruction modes, comma list")
+    parser.add_argument("--only", default=None, help="comma list of methods to run now (others stay for a later run)")
+    parser.add_argument("--samples", type=int, default=64, help="calibration windows (C4 train)")
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--ppl-limit", type=int, default=None, help="override: first N perplexity windows (smoke tests)")
+    parser.add_argument("--task-limit", type=int, default=None, help="override: first N items per task (smoke tests)")
+    parser.add_argument("--no-tasks", action="store_true", help="perplexity only (a separate results file)")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--max-minutes", type=float, default=None, help="stop starting new rows after this long")
+    parser.add_argument("--output", default=None)
+    args = parser.parse_args()
+
+    protocol = {k: (list(v) if isinstance(v, list) else v) for k, v in PROTOCOLS[args.table].items()}
+    if args.ppl_limit is not None:
+        protocol["ppl"] = [[c, min(w, args.seq_len * 2), args.ppl_limit] for c, w, _ in protocol["ppl"]]
+    if args.task_limit is not None:
+        protocol["task_limit"] = args.task_limit
+    if args.no_tasks:
+        protocol["tasks"] = []
+    calibration = {"samples": args.samples, "seq_len": args.seq_len, "seed": args.seed}
+    protocol.update(table=args.table, model=args.model, calibration=calibration)
+    default_ratios = "0.2,0.3" if args.table == "main" else "0.1,0.2,0.3,0.4"
+    ratios = [float(r) for r in (args.ratios or default_ratios).split(",")]
+    suffix = "" if not args.no_tasks else "-ppl"
+    output = Path(args.output or RESULTS / f"quality-{args.table}{suffix}.json")
+    results = ResultsFile(output, protocol)
+
+    model, tokenizer, source = load_model(args.model)
+    started = time.perf_counter()
+    for spec in table_rows(args.table, ratios, args.reconstruct.split(",")):
+        key = row_key(spec)
+        if results.done(key) or (args.only and spec["method"] not in args.only.split(",")):
+            continue
+        if args.max_minutes and (time.perf_counter() - started) / 60 > args.max_minutes:
+            print(f"stopping after {args.max_minutes} minutes; rerun the same command to continue", flush=True)
+            break
+        row = {"key": key, **spec}
+        if spec["method"] is None:
+            subject = model
+        else:
+            kwargs = prune_arguments(spec, calibration)
+            subject, report = fidelprune.prune(model, tokenizer, source=source, progress=False, **kwargs)
+            row.update(achieved_ratio=report.manifest["allocation"]["achieved_ratio"], scoring_s=report.manifest["timings_s"]["scoring"])
+            if report.manifest.get("reconstruction"):
+                row["reconstruction_s"] = report.manifest["timings_s"].get("reconstruction")
+        start = time.perf_counter()
+        row.update(evaluate_row(subject, tokenizer, protocol, args.batch_size))
+        row["eval_s"] = time.perf_counter() - start
+        print(key, {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items() if k.startswith(("ppl", "average"))}, flush=True)
+        results.add(row)
+        output.with_suffix(".md").write_text(render(results.data))
+        if subject is not model:
+            del subject
+            gc.collect()
+    output.with_suffix(".md").write_text(render(results.data))
+    print(output.with_suffix(".md").read_text())
+
+
+if __name__ == "__main__":
+    main()

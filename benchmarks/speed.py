@@ -1,0 +1,78 @@
+"""Pruned-model speed: dense vs uniformly pruned at 20/30/40 % of parameters, prefill and decode tokens/s and
+peak memory, and the achieved speed-up against the ideal one (the parameter-bytes ratio). Speed depends only on
+the shapes, so the pruned models come from `magnitude` (no calibration); CPU here, CUDA too when present.
+
+    python benchmarks/speed.py
+    python benchmarks/speed.py --model tiny --repeats 1 --output /tmp/speed.json   # smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import RESULTS, ResultsFile, load_model, markdown_table, provenance  # noqa: E402
+
+import fidelprune  # noqa: E402
+from fidelprune.evaluation import measure_speed, model_size  # noqa: E402
+
+
+def render(data: dict) -> str:
+    p = data["protocol"]
+    dense = {r["device"]: r for r in data["rows"] if r["ratio"] == 0}
+    rows = []
+    for r in data["rows"]:
+        base = dense.get(r["device"])
+        ideal = base["param_bytes"] / r["param_bytes"] if base else None
+        prefill = r["prefill_tokens_per_s"] / base["prefill_tokens_per_s"] if base else None
+        decode = r["decode_tokens_per_s"] / base["decode_tokens_per_s"] if base else None
+        rows.append([r["device"], r["ratio"], r["achieved_ratio"], r["width"], r["param_bytes"] / 2**20, r["prefill_tokens_per_s"],
+                     r["decode_tokens_per_s"], (r["peak_memory_bytes"] or 0) / 2**20, ideal, prefill, decode,
+                     prefill / ideal if base else None, decode / ideal if base else None])
+    return (f"# Pruned-model speed, {p['model']}\n\nPrefill: one forward of {p['batch']} x {p['prompt_len']} tokens; decode: "
+            f"{p['new_tokens']} greedy steps with the KV cache, batch {p['batch']}; median of {p['repeats']} runs after a warm-up. "
+            f"Ideal speed-up = dense parameter bytes / pruned parameter bytes.\n\n" + provenance(data) + "\n" + markdown_table(
+                ["device", "target", "achieved", "MLP width", "param MiB", "prefill tok/s", "decode tok/s", "peak MiB",
+                 "ideal x", "prefill x", "decode x", "prefill / ideal", "decode / ideal"], rows))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2")
+    parser.add_argument("--ratios", default="0.2,0.3,0.4")
+    parser.add_argument("--prompt-len", type=int, default=256)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--output", default=str(RESULTS / "speed.json"))
+    args = parser.parse_args()
+    protocol = {"model": args.model, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "batch": args.batch, "repeats": args.repeats}
+    results = ResultsFile(args.output, protocol)
+    model, tokenizer, _ = load_model(args.model)
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    for ratio in [0.0] + [float(r) for r in args.ratios.split(",")]:
+        subject, achieved = model, 0.0
+        if ratio:
+            subject, report = fidelprune.prune(model, tokenizer, "magnitude", ratio, progress=False)
+            achieved = report.manifest["allocation"]["achieved_ratio"]
+        for device in devices:
+            key = f"{device} ratio={ratio}"
+            if results.done(key):
+                continue
+            speed = measure_speed(subject, device, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
+                                  batch_size=args.batch, repeats=args.repeats)
+            size = model_size(subject)
+            row = {"key": key, "device": device, "ratio": ratio, "achieved_ratio": achieved, "width": subject.config.intermediate_size,
+                   "param_bytes": size["param_bytes"], **speed.to_dict()}
+            print(key, f"prefill {row['prefill_tokens_per_s']:.0f} tok/s, decode {row['decode_tokens_per_s']:.1f} tok/s", flush=True)
+            results.add(row)
+    Path(args.output).with_suffix(".md").write_text(render(results.data))
+    print(Path(args.output).with_suffix(".md").read_text())
+
+
+if __name__ == "__main__":
+    main()
