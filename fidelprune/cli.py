@@ -95,6 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_prune(sub)
     # Each pipeline stage registers its own subcommands here, one line each.
+    from .recovery import add_parser as _add_recover; _add_recover(sub)  # noqa: E702
+    from .evaluation.cli import add_parsers as _add_eval; _add_eval(sub)  # noqa: E702
     return parser
 
 

@@ -1,0 +1,114 @@
+"""Training checkpoints that make `resume` exact: trainable weights (safetensors), optimizer and scheduler
+state, every process's RNG state, and the loop state (step, history) with a fingerprint of the run.
+
+Layout: <root>/step-000050/{trainable.safetensors, optimizer.pt, scheduler.pt, rng-rank<R>.pt, state.json}.
+state.json is written last, so a directory without it is incomplete (interrupted while saving) and ignored.
+The .pt files hold only tensors and plain containers, and are read with torch.load(weights_only=True).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .modes import trainable_parameters
+
+STATE = "state.json"
+WEIGHTS = "trainable.safetensors"
+
+
+def step_dir(root: Path, step: int) -> Path:
+    return root / f"step-{step:06d}"
+
+
+def complete_checkpoints(root: str | Path) -> list[Path]:
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.glob("step-*") if (p / STATE).is_file())
+
+
+def latest_checkpoint(root: str | Path) -> Path | None:
+    found = complete_checkpoints(root)
+    return found[-1] if found else None
+
+
+def _rng_state() -> dict:
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(
+    root: Path, step: int, model: nn.Module, optimizer, scheduler, state: dict, accelerator, keep_last: int
+) -> Path:
+    """Write checkpoint `step` (model = the unwrapped model) and drop all but the newest `keep_last`."""
+    final = step_dir(root, step)
+    if accelerator.is_main_process:
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=root))
+        weights = {name: p.detach().cpu().contiguous() for name, p in trainable_parameters(model).items()}
+        save_file(weights, str(tmp / WEIGHTS))
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        if final.exists():  # left by a run interrupted while saving this very step
+            shutil.rmtree(final)
+        tmp.rename(final)
+    accelerator.wait_for_everyone()
+    torch.save(_rng_state(), final / f"rng-rank{accelerator.process_index}.pt")
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        part = final / (STATE + ".part")
+        part.write_text(json.dumps(state, indent=1, default=str) + "\n")
+        os.replace(part, final / STATE)  # the completion marker
+        for old in complete_checkpoints(root)[:-keep_last] if keep_last > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def read_state(checkpoint: Path) -> dict:
+    return json.loads((checkpoint / STATE).read_text())
+
+
+def load_checkpoint(checkpoint: Path, model: nn.Module, optimizer, scheduler, accelerator) -> dict:
+    """Restore weights, optimizer, scheduler and this process's RNG from `checkpoint`; return its loop state."""
+    weights = load_file(str(checkpoint / WEIGHTS))
+    params = trainable_parameters(model)
+    if set(weights) != set(params):
+        missing, extra = sorted(set(params) - set(weights)), sorted(set(weights) - set(params))
+        raise ValueError(f"checkpoint {checkpoint} does not match the model's trainable weights (missing {missing[:3]}, unexpected {extra[:3]})")
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(weights[name])
+    optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", map_location="cpu", weights_only=True))
+    scheduler.load_state_dict(torch.load(checkpoint / "scheduler.pt", map_location="cpu", weights_only=True))
+    rng = checkpoint / f"rng-rank{accelerator.process_index}.pt"
+    if not rng.is_file():
+        raise ValueError(f"checkpoint {checkpoint} has no RNG state for process {accelerator.process_index}: was it written with another number of processes?")
+    _set_rng_state(torch.load(rng, map_location="cpu", weights_only=True))
+    return read_state(checkpoint)
+
+
+def remove_checkpoints(root: Path) -> None:
+    """Delete the step-* directories this module wrote, and `root` itself if nothing else is left in it."""
+    for path in root.glob("step-*"):
+        shutil.rmtree(path, ignore_errors=True)
+    for path in root.glob(".step-*.tmp-*"):
+        shutil.rmtree(path, ignore_errors=True)
+    if root.is_dir() and not any(root.iterdir()):
+        root.rmdir()

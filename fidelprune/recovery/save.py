@@ -1,0 +1,38 @@
+"""Write a recovered model: a vanilla transformers checkpoint + recovery.json (+ the input's pruning.json)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from torch import nn
+
+from ..checkpoint import MANIFEST, atomic_directory_write
+from .train import RecoveryReport
+
+RECOVERY_FILE = "recovery.json"
+
+
+def save_recovered(model: nn.Module, tokenizer, report: RecoveryReport, output: str | Path, overwrite: bool = False) -> Path:
+    """Safetensors weights, config, generation config and tokenizer, recovery.json, and the pruned input's
+    pruning.json extended with a pointer to the recovery, all written atomically. Only the main process
+    writes (under accelerate / torchrun every process returns the path)."""
+    from accelerate import PartialState
+
+    if not PartialState().is_main_process:
+        return Path(output)
+    tokenizer = tokenizer if tokenizer is not None else report.tokenizer
+
+    def write(tmp: Path) -> None:
+        model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        (tmp / RECOVERY_FILE).write_text(json.dumps(report.record, indent=2, default=str) + "\n")
+        if report.pruning_manifest is not None:
+            r = report.record
+            manifest = {**report.pruning_manifest, "recovery": {
+                "file": RECOVERY_FILE, "mode": r["hyperparameters"]["mode"], "loss": r["hyperparameters"]["loss"],
+                "steps": r["training"]["steps"], "tokens": r["training"]["tokens"], "from": r["student"]["path"]}}
+            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
+
+    return atomic_directory_write(output, write, overwrite)

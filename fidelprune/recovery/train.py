@@ -1,0 +1,546 @@
+"""The recovery loop: LoRA or full fine-tuning of a pruned model with CE, distillation, or a mix.
+
+One process on CPU; several GPUs through `accelerate launch` / `torchrun` with no code change (the model is
+wrapped by accelerate, each process trains on its own share of every optimizer step's rows, and only the main
+process writes files). Batches are a pure function of (seed, step), so a resumed run sees exactly the rows an
+uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import logging
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .. import __version__
+from ..checkpoint import MANIFEST, read_manifest
+from ..models import load_model, parameters_sha256
+from .checkpoints import complete_checkpoints, latest_checkpoint, load_checkpoint, save_checkpoint
+from .data import Packed, RecoveryData, build_data
+from .losses import teacher_log_probs, token_loss_sums
+from .modes import DEFAULT_TARGETS, apply_lora, merge_lora, prepare_full, resolve_target_modules, trainable_parameters
+
+log = logging.getLogger(__name__)
+
+MODES = ("lora", "full")
+LOSSES = ("ce", "kd", "mix")
+PRECISIONS = ("auto", "bf16", "fp32")
+# Seed-method learning rates (../shared/docs/methods.md, "Recovery"): LoRA 1e-4..4e-4, full fine-tuning 1e-4.
+DEFAULT_LR = {"lora": 2e-4, "full": 1e-4}
+
+
+@dataclass
+class RecoveryConfig:
+    """Every setting that changes the trained weights (plus a few that only change reporting)."""
+
+    mode: str = "lora"
+    loss: str = "ce"
+    alpha: float | None = None  # weight of the KL term; only for loss="mix" (default 0.5). ce = 0, kd = 1
+    temperature: float = 1.0  # teacher temperature (teacher only, no tau^2 factor)
+    lora_r: int = 8
+    lora_alpha: float = 16
+    lora_dropout: float = 0.05
+    target_modules: tuple[str, ...] = DEFAULT_TARGETS
+    lr: float | None = None  # default by mode: DEFAULT_LR
+    weight_decay: float = 0.0  # applied to matrices only, never to norms and biases
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_ratio: float = 0.03
+    max_grad_norm: float | None = 1.0
+    seq_len: int = 512
+    batch_size: int = 4  # packed rows per micro-batch per process
+    grad_accum: int = 1
+    epochs: float = 1.0
+    max_steps: int | None = None  # overrides epochs
+    data_format: str = "auto"
+    max_examples: int | None = None
+    val_fraction: float = 0.02
+    seed: int = 0
+    precision: str = "auto"  # bf16 where the GPU supports it, else fp32
+    gradient_checkpointing: bool = False
+    # reporting / survival only: changing these does not change the weights, so resume allows it
+    eval_every: int = 50
+    save_every: int = 50
+    keep_last: int = 2
+
+    REPORTING = ("eval_every", "save_every", "keep_last")
+
+    def resolved(self) -> RecoveryConfig:
+        """Fill defaults that depend on other settings and reject impossible values with a one-line message."""
+        if self.mode not in MODES:
+            raise ValueError(f"unknown mode {self.mode!r}: choose one of {', '.join(MODES)}")
+        if self.loss not in LOSSES:
+            raise ValueError(f"unknown loss {self.loss!r}: choose one of {', '.join(LOSSES)}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {self.precision!r}: choose one of {', '.join(PRECISIONS)}")
+        if self.alpha is not None and self.loss != "mix":
+            raise ValueError(f"alpha weighs CE against KL in loss='mix'; loss={self.loss!r} takes no alpha")
+        alpha = {"ce": 0.0, "kd": 1.0}.get(self.loss, 0.5 if self.alpha is None else self.alpha)
+        if not 0 <= alpha <= 1:
+            raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be positive, got {self.temperature}")
+        for name in ("seq_len", "batch_size", "grad_accum", "eval_every", "save_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.keep_last < 0:
+            raise ValueError(f"keep_last must be 0 (keep all) or more, got {self.keep_last}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"max_steps must be at least 1, got {self.max_steps}")
+        if self.epochs <= 0:
+            raise ValueError(f"epochs must be positive, got {self.epochs}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        lr = DEFAULT_LR[self.mode] if self.lr is None else self.lr
+        return dataclasses.replace(self, alpha=alpha, lr=lr, target_modules=tuple(self.target_modules), betas=tuple(self.betas))
+
+    @property
+    def uses_teacher(self) -> bool:
+        return self.alpha > 0
+
+    def fingerprint(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if k not in self.REPORTING}
+
+
+@dataclass
+class RecoveryReport:
+    """`record` is recovery.json; `pruning_manifest` the input's pruning.json (copied on save), if any."""
+
+    record: dict
+    pruning_manifest: dict | None = None
+    tokenizer: object = field(default=None, repr=False)  # the one used, so a recovered directory can be saved
+
+    def summary(self) -> dict:
+        r = self.record
+        ev, tr = r["eval"], r["training"]
+        out = {"mode / loss": f'{r["hyperparameters"]["mode"]} / {r["hyperparameters"]["loss"]}',
+               "steps": tr["steps"], "tokens": f'{tr["tokens"]:,}', "train s": round(tr["wall_s"], 1),
+               "tokens/s": round(tr["tokens_per_s"] or 0, 1), "final loss": tr["final_loss"]}
+        if ev.get("before") and ev.get("after"):
+            out[f'{ev["corpus"]} ppl'] = f'{ev["before"]["ppl"]:.2f} -> {ev["after"]["ppl"]:.2f}'
+        if ev.get("teacher"):
+            out["teacher ppl"] = round(ev["teacher"]["ppl"], 2)
+        if r["validation"]:
+            out["val ppl"] = f'{r["validation"][0]["ppl"]:.2f} -> {r["validation"][-1]["ppl"]:.2f}'
+        return out
+
+
+# ---------------------------------------------------------------------------------------------------- helpers
+def resolve_precision(precision: str) -> str:
+    """accelerate's mixed_precision: bf16 autocast over fp32 master weights where the GPU has bf16."""
+    if precision == "auto":
+        return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    return "no" if precision == "fp32" else precision
+
+
+def library_versions() -> dict:
+    import accelerate
+    import peft
+
+    from ..pruning import library_versions as base
+
+    return {**base(), "peft": peft.__version__, "accelerate": accelerate.__version__}
+
+
+@torch.no_grad()
+def check_packing(model: nn.Module) -> float:
+    """Packed examples must give the logits each gives alone; raise if this model's attention ignores the
+    per-example position restarts (a family whose mask code does not detect packing). Returns the max diff."""
+    device = next(model.parameters()).device
+    vocab = model.get_output_embeddings().weight.shape[0]
+    gen = torch.Generator().manual_seed(0)
+    a, b = (torch.randint(0, vocab, (1, n), generator=gen).to(device) for n in (6, 5))
+    packed = torch.cat([a, b], dim=1)
+    positions = torch.cat([torch.arange(6), torch.arange(5)]).unsqueeze(0).to(device)
+    was_training = model.training
+    model.eval()
+    try:
+        together = model(input_ids=packed, position_ids=positions, use_cache=False).logits.float()
+        alone = torch.cat([model(input_ids=x, use_cache=False).logits.float() for x in (a, b)], dim=1)
+    finally:
+        model.train(was_training)
+    diff = (together - alone).abs().max().item()
+    scale = max(1.0, alone.abs().max().item())
+    tolerance = (1e-4 if next(model.parameters()).dtype in (torch.float32, torch.float64) else 3e-2) * scale
+    if not diff <= tolerance:
+        raise ValueError(f"{type(model).__name__} does not keep packed examples apart (logits differ by {diff:.3g}); "
+                         "recovery cannot pack sequences for this model")
+    return diff
+
+
+def _optimizer(model: nn.Module, config: RecoveryConfig) -> torch.optim.Optimizer:
+    params = list(trainable_parameters(model).values())
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=config.lr, betas=config.betas)
+
+
+def _forward(model: nn.Module, batch: Packed, device) -> torch.Tensor:
+    # No attention mask and no cache: transformers then derives the block-diagonal causal mask from the
+    # position restarts (with a cache it would silently attend across examples).
+    return model(input_ids=batch.input_ids.to(device), position_ids=batch.position_ids.to(device), use_cache=False).logits
+
+
+@torch.no_grad()
+def validate(model: nn.Module, val: Packed, batch_size: int, accelerator) -> dict:
+    """Perplexity on the held-out rows (target tokens only), over all processes."""
+    was_training = model.training
+    model.eval()
+    totals = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
+    rows = torch.arange(accelerator.process_index, len(val), accelerator.num_processes)
+    for start in range(0, len(rows), batch_size):
+        batch = val.select(rows[start : start + batch_size])
+        sums = token_loss_sums(_forward(model, batch, accelerator.device), batch.labels.to(accelerator.device))
+        totals += torch.tensor([sums.ce.item(), sums.tokens], dtype=torch.float64, device=accelerator.device)
+    model.train(was_training)
+    totals = accelerator.reduce(totals, reduction="sum")
+    loss = (totals[0] / totals[1]).item()
+    return {"loss": loss, "ppl": math.exp(loss), "tokens": int(totals[1].item())}
+
+
+def _eval_ppl(model: nn.Module, tokenizer, corpus: str, windows: int, seq_len: int, progress: bool) -> dict | None:
+    if not windows or tokenizer is None:
+        return None
+    from ..evaluation.perplexity import perplexity
+
+    return perplexity(model, tokenizer, corpus, seq_len=seq_len, limit_windows=windows, progress=progress).to_dict()
+
+
+@dataclass
+class _Schedule:
+    """Which rows each process trains on at each step: a pure function of (seed, step)."""
+
+    rows: int
+    batch_size: int
+    grad_accum: int
+    processes: int
+    rank: int
+    seed: int
+    _orders: dict = field(default_factory=dict)
+
+    @property
+    def global_rows(self) -> int:
+        return self.batch_size * self.grad_accum * self.processes
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.rows // self.global_rows
+
+    def micro_batches(self, step: int) -> list[torch.Tensor]:
+        epoch, index = divmod(step, self.steps_per_epoch)
+        if epoch not in self._orders:
+            self._orders = {epoch: torch.randperm(self.rows, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch))}
+        rows = self._orders[epoch][index * self.global_rows : (index + 1) * self.global_rows]
+        per_process = self.batch_size * self.grad_accum
+        mine = rows[self.rank * per_process : (self.rank + 1) * per_process]
+        return list(mine.split(self.batch_size))
+
+
+def _resolve_teacher(teacher, config: RecoveryConfig, manifest: dict | None, device):
+    """(teacher module or None, record). The default teacher is the source model in pruning.json."""
+    if not config.uses_teacher:
+        return None, None
+    from_manifest = teacher is None
+    if from_manifest:
+        if manifest is None:
+            raise ValueError("distillation needs a teacher: pass one (--teacher), or recover a fidelprune output "
+                             "directory whose pruning.json names its source model")
+        teacher = manifest["source_model"]["name"]
+    if not isinstance(teacher, (str, Path)):
+        return teacher, {"name": getattr(teacher.config, "_name_or_path", "") or "in-memory", "from": "given module"}
+    model, _, source = load_model(teacher, device=str(device))
+    record = {**source.to_dict(), "from": "pruning.json" if from_manifest else "given"}
+    if manifest is not None and source.sha256 and manifest["source_model"].get("sha256"):
+        record["sha256_matches_source"] = source.sha256 == manifest["source_model"]["sha256"]
+        if not record["sha256_matches_source"]:
+            log.warning("the teacher's weights differ from the model %s was pruned from (sha256 mismatch)", manifest["source_model"]["name"])
+    return model, record
+
+
+def _check_same_vocab(student: nn.Module, teacher: nn.Module) -> None:
+    vs, vt = (m.get_output_embeddings().weight.shape[0] for m in (student, teacher))
+    if vs != vt:
+        raise ValueError(f"teacher vocabulary ({vt}) differs from the student's ({vs}): distillation needs the same tokenizer")
+
+
+def _prepare_checkpoint_dir(checkpoint_dir: Path | None, resume: bool | str | Path, overwrite: bool) -> Path | None:
+    """The checkpoint to resume from, after refusing to mix a fresh run into an earlier run's checkpoints."""
+    if resume:
+        if resume is not True and Path(resume).is_dir() and (Path(resume) / "state.json").is_file():
+            return Path(resume)
+        if checkpoint_dir is None:
+            raise ValueError("resume needs a checkpoint directory")
+        found = latest_checkpoint(checkpoint_dir)
+        if found is None:
+            raise FileNotFoundError(f"no complete checkpoint in {checkpoint_dir} to resume from")
+        return found
+    if checkpoint_dir is not None and complete_checkpoints(checkpoint_dir):
+        if not overwrite:
+            raise FileExistsError(f"{checkpoint_dir} holds checkpoints of an earlier run: resume it (--resume) or start over (--overwrite)")
+        from .checkpoints import remove_checkpoints
+
+        remove_checkpoints(checkpoint_dir)
+    return None
+
+
+def _check_fingerprint(saved: dict, current: dict, checkpoint: Path) -> None:
+    current = json.loads(json.dumps(current, default=str))  # as it was stored: tuples became lists
+    changed = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+    if changed:
+        details = "; ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in changed[:4])
+        raise ValueError(f"cannot resume from {checkpoint}: the run differs ({details})")
+
+
+# ---------------------------------------------------------------------------------------------------- recover
+def recover(
+    model: nn.Module | str | Path,
+    teacher: nn.Module | str | Path | None = None,
+    data: str | Path | list = "alpaca",
+    tokenizer=None,
+    *,
+    config: RecoveryConfig | None = None,
+    checkpoint_dir: str | Path | None = None,
+    resume: bool | str | Path = False,
+    overwrite_checkpoints: bool = False,
+    inplace: bool = False,
+    eval_corpus: str = "wikitext2",
+    eval_windows: int = 64,
+    eval_seq_len: int = 128,
+    progress: bool = True,
+    on_step: Callable[[int, dict], None] | None = None,
+    **options,
+) -> tuple[nn.Module, RecoveryReport]:
+    """Fine-tune a pruned model to recover quality; return (plain transformers model, report).
+
+    `model`: a module, or a fidelprune output directory (its tokenizer is used, and its pruning.json gives the
+    default teacher). `teacher`: a module, a model source for `load_model`, or None (CE only, or the source
+    model recorded in pruning.json). `data`: 'alpaca' / 'c4' (bundled), an Alpaca or text file, or a list of
+    Alpaca dicts / strings. Settings are `RecoveryConfig` fields, given as `config` or keywords
+    (mode='lora'|'full', loss='ce'|'kd'|'mix', lr, seq_len, max_steps, ...). With `checkpoint_dir` a checkpoint
+    is written every `save_every` steps, and `resume=True` continues from the newest one exactly. WikiText-2
+    perplexity (`eval_windows` windows of `eval_seq_len`; 0 skips) is measured before and after. LoRA is merged
+    into the returned model. The input model is left untouched unless `inplace=True`. `on_step(step, metrics)`
+    is called after every optimizer step."""
+    from accelerate import Accelerator
+
+    config = dataclasses.replace(config or RecoveryConfig(), **options).resolved()
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
+    accelerator = Accelerator(mixed_precision=resolve_precision(config.precision))
+    device = accelerator.device
+    checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    resume_from = _prepare_checkpoint_dir(checkpoint_dir, resume, overwrite_checkpoints)
+
+    source_dir, manifest = None, None
+    if isinstance(model, (str, Path)):
+        source_dir = Path(model)
+        model, loaded_tokenizer, _ = load_model(source_dir, dtype="float32", device=str(device))
+        tokenizer = tokenizer if tokenizer is not None else loaded_tokenizer
+        inplace = True  # freshly loaded: nobody else holds it
+        manifest = read_manifest(source_dir) if (source_dir / MANIFEST).is_file() else None
+    if tokenizer is None:
+        raise ValueError("recovery needs the tokenizer to read its data (tokenizer=...)")
+    teacher, teacher_record = _resolve_teacher(teacher, config, manifest, device)
+    timings["load"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    data_: RecoveryData = build_data(tokenizer, data, config.seq_len, data_format=config.data_format,
+                                     val_fraction=config.val_fraction, max_examples=config.max_examples, seed=config.seed)
+    schedule = _Schedule(len(data_.train), config.batch_size, config.grad_accum, accelerator.num_processes,
+                         accelerator.process_index, config.seed)
+    if schedule.steps_per_epoch == 0:
+        raise ValueError(f"the data packs into {len(data_.train)} rows of {config.seq_len} tokens, fewer than one step's "
+                         f"batch_size x grad_accum x processes = {schedule.global_rows}: lower them or add data")
+    total_steps = config.max_steps or max(1, math.ceil(config.epochs * schedule.steps_per_epoch))
+    timings["data"] = time.perf_counter() - start
+
+    student = model if inplace else copy.deepcopy(model)
+    student.to(device)
+    if teacher is not None:
+        _check_same_vocab(student, teacher)
+        teacher.to(device).eval().requires_grad_(False)
+    student_sha = parameters_sha256(student)
+    packing_diff = check_packing(student)
+    fingerprint = {**config.fingerprint(), "data": data_.record["train_fingerprint"], "student_sha256": student_sha,
+                   "processes": accelerator.num_processes}
+
+    state = {"step": 0, "tokens": 0, "target_tokens": 0, "train_wall_s": 0.0, "history": [], "validation": [],
+             "resumed_at": [], "eval": {}, "fingerprint": fingerprint}
+    if resume_from is not None:
+        from .checkpoints import read_state
+
+        saved = read_state(resume_from)
+        _check_fingerprint(saved["fingerprint"], fingerprint, resume_from)
+    else:
+        start = time.perf_counter()
+        if accelerator.is_main_process:
+            state["eval"]["before"] = _eval_ppl(student, tokenizer, eval_corpus, eval_windows, eval_seq_len, progress)
+            if teacher is not None:
+                state["eval"]["teacher"] = _eval_ppl(teacher, tokenizer, eval_corpus, eval_windows, eval_seq_len, progress)
+        accelerator.wait_for_everyone()
+        timings["eval_before"] = time.perf_counter() - start
+
+    # What trains. The seed makes LoRA's random init (and dropout) reproducible; a resume overwrites both.
+    torch.manual_seed(config.seed)
+    if config.gradient_checkpointing:
+        student.activation_checkpointing_enable({"use_reentrant": False})
+    lora_targets = resolve_target_modules(student, config.target_modules) if config.mode == "lora" else None
+    if config.mode == "lora":
+        student = apply_lora(student, config.lora_r, config.lora_alpha, config.lora_dropout, config.target_modules)
+    else:
+        student = prepare_full(student)
+    student.train()
+    trainable = sum(p.numel() for p in trainable_parameters(student).values())
+    optimizer = _optimizer(student, config)
+    from transformers import get_cosine_schedule_with_warmup
+
+    scheduler = get_cosine_schedule_with_warmup(optimizer, round(config.warmup_ratio * total_steps), total_steps)
+    # The scheduler stays outside accelerate, which would step it once per process per step.
+    wrapped, optimizer = accelerator.prepare(student, optimizer)
+    if resume_from is not None:
+        state = load_checkpoint(resume_from, accelerator.unwrap_model(wrapped), optimizer, scheduler, accelerator)
+        state["resumed_at"].append(state["step"])
+        log.info("resumed from %s at step %d", resume_from, state["step"])
+
+    start_step = state["step"]
+    if start_step == 0 and data_.val is not None:
+        state["validation"].append({"step": 0, **validate(wrapped, data_.val, config.batch_size, accelerator)})
+    bar = tqdm(total=total_steps, initial=start_step, desc=f"recover {config.mode}/{config.loss}", unit="step",
+               disable=not (progress and accelerator.is_main_process))
+    session_start, session_tokens, wall_before = time.perf_counter(), 0, state["train_wall_s"]
+    metrics: dict = {}
+    for step in range(start_step, total_steps):
+        metrics = _train_step(wrapped, teacher, data_.train, schedule.micro_batches(step), optimizer, scheduler,
+                              accelerator, config)
+        state["step"] = step + 1
+        state["tokens"] += metrics["tokens"]
+        state["target_tokens"] += metrics["target_tokens"]
+        session_tokens += metrics["tokens"]
+        elapsed = time.perf_counter() - session_start
+        metrics = {"step": step + 1, **metrics, "tokens_per_s": session_tokens / elapsed if elapsed > 0 else None}
+        state["history"].append(metrics)
+        bar.set_postfix(loss=f'{metrics["loss"]:.4f}', tok_s=f'{metrics["tokens_per_s"]:.0f}', lr=f'{metrics["lr"]:.2e}')
+        bar.update(1)
+        last = step + 1 == total_steps
+        if data_.val is not None and ((step + 1) % config.eval_every == 0 or last):
+            val = {"step": step + 1, **validate(wrapped, data_.val, config.batch_size, accelerator)}
+            state["validation"].append(val)
+            if progress and accelerator.is_main_process:
+                bar.write(f'step {step + 1}: val loss {val["loss"]:.4f}, ppl {val["ppl"]:.2f}')
+        state["train_wall_s"] = wall_before + time.perf_counter() - session_start
+        if checkpoint_dir is not None and (step + 1) % config.save_every == 0 and not last:
+            save_checkpoint(checkpoint_dir, step + 1, accelerator.unwrap_model(wrapped), optimizer, scheduler, state,
+                            accelerator, config.keep_last)
+        if on_step is not None:
+            on_step(step + 1, metrics)
+    bar.close()
+
+    start = time.perf_counter()
+    final = accelerator.unwrap_model(wrapped)
+    final = merge_lora(final) if config.mode == "lora" else final
+    if config.gradient_checkpointing:
+        final.activation_checkpointing_disable()
+    final.eval().requires_grad_(False)
+    timings["merge"] = time.perf_counter() - start
+    start = time.perf_counter()
+    if accelerator.is_main_process:
+        state["eval"]["after"] = _eval_ppl(final, tokenizer, eval_corpus, eval_windows, eval_seq_len, progress)
+    accelerator.wait_for_everyone()
+    timings["eval_after"] = time.perf_counter() - start
+
+    record = _record(config, state, data_, schedule, total_steps, accelerator, timings, trainable, lora_targets,
+                     source_dir, student_sha, teacher_record, eval_corpus, eval_windows, eval_seq_len, packing_diff)
+    return final, RecoveryReport(record, manifest, tokenizer)
+
+
+def _train_step(model, teacher, train: Packed, micro_batches, optimizer, scheduler, accelerator, config) -> dict:
+    """One optimizer step over grad_accum micro-batches: the loss is a mean over every target token of the
+    step on every process, so the update does not depend on how rows are split into micro-batches."""
+    device = accelerator.device
+    batches = [train.select(rows) for rows in micro_batches]
+    local_targets = sum(b.target_tokens for b in batches)
+    # DDP averages gradients over processes, so scale by processes / global target tokens.
+    global_targets = accelerator.reduce(torch.tensor(float(local_targets), device=device), reduction="sum").item()
+    scale = accelerator.num_processes / max(global_targets, 1.0)
+    sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, ce, kl
+    tokens = 0
+    for i, batch in enumerate(batches):
+        sync = accelerator.no_sync(model) if i < len(batches) - 1 else nullcontext()
+        with sync:
+            labels = batch.labels.to(device)
+            teacher_log_p = None
+            if teacher is not None:
+                with torch.inference_mode(), accelerator.autocast():
+                    mask = labels[:, 1:] != -100
+                    teacher_log_p = teacher_log_probs(_forward(teacher, batch, device), mask, config.temperature)
+                teacher_log_p = teacher_log_p.clone()  # a normal tensor: autograd may save it for backward
+            out = token_loss_sums(_forward(model, batch, device), labels, teacher_log_p, config.alpha)
+            accelerator.backward(out.loss * scale)
+        sums += torch.stack([out.loss.detach().double(), out.ce.double(), out.kl.double()])
+        tokens += batch.real_tokens
+    grad_norm = None
+    if config.max_grad_norm:
+        grad_norm = accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+    lr = scheduler.get_last_lr()[0]
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    totals = accelerator.reduce(torch.cat([sums, torch.tensor([tokens], dtype=torch.float64, device=device)]), reduction="sum")
+    n = max(global_targets, 1.0)
+    return {"loss": totals[0].item() / n, "ce": totals[1].item() / n, "kl": totals[2].item() / n if teacher is not None else None,
+            "lr": lr, "grad_norm": float(grad_norm) if grad_norm is not None else None,
+            "tokens": int(totals[3].item()), "target_tokens": int(global_targets)}
+
+
+def _record(config, state, data_, schedule, total_steps, accelerator, timings, trainable, lora_targets, source_dir,
+            student_sha, teacher_record, eval_corpus, eval_windows, eval_seq_len, packing_diff) -> dict:
+    history = state["history"]
+    wall = state["train_wall_s"]
+    return {
+        "fidelprune_version": __version__,
+        "student": {"path": str(source_dir) if source_dir else "in-memory", "parameters_sha256": student_sha},
+        "teacher": teacher_record,
+        "data": data_.record,
+        "hyperparameters": {
+            **asdict(config),
+            "lora_target_modules": lora_targets,
+            "trainable_parameters": trainable,
+            "processes": accelerator.num_processes,
+            "rows_per_step": schedule.global_rows,
+            "tokens_per_step_max": schedule.global_rows * config.seq_len,
+            "schedule": "AdamW, linear warmup then cosine decay to 0",
+            "kd_definition": "KL(softmax(z_teacher / T) || softmax(z_student)) per target token, no T^2 factor",
+            "packing": "position ids restart per example, attention_mask=None -> block-diagonal causal mask",
+        },
+        "training": {
+            "steps": state["step"],
+            "total_steps": total_steps,
+            "steps_per_epoch": schedule.steps_per_epoch,
+            "epochs": state["step"] / schedule.steps_per_epoch,
+            "tokens": state["tokens"],
+            "target_tokens": state["target_tokens"],
+            "wall_s": wall,
+            "tokens_per_s": state["tokens"] / wall if wall > 0 else None,
+            "final_loss": history[-1]["loss"] if history else None,
+            "resumed_at": state["resumed_at"],
+            "device": str(accelerator.device),
+            "mixed_precision": accelerator.mixed_precision,
+            "packing_check_max_diff": packing_diff,
+        },
+        "losses": history,
+        "validation": state["validation"],
+        "eval": {"corpus": eval_corpus, "windows": eval_windows, "seq_len": eval_seq_len, **state["eval"]},
+        "timings_s": timings,
+        "versions": library_versions(),
+    }
