@@ -38,8 +38,12 @@ def table_rows(table: str, ratios: list[float], reconstruct: list[str]) -> list[
     if table == "main":
         return [{"method": None}] + [{"method": m, "ratio": r} for r in ratios for m in ("llm-pruner", "sdmprune", "hfprune")]
     if table == "sweep":
-        return [{"method": None}] + [{"method": m, "ratio": r, "reconstruct": mode}
-                                     for mode in reconstruct for r in ratios for m in SWEEP_METHODS]
+        # every method, then the non-uniform allocations on the default method (LLM-Pruner spares its first 4 and
+        # last 2 of 32 layers; 3 and 2 of SmolLM2's 30 is the same share)
+        allocations = [{"allocation": "global"}, {"protect_first": 3, "protect_last": 2}]
+        return ([{"method": None}]
+                + [{"method": m, "ratio": r, "reconstruct": mode} for mode in reconstruct for r in ratios for m in SWEEP_METHODS]
+                + [{"method": "hfprune", "ratio": r, "reconstruct": "none", **a} for r in ratios for a in allocations])
     # ablation: the three objectives under one score form (activation, the cheapest), then calibration size N
     return ([{"method": "hfprune", "ratio": 0.2, "objective": o, "form": "activation"} for o in ("ce", "kd", "entropy")]
             + [{"method": "hfprune", "ratio": 0.2, "samples": n} for n in (32, 128, 512)])

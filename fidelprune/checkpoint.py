@@ -94,6 +94,7 @@ def save_pruned(
     *,
     extra_scores: Scores | None = None,
     overwrite: bool = False,
+    reconstruction_ids: torch.Tensor | None = None,
 ) -> Path:
     """Write safetensors weights + config + generation config + tokenizer + pruning.json + scores and the
     exact calibration token ids, atomically."""
@@ -103,8 +104,10 @@ def save_pruned(
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         save_scores(scores, tmp / SCORES_FILE, extra_scores)
-        if calibration_ids is not None:
-            save_file({"input_ids": calibration_ids.contiguous()}, str(tmp / CALIBRATION_FILE))
+        windows = {"input_ids": calibration_ids, "reconstruction_ids": reconstruction_ids}  # the latter: separate windows
+        windows = {name: ids.contiguous() for name, ids in windows.items() if ids is not None}
+        if windows:
+            save_file(windows, str(tmp / CALIBRATION_FILE))
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
 
     return atomic_directory_write(output, write, overwrite)

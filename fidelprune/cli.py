@@ -25,6 +25,7 @@ def _add_model_flags(parser: argparse.ArgumentParser) -> None:
 def _add_prune(sub) -> None:
     from .methods import METHODS
     from .pruning import DEFAULT_SAMPLES, DEFAULT_SEQ_LEN
+    from .reconstruction import DEFAULT_LAMBDA, DEFAULT_MODE, MODES
     from .scoring import FORMS
 
     p = sub.add_parser("prune", help="prune MLP neurons and save a standard HF checkpoint")
@@ -51,6 +52,14 @@ def _add_prune(sub) -> None:
     p.add_argument("--protect-first", type=int, default=0, help="first N layers keep every neuron (others prune harder)")
     p.add_argument("--protect-last", type=int, default=0, help="last M layers keep every neuron")
     p.add_argument("--scores", default=None, help="re-prune from an earlier run's scores.safetensors (no calibration)")
+    p.add_argument("--reconstruct", choices=MODES, default=DEFAULT_MODE,
+                   help=f"refit each pruned MLP's down_proj by least squares on calibration activations (default {DEFAULT_MODE})")
+    p.add_argument("--reconstruct-lambda", type=float, default=DEFAULT_LAMBDA,
+                   help=f"ridge, relative to the mean Gram diagonal (default {DEFAULT_LAMBDA:g})")
+    p.add_argument("--reconstruct-calibration", default=None,
+                   help="separate reconstruction windows from this source ('c4' or a file; default: the scoring windows)")
+    p.add_argument("--reconstruct-samples", type=int, default=None, help="separate reconstruction windows: how many (default --samples)")
+    p.add_argument("--reconstruct-seed", type=int, default=None, help="separate reconstruction windows: seed (default --seed + 1)")
     _add_model_flags(p)
     p.set_defaults(run=_run_prune)
 
@@ -67,6 +76,8 @@ def _run_prune(args) -> int:
     output = Path(args.output or f"pruned-{name}-{args.method}-{amount}")
     check_output_dir(output, args.overwrite)  # before any compute
     check_source(args.calibration)
+    if args.reconstruct_calibration is not None:
+        check_source(args.reconstruct_calibration)
     start = time.perf_counter()
     with console.status(f"loading {args.model or 'packaged SmolLM2-135M-Instruct'}"):
         model, tokenizer, source = load_model(args.model, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code)
@@ -77,7 +88,9 @@ def _run_prune(args) -> int:
         batch_size=args.batch_size, objective=args.objective, form=args.form, alpha=args.alpha,
         temperature=args.temperature, aggregation=args.aggregation, allocation=args.allocation,
         protect_first=args.protect_first, protect_last=args.protect_last, min_keep=args.min_keep,
-        scores=args.scores, inplace=True, source=source,
+        reconstruct=args.reconstruct, reconstruct_lambda=args.reconstruct_lambda,
+        reconstruct_calibration=args.reconstruct_calibration, reconstruct_samples=args.reconstruct_samples,
+        reconstruct_seed=args.reconstruct_seed, scores=args.scores, inplace=True, source=source,
     )
     report.manifest["timings_s"]["load"] = load_s
     path = save(pruned, tokenizer, report, output, overwrite=args.overwrite)

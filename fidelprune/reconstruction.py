@@ -1,0 +1,425 @@
+"""Reconstruction after pruning: refit each pruned MLP's down_proj by least squares (docs/reconstruction.md).
+
+For one MLP with activations A (tokens x I, the input of down_proj), output Y = A W_down^T + b and keep set
+K, the refit is the ridge least-squares solution
+
+    [W'_K^T; b'] = argmin ||[A_K, 1] [W'^T; b'] - Y||^2 + lam * mean(diag(A_K^T A_K)) * ||W'||^2
+
+which needs only the Gram matrix G = [A, 1]^T [A, 1] ((I+1) x (I+1)), because [A_K, 1]^T Y = G[K+1, :] [W^T; b]
+with the dense weights. The ones column gives an exact, unpenalised refit of the down_proj bias when the model
+has one (LLaMA with mlp_bias); without a bias it is unused, so no bias is ever added and the checkpoint stays a
+vanilla one of the same architecture. (FLAP adds a down_proj bias anyway: there the refit intercept replaces
+FLAP's mean compensation, see `fit_bias`.) Shapes do not change: the refit weights are written into the kept
+columns of the dense down_proj (removed columns set to zero, which is function-identical to removing them), and
+the usual surgery then slices the MLPs.
+
+Layers are processed one at a time from cached decoder-layer inputs, so only one layer's Gram exists at once:
+
+- parallel:   layer inputs come from the dense model (every Gram is the dense model's);
+- sequential: layer inputs come from the already pruned-and-refit earlier layers, so each layer is fitted to the
+              inputs it will really see and errors do not add up. The target of layer l is its own dense output on
+              those inputs (Y = A W_down^T + b with the dense weights), so the Gram alone still suffices.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .adapters import MLPView, _getattr_path, get_adapter, mlp_views
+from .calibration import record_dict, sample_windows
+from .scoring import batches, frozen_eval, registered
+
+MODES = ("none", "parallel", "sequential")
+TARGETS = ("layer", "dense")  # sequential mode's target: the layer's own dense output, or the dense model's
+DEFAULT_MODE = "sequential"  # see README "Reconstruction" and docs/reconstruction.md for the measurement
+DEFAULT_LAMBDA = 1e-3
+# A Cholesky failure retries with lam x 10 until this; beyond it the layer's statistics are unusable.
+MAX_LAMBDA = 10.0
+
+
+class ReconstructionError(RuntimeError):
+    """The least-squares refit could not be computed reliably (non-finite activations, singular system)."""
+
+
+def check_options(mode: str, lam: float, target: str = "layer") -> None:
+    """One-line errors for bad input, before any compute."""
+    if mode not in MODES:
+        raise ValueError(f"unknown reconstruction mode {mode!r}: choose one of {', '.join(MODES)}")
+    if target not in TARGETS:
+        raise ValueError(f"unknown reconstruction target {target!r}: choose one of {', '.join(TARGETS)}")
+    if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not math.isfinite(lam) or lam <= 0:
+        raise ValueError(f"reconstruction lambda must be a positive number (ridge relative to the mean Gram diagonal), got {lam!r}")
+
+
+@dataclass
+class LayerFit:
+    """One layer's refit. Errors are ||Y - Y_hat||_F / ||Y||_F over the reconstruction tokens."""
+
+    layer: int
+    kept: int
+    removed: int
+    tokens: int
+    lambda_used: float
+    error_before: float  # plain removal (kept columns unchanged, removed ones dropped)
+    error_after: float  # after the refit
+    refit: bool = True  # False when the layer was skipped (see `note`)
+    note: str | None = None
+
+
+@dataclass
+class ReconstructionResult:
+    mode: str
+    lam: float
+    layers: list[LayerFit] = field(default_factory=list)
+    tokens: int = 0
+    seconds: float = 0.0
+    bias_refit: bool = False
+    target: str = "layer"
+    # fit_bias on a model without down_proj biases: the refit intercept per layer, for the surgery to add as a new
+    # bias (zero for layers that were not refit)
+    bias_shift: dict[int, torch.Tensor] | None = None
+
+    def to_dict(self) -> dict:
+        before = [f.error_before for f in self.layers]
+        after = [f.error_after for f in self.layers]
+        return {
+            "mode": self.mode,
+            "lambda": self.lam,
+            "target": {"parallel": "dense layer output on the dense model's input",
+                       "sequential": "dense layer output on the layer's actual (pruned-upstream) input"}[self.mode]
+            if self.target == "layer" else "dense model's MLP output on the dense model's input",
+            "numerics": "Gram [A, 1]^T [A, 1] from fp32 per-batch products accumulated in fp64; ridge Cholesky solve in fp64",
+            "bias_refit": self.bias_refit,
+            "tokens": self.tokens,
+            "seconds": self.seconds,
+            "mean_error_before": sum(before) / len(before) if before else None,
+            "mean_error_after": sum(after) / len(after) if after else None,
+            "layers": [asdict(f) for f in self.layers],
+        }
+
+
+class _Gram:
+    """Running [A, 1]^T [A, 1] of one down_proj's input. Per-batch products in fp32 (fast on any device, and A
+    itself is at most fp32), summed in fp64 so thousands of batches do not lose precision."""
+
+    def __init__(self, width: int, device: torch.device) -> None:
+        self.matrix = torch.zeros(width + 1, width + 1, dtype=torch.float64, device=device)
+        self.tokens = 0
+        # target="dense": [A, 1]^T Y_dense and ||Y_dense||^2, when the target is not the layer's own output
+        self.cross: torch.Tensor | None = None
+        self.target_norm = 0.0
+
+    def add(self, a: torch.Tensor, y: torch.Tensor | None = None) -> None:
+        a = a.detach().reshape(-1, a.shape[-1]).float()
+        a = torch.cat([a, torch.ones(len(a), 1, dtype=a.dtype, device=a.device)], dim=1)
+        self.matrix += (a.T @ a).double()
+        self.tokens += len(a)
+        if y is not None:
+            y = y.detach().reshape(len(a), -1).float()
+            cross = (a.T @ y).double()
+            self.cross = cross if self.cross is None else self.cross + cross
+            self.target_norm += float(y.double().square().sum())
+
+
+def _quadratic(gram: torch.Tensor, coef: torch.Tensor) -> float:
+    """||[A, 1] coef||_F^2 = tr(coef^T G coef), without the activations."""
+    return max(float((coef * (gram @ coef)).sum()), 0.0)
+
+
+def _refit(view: MLPView, gram: _Gram, kept: torch.Tensor, lam: float, fit_bias: bool = False) -> tuple[LayerFit, torch.Tensor | None]:
+    """Solve the ridge least squares for `view`'s kept down_proj columns (and bias) and write them in place:
+    down_proj keeps its dense shape, removed columns become zero. With `fit_bias` and no down_proj bias, an
+    intercept is fitted too and returned (the caller adds it as a new bias); otherwise None is returned."""
+    down = view.down
+    width = view.width
+    g = gram.matrix
+    if not torch.isfinite(g).all():
+        raise ReconstructionError(
+            f"non-finite activations in layer {view.index} during reconstruction: the model overflowed; "
+            f"run in float32 (--dtype float32)"
+        )
+    device = g.device
+    kept = kept.to(device=device, dtype=torch.long).sort().values
+    removed_mask = torch.ones(width, dtype=torch.bool, device=device)
+    removed_mask[kept] = False
+    has_bias = down.bias is not None
+    intercept = has_bias or fit_bias
+    # Coefficients on [A, 1]: rows 0..I-1 are W_down^T, row I the bias (zero when there is none).
+    dense = torch.zeros(width + 1, view.hidden_size, dtype=torch.float64, device=device)
+    dense[:width] = down.weight.detach().T.to(device, torch.float64)
+    if has_bias:
+        dense[width] = down.bias.detach().to(device, torch.float64)
+    if gram.cross is None:  # the layer's own dense output: [A, 1]^T Y = G [W^T; b]
+        target, norm = g @ dense, _quadratic(g, dense)
+    else:  # another target (the dense model's output), accumulated alongside the Gram
+        target, norm = gram.cross, gram.target_norm
+    plain = dense.clone()
+    plain[:width][removed_mask] = 0
+    rows = torch.cat([kept, torch.tensor([width], device=device)]) if intercept else kept
+    k = len(kept)
+
+    def relative(coef: torch.Tensor) -> float:
+        if norm <= 0:
+            return 0.0
+        if gram.cross is None:
+            return math.sqrt(_quadratic(g, coef - dense) / norm)
+        # ||Y - [A, 1] coef||^2 = ||Y||^2 - 2 <coef, [A, 1]^T Y> + coef^T G coef
+        return math.sqrt(max(norm - 2 * float((coef * target).sum()) + _quadratic(g, coef), 0.0) / norm)
+
+    scale = float(g.diagonal()[kept].mean()) if k else 0.0
+    fit = LayerFit(view.index, k, width - k, gram.tokens, lam, relative(plain), relative(plain))
+    if k == 0 or scale <= 0:  # nothing active to refit with: plain removal is the only answer
+        fit.refit, fit.note = False, "kept neurons never activate on the reconstruction tokens; plain removal"
+        _write(view, plain)
+        return fit, (plain[width].float().cpu() if fit_bias and not has_bias else None)
+
+    system = g[rows[:, None], rows]  # ridged in place: the peak is the Gram, this and its factor
+    used = lam
+    system.diagonal()[:k] += used * scale  # the bias (last row, when present) is not penalised
+    while True:
+        factor, info = torch.linalg.cholesky_ex(system)
+        if int(info) == 0:
+            solution = torch.cholesky_solve(target[rows], factor)
+            if torch.isfinite(solution).all():
+                break
+        del factor
+        if used * 10 > MAX_LAMBDA:
+            raise ReconstructionError(
+                f"layer {view.index}: the reconstruction system is singular even with lambda {used:g}; "
+                f"use --reconstruct none or check the model's activations"
+            )
+        warnings.warn(
+            f"reconstruction of layer {view.index}: Cholesky failed with lambda {used:g}, retrying with {used * 10:g}",
+            RuntimeWarning, stacklevel=2,
+        )
+        system.diagonal()[:k] += 9 * used * scale
+        used *= 10
+    del system, factor
+    refit = torch.zeros_like(dense)
+    refit[rows] = solution
+    fit.lambda_used, error = used, relative(refit)
+    if error > fit.error_before:
+        # Only the ridge can make the fit worse than plain removal on its own tokens (the unpenalised least
+        # squares never is): it happens in layers whose mean Gram diagonal is dominated by a few huge activations.
+        fit.refit, fit.note = False, "the ridge refit was worse than plain removal on these tokens; plain removal kept"
+        refit = plain
+    else:
+        fit.error_after = error
+    _write(view, refit)
+    return fit, (refit[width].float().cpu() if fit_bias and not has_bias else None)
+
+
+def _write(view: MLPView, coef: torch.Tensor) -> None:
+    width = view.width
+    with torch.no_grad():
+        view.down.weight.copy_(coef[:width].T.to(view.down.weight.dtype))
+        if view.down.bias is not None:
+            view.down.bias.copy_(coef[width].to(view.down.bias.dtype))
+
+
+def reconstruction_windows(
+    source: str | Path | torch.Tensor | None,
+    scoring_ids: torch.Tensor | None,
+    tokenizer,
+    samples: int,
+    seq_len: int,
+    seed: int,
+) -> tuple[torch.Tensor, dict]:
+    """The windows the refit uses and their record: by default (`source` None) the scoring windows themselves;
+    else given token ids [N, L], or `samples` x `seq_len` windows drawn from a text source ("c4" or a file) with
+    `seed` (pass a seed other than the scoring one to get windows disjoint in expectation from the same corpus)."""
+    if source is None:
+        if scoring_ids is None:
+            raise ValueError("reconstruction needs calibration windows: pass a tokenizer or calibration_ids")
+        return scoring_ids, {"same_as_scoring": True, "samples": len(scoring_ids), "seq_len": scoring_ids.shape[1]}
+    if isinstance(source, torch.Tensor):
+        if source.dim() != 2 or source.dtype != torch.long:
+            raise ValueError(f"reconstruction token ids must be a [N, L] long tensor, got {tuple(source.shape)} {source.dtype}")
+        return source, {"same_as_scoring": False, "source": "given token ids", "samples": len(source), "seq_len": source.shape[1]}
+    if tokenizer is None:
+        raise ValueError("drawing separate reconstruction windows needs a tokenizer (or pass token ids)")
+    ids, record = sample_windows(tokenizer, source, samples, seq_len, seed)
+    return ids, {"same_as_scoring": False, **record_dict(record)}
+
+
+class _StopForward(Exception):
+    """Raised by the recording stubs to end a forward pass once every decoder layer's call was seen."""
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    return _getattr_path(model, get_adapter(model).layers)
+
+
+@contextmanager
+def _recording(layers: nn.ModuleList, hidden: list[torch.Tensor], calls: dict[tuple, list], store: torch.device) -> Iterator[None]:
+    """Replace each decoder layer's forward by a stub that records its call and passes the hidden state on.
+
+    The model's own forward thus builds every layer's kwargs (masks per layer type, rotary embeddings, position
+    ids) exactly as transformers does for that family, at the cost of an embedding lookup. Windows are
+    fixed-length with no padding, so the kwargs depend only on the batch shape: they are recorded once per shape
+    and the pass ends at layer 0 for a shape already seen."""
+    shape: list[tuple] = []
+
+    def stub(index: int):
+        def forward(hidden_states: torch.Tensor, *args, **kwargs):
+            if index == 0:
+                hidden.append(hidden_states.detach().to(store))
+                shape[:] = [tuple(hidden_states.shape)]
+                if shape[0] in calls:
+                    raise _StopForward
+                calls[shape[0]] = [None] * len(layers)
+            calls[shape[0]][index] = (args, kwargs)
+            if index == len(layers) - 1:
+                raise _StopForward  # skip the final norm and the LM head
+            return hidden_states
+
+        return forward
+
+    for index, layer in enumerate(layers):
+        layer.forward = stub(index)  # instance attribute shadows the class's forward; removed below
+    try:
+        yield
+    finally:
+        for layer in layers:
+            vars(layer).pop("forward", None)
+
+
+def _run(layer: nn.Module, hidden: torch.Tensor, call: tuple, device: torch.device) -> torch.Tensor:
+    args, kwargs = call
+    out = layer(hidden.to(device), *args, **kwargs)
+    return out[0] if isinstance(out, tuple) else out
+
+
+def reconstruct(
+    model: nn.Module,
+    kept: dict[int, torch.Tensor],
+    windows: torch.Tensor,
+    mode: str = DEFAULT_MODE,
+    lam: float = DEFAULT_LAMBDA,
+    *,
+    target: str = "layer",
+    fit_bias: bool = False,
+    batch_size: int = 4,
+    progress: bool = True,
+) -> ReconstructionResult:
+    """Refit the down_proj (and bias) of every layer in `kept` that loses neurons, by ridge least squares on
+    `windows` [N, L], in place on the *dense* model: kept columns get the refit, removed columns zero. Remove the
+    neurons afterwards (surgery.remove_neurons) to get the smaller model; the function does not change.
+
+    `target` (sequential mode): "layer" fits each layer to its own dense output on the inputs it now gets (the
+    Gram alone suffices); "dense" fits it to the dense model's MLP output on the dense model's inputs, which
+    also asks it to undo upstream error, at the cost of a second N x L x d cache and a third pass per layer.
+
+    `fit_bias` also fits an intercept where down_proj has no bias and returns it in `bias_shift` (for a caller
+    that adds a bias anyway, i.e. FLAP); models with a down_proj bias always get it refit.
+
+    Memory beyond the model: one layer's Gram ((I+1)^2 fp64) on the model's device, and the N x L x d hidden
+    states of the windows in the model's dtype on the CPU (one batch at a time on the device)."""
+    check_options(mode, lam, target)
+    dense_target = mode == "sequential" and target == "dense"
+    result = ReconstructionResult(mode, lam, target=target if mode == "sequential" else "layer")
+    views = {v.index: v for v in mlp_views(model)}
+    # Layers that lose nothing (protected, or kept whole) are left exactly as they are: a ridge refit would
+    # only shrink their weights.
+    todo = {i: k for i, k in kept.items() if len(k) < views[i].width}
+    if mode == "none" or not todo:
+        return result
+    start = time.perf_counter()
+    result.bias_refit = fit_bias or any(views[i].down.bias is not None for i in todo)
+    if fit_bias:
+        result.bias_shift = {i: torch.zeros(v.hidden_size) for i, v in views.items()}
+    layers = decoder_layers(model)
+    device = next(model.parameters()).device
+    store = torch.device("cpu")  # the N x L x d cache lives off the accelerator; batches move over as they run
+    last = max(todo)  # layers after the last pruned one need no propagation
+    passes = sum((2 if mode == "sequential" and i in todo and i < last else 1) + dense_target for i in range(last + 1))
+    bar = tqdm(total=windows.numel() * passes, unit="tok", unit_scale=True, desc=f"reconstruct ({mode})", disable=not progress)
+    hidden: list[torch.Tensor] = []
+    calls: dict[tuple, list] = {}
+    with torch.no_grad(), frozen_eval(model):
+        with _recording(layers, hidden, calls, store):
+            for batch in batches(windows, batch_size):
+                try:
+                    model(input_ids=batch.to(device), use_cache=False)
+                except _StopForward:
+                    pass
+        result.tokens = windows.numel()
+        dense_hidden = [h.clone() for h in hidden] if dense_target else []
+
+        def run(index: int, h: torch.Tensor) -> torch.Tensor:
+            out = _run(layers[index], h, calls[tuple(h.shape)][index], device)
+            bar.update(h.shape[0] * h.shape[1])
+            return out
+
+        def propagate(index: int, hooks: list | None = None, cache: list[torch.Tensor] = hidden) -> None:
+            with registered(hooks or []):
+                for b, h in enumerate(cache):
+                    cache[b] = run(index, h).to(store)
+
+        def accumulate(module: nn.Module, args: tuple) -> None:
+            gram.add(args[0])
+
+        for index in range(last + 1):
+            if index not in todo:
+                propagate(index)
+                if dense_target:
+                    propagate(index, cache=dense_hidden)
+                continue
+            view = views[index]
+            gram = _Gram(view.width, device)
+            if dense_target:
+                for b, h in enumerate(hidden):
+                    # The dense model's MLP output on its own inputs is the target for this batch's tokens.
+                    y: list[torch.Tensor] = []
+                    with registered([view.down.register_forward_hook(lambda m, args, out: y.append(out))]):
+                        dense_hidden[b] = run(index, dense_hidden[b]).to(store)
+                    with registered([view.down.register_forward_pre_hook(lambda m, args: gram.add(args[0], y[0]))]):
+                        run(index, h)
+            elif mode == "parallel" and index < last:
+                propagate(index, [view.down.register_forward_pre_hook(accumulate)])  # dense outputs feed the next layer
+            else:
+                with registered([view.down.register_forward_pre_hook(accumulate)]):
+                    for h in hidden:
+                        run(index, h)
+            fit, shift = _refit(view, gram, todo[index], lam, fit_bias)
+            result.layers.append(fit)
+            del gram
+            if shift is not None:
+                result.bias_shift[index] = shift
+            if mode == "sequential" and index < last:
+                # The refit layer's outputs feed the next layer, with the fitted intercept the surgery will add.
+                add = [] if shift is None else [view.down.register_forward_hook(lambda m, args, out, s=shift.to(device): out + s.to(out.dtype))]
+                propagate(index, add)
+    bar.close()
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def mlp_output_errors(reference: nn.Module, model: nn.Module, windows: torch.Tensor, batch_size: int = 4) -> dict[int, float]:
+    """Per layer, ||y_ref - y||_F / ||y_ref||_F of each MLP's output when both models run `windows` end to end
+    (so upstream errors count): how far a pruned `model` is from the dense `reference`, layer by layer."""
+    num = {v.index: 0.0 for v in mlp_views(reference)}
+    den = dict(num)
+    device = next(model.parameters()).device
+    with torch.no_grad(), frozen_eval(reference), frozen_eval(model):
+        for batch in batches(windows, batch_size):
+            outputs: dict[str, dict[int, torch.Tensor]] = {"ref": {}, "model": {}}
+            for name, net in (("ref", reference), ("model", model)):
+                handles = [v.module.register_forward_hook(lambda m, args, out, i=v.index, name=name: outputs[name].__setitem__(i, out.detach().double()))
+                           for v in mlp_views(net)]
+                with registered(handles):
+                    net(input_ids=batch.to(device), use_cache=False)
+            for i, ref in outputs["ref"].items():
+                num[i] += float((ref - outputs["model"][i]).square().sum())
+                den[i] += float(ref.square().sum())
+    return {i: math.sqrt(num[i] / den[i]) if den[i] > 0 else 0.0 for i in num}
