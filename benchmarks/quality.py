@@ -33,14 +33,16 @@ PROTOCOLS = {
 }
 
 
-def table_rows(table: str, ratios: list[float], reconstruct: list[str]) -> list[dict]:
+def table_rows(table: str, ratios: list[float], reconstruct: list[str], num_layers: int = 30) -> list[dict]:
     """Row specs: prune() arguments (method None = the dense model)."""
     if table == "main":
         return [{"method": None}] + [{"method": m, "ratio": r} for r in ratios for m in ("llm-pruner", "sdmprune", "hfprune")]
     if table == "sweep":
         # every method, then the non-uniform allocations on the default method (LLM-Pruner spares its first 4 and
         # last 2 of 32 layers; 3 and 2 of SmolLM2's 30 is the same share)
-        allocations = [{"allocation": "global"}, {"protect_first": 3, "protect_last": 2}]
+        allocations = [{"allocation": "global"}]
+        if num_layers >= 4:
+            allocations.append({"protect_first": max(1, num_layers // 10), "protect_last": max(1, num_layers // 15)})
         return ([{"method": None}]
                 + [{"method": m, "ratio": r, "reconstruct": mode} for mode in reconstruct for r in ratios for m in SWEEP_METHODS]
                 + [{"method": "hfprune", "ratio": r, "reconstruct": "none", **a} for r in ratios for a in allocations])
@@ -127,7 +129,7 @@ def main() -> None:
 
     model, tokenizer, source = load_model(args.model)
     started = time.perf_counter()
-    for spec in table_rows(args.table, ratios, args.reconstruct.split(",")):
+    for spec in table_rows(args.table, ratios, args.reconstruct.split(","), model.config.num_hidden_layers):
         key = row_key(spec)
         if results.done(key) or (args.only and spec["method"] not in args.only.split(",")):
             continue

@@ -28,10 +28,11 @@ def test_quality_script_fills_and_resumes(tmp_path):
             "--ratios", "0.3", "--only", "hfprune", "--reconstruct", "none", "--output", str(out)]
     run("quality.py", *args)
     rows = json.loads(out.read_text())["rows"]
-    assert [r["key"] for r in rows] == ["method=hfprune ratio=0.3 reconstruct=none"]
+    assert [r["key"] for r in rows] == ["method=hfprune ratio=0.3 reconstruct=none",
+                                        "method=hfprune ratio=0.3 reconstruct=none allocation=global"]
     assert rows[0]["scoring_s"] > 0 and 0 <= rows[0]["average"] <= 1 and rows[0]["ppl_wikitext2_64"] > 1
     run("quality.py", *args)  # resumes: nothing left to do, nothing duplicated
-    assert len(json.loads(out.read_text())["rows"]) == 1
+    assert len(json.loads(out.read_text())["rows"]) == 2
 
 
 def test_speed_script_reports_dense_and_pruned(tmp_path):
