@@ -14,7 +14,6 @@ Scores are computed once per (model, method, ratio) and cached next to it, so ev
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import platform
 import shlex
