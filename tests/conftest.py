@@ -48,3 +48,19 @@ def tiny_windows(n: int = 6, length: int = 12, seed: int = 0) -> torch.Tensor:
 @pytest.fixture(params=list(FAMILIES))
 def family(request) -> str:
     return request.param
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    """A tiny LLaMA saved as an HF directory with the real SmolLM2 tokenizer, for CLI tests."""
+    from transformers import AutoTokenizer
+
+    from fidelprune.models import packaged_gguf
+
+    gguf = packaged_gguf()
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = tiny_model("llama", vocab_size=len(tokenizer))
+    path = tmp_path_factory.mktemp("models") / "tiny"
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

@@ -3,23 +3,10 @@
 import json
 
 import pytest
-import torch
+
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import tiny_model
 from fidelprune.cli import main
-from fidelprune.models import packaged_gguf
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    gguf = packaged_gguf()
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = tiny_model("llama", vocab_size=len(tokenizer))
-    path = tmp_path_factory.mktemp("models") / "tiny"
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
 
 
 def test_prune_cli_end_to_end(tiny_dir, tmp_path, capsys):

@@ -244,21 +244,6 @@ def test_cholesky_failure_retries_with_a_larger_lambda_never_garbage(monkeypatch
         _refit(view, gram, kept, 1e-3)
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    from transformers import AutoTokenizer
-
-    from fidelprune.models import packaged_gguf
-
-    gguf = packaged_gguf()
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = tiny_model("llama", vocab_size=len(tokenizer))
-    path = tmp_path_factory.mktemp("models") / "tiny"
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
 def test_cli_reconstructs_by_default_and_takes_the_options(tiny_dir, tmp_path, capsys):
     from fidelprune.cli import main
     from fidelprune.reconstruction import DEFAULT_MODE
