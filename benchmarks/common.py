@@ -87,10 +87,18 @@ class ResultsFile:
             self.data = header(protocol)
 
     def done(self, key: str) -> bool:
-        return any(row["key"] == key for row in self.data["rows"])
+        return self.get(key) is not None
+
+    def get(self, key: str) -> dict | None:
+        return next((row for row in self.data["rows"] if row["key"] == key), None)
 
     def add(self, row: dict) -> None:
         self.data["rows"].append(row)
+        self.write()
+
+    def put(self, row: dict) -> None:
+        """Add the row, or replace the one with its key (a row whose columns are filled across runs)."""
+        self.data["rows"] = [r for r in self.data["rows"] if r["key"] != row["key"]] + [row]
         self.write()
 
     def write(self) -> None:

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -19,7 +21,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from common import RESULTS, ResultsFile, load_model, markdown_table, provenance  # noqa: E402
 
+import torch  # noqa: E402
+
 import fidelprune  # noqa: E402
+from fidelprune.checkpoint import load_scores, save_scores  # noqa: E402
 from fidelprune.evaluation import perplexity, zeroshot  # noqa: E402
 
 TASKS = ["arc_easy", "arc_challenge", "piqa", "boolq", "winogrande", "openbookqa"]
@@ -62,20 +67,87 @@ def prune_arguments(spec: dict, calibration: dict) -> dict:
     return {**calibration, **spec}
 
 
-def evaluate_row(model, tokenizer, protocol: dict, batch_size: int) -> dict:
-    out = {}
+def protocol_metrics(protocol: dict) -> list[str]:
+    """The columns a finished row holds; each is filled (and resumed) on its own."""
+    return [f"ppl_{c}_{w}" for c, w, _ in protocol["ppl"]] + [f"acc_{t}" for t in protocol["tasks"]]
+
+
+def chosen_metrics(protocol: dict, wanted: str | None) -> list[str]:
+    """`--metrics ppl,acc_piqa`: a group ("ppl", "tasks") or exact column names; None = every column."""
+    columns = protocol_metrics(protocol)
+    if not wanted:
+        return columns
+    chosen = []
+    for name in wanted.split(","):
+        group = {"ppl": [c for c in columns if c.startswith("ppl_")], "tasks": [c for c in columns if c.startswith("acc_")]}
+        if name not in group and name not in columns:
+            raise SystemExit(f"unknown metric {name!r}; choose from ppl, tasks, {', '.join(columns)}")
+        chosen += group.get(name, [name])
+    return [c for c in columns if c in chosen]
+
+
+class ScoreCache:
+    """Scores of rows that share them, computed once: every method's scores are independent of the ratio,
+    the allocation and reconstruction, except sdmprune's (its stage 2 scores the stage-1-pruned model, and its
+    alpha/temperature follow the ratio). The time of the run that computed them is kept beside them."""
+
+    def __init__(self, directory: Path, model: str) -> None:
+        self.directory, self.model = directory, model
+
+    def path(self, kwargs: dict) -> Path:
+        fields = ["method", "objective", "form", "samples", "seq_len", "seed"] + (["ratio"] if kwargs["method"] == "sdmprune" else [])
+        name = "-".join([self.model] + [f"{kwargs[f]}" for f in fields if kwargs.get(f) is not None])
+        return self.directory / f"{name}.safetensors"
+
+    def get(self, kwargs: dict) -> tuple[dict, dict] | None:
+        path = self.path(kwargs)
+        if not path.exists():
+            return None
+        return load_scores(path), json.loads(path.with_suffix(".json").read_text())
+
+    @staticmethod
+    def applies(kwargs: dict) -> bool:
+        # random costs nothing; flap's bias compensation is computed with its scores, not from them
+        return kwargs["method"] not in ("random", "flap")
+
+    def put(self, kwargs: dict, scores: dict, record: dict) -> None:
+        path = self.path(kwargs)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_scores(scores, path.with_suffix(".tmp"))
+        path.with_suffix(".tmp").rename(path)
+        path.with_suffix(".json").write_text(json.dumps(record, indent=1) + "\n")
+
+
+def evaluate_metrics(model, tokenizer, protocol: dict, metrics: list[str], batch_size: int) -> tuple[dict, dict]:
+    """(values, seconds) of the requested columns."""
+    values, seconds = {}, {}
     for corpus, window, limit in protocol["ppl"]:
-        result = perplexity(model, tokenizer, corpus, seq_len=window, limit_windows=limit, batch_size=batch_size, progress=False)
-        out[f"ppl_{corpus}_{window}"] = result.ppl
-        out[f"windows_{corpus}_{window}"] = result.windows
-    if protocol["tasks"]:
-        zs = zeroshot(model, tokenizer, protocol["tasks"], limit=protocol["task_limit"], batch_size=batch_size)
+        name = f"ppl_{corpus}_{window}"
+        if name in metrics:
+            start = time.perf_counter()
+            result = perplexity(model, tokenizer, corpus, seq_len=window, limit_windows=limit, batch_size=batch_size, progress=False)
+            values[name], values[f"windows_{corpus}_{window}"] = result.ppl, result.windows
+            seconds[name] = time.perf_counter() - start
+    tasks = [t for t in protocol["tasks"] if f"acc_{t}" in metrics]
+    if tasks:
+        zs = zeroshot(model, tokenizer, tasks, limit=protocol["task_limit"], batch_size=batch_size)
         for name, task in zs.tasks.items():
-            out[f"acc_{name}"] = task.reported
-            out[f"n_{name}"] = task.n
-        out["average"] = sum(out[f"acc_{t}"] for t in protocol["tasks"]) / len(protocol["tasks"])
-        out["zeroshot_s"] = zs.seconds
-    return out
+            values[f"acc_{name}"], values[f"n_{name}"] = task.reported, task.n
+        seconds["tasks " + ",".join(tasks)] = zs.seconds
+    return values, seconds
+
+
+def table_order(data: dict) -> list[dict]:
+    """Rows by ratio, then reconstruction, then method in the sweep's order (dense first): files filled across
+    several runs list rows in the order they were computed."""
+    order = {m: i for i, m in enumerate([None, *SWEEP_METHODS])}
+    return sorted(data["rows"], key=lambda r: (r.get("ratio") or 0, r.get("reconstruct") or "", order.get(r.get("method"), 99), r["key"]))
+
+
+def with_average(row: dict, tasks: list[str]) -> dict:
+    if tasks and all(f"acc_{t}" in row for t in tasks):
+        return {**row, "average": sum(row[f"acc_{t}"] for t in tasks) / len(tasks)}
+    return row
 
 
 def render(data: dict) -> str:
@@ -83,7 +155,7 @@ def render(data: dict) -> str:
     ppl_cols = [f"ppl_{c}_{w}" for c, w, _ in p["ppl"]]
     acc_cols = [f"acc_{t}" for t in p["tasks"]] + (["average"] if p["tasks"] else [])
     columns = ["row", "achieved ratio", "scoring s", *ppl_cols, *acc_cols]
-    rows = [[r["key"], r.get("achieved_ratio"), r.get("scoring_s"), *(r.get(c) for c in ppl_cols + acc_cols)] for r in data["rows"]]
+    rows = [[r["key"], r.get("achieved_ratio"), r.get("scoring_s"), *(r.get(c) for c in ppl_cols + acc_cols)] for r in (with_average(r, p["tasks"]) for r in table_order(data))]
     ppl = "; ".join(f"{c} at {w} tokens, {'all' if n is None else f'first {n}'} windows" for c, w, n in p["ppl"])
     subset = "full sets" if p["task_limit"] is None else f"first {p['task_limit']} items each"
     tasks = (f"{', '.join(p['tasks'])} ({subset}; acc_norm for ARC, PIQA, OBQA, acc for BoolQ, WinoGrande; "
@@ -106,7 +178,11 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--ppl-limit", type=int, default=None, help="override: first N perplexity windows (smoke tests)")
     parser.add_argument("--task-limit", type=int, default=None, help="override: first N items per task (smoke tests)")
-    parser.add_argument("--no-tasks", action="store_true", help="perplexity only (a separate results file)")
+    parser.add_argument("--metrics", default=None, help="columns to fill now: ppl, tasks, or names like ppl_ptb_128,acc_piqa "
+                        "(default: all; the rest stay for a later run)")
+    parser.add_argument("--no-tasks", action="store_true", help="same as --metrics ppl")
+    parser.add_argument("--score-cache", default=str(Path(__file__).parent / ".cache" / "scores"),
+                        help="scores shared by rows (and tables) with the same method, objective, form and calibration")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-minutes", type=float, default=None, help="stop starting new rows after this long")
     parser.add_argument("--output", default=None)
@@ -117,39 +193,48 @@ def main() -> None:
         protocol["ppl"] = [[c, min(w, args.seq_len * 2), args.ppl_limit] for c, w, _ in protocol["ppl"]]
     if args.task_limit is not None:
         protocol["task_limit"] = args.task_limit
-    if args.no_tasks:
-        protocol["tasks"] = []
     calibration = {"samples": args.samples, "seq_len": args.seq_len, "seed": args.seed}
     protocol.update(table=args.table, model=args.model, calibration=calibration)
+    metrics = chosen_metrics(protocol, "ppl" if args.no_tasks else args.metrics)
     default_ratios = "0.2,0.3" if args.table == "main" else "0.1,0.2,0.3,0.4"
     ratios = [float(r) for r in (args.ratios or default_ratios).split(",")]
-    suffix = "" if not args.no_tasks else "-ppl"
-    output = Path(args.output or RESULTS / f"quality-{args.table}{suffix}.json")
+    output = Path(args.output or RESULTS / f"quality-{args.table}.json")
     results = ResultsFile(output, protocol)
+    cache = ScoreCache(Path(args.score_cache), args.model)
+    command = " ".join(["python", *map(shlex.quote, sys.argv)])
 
     model, tokenizer, source = load_model(args.model)
     started = time.perf_counter()
     for spec in table_rows(args.table, ratios, args.reconstruct.split(","), model.config.num_hidden_layers):
         key = row_key(spec)
-        if results.done(key) or (args.only and spec["method"] not in args.only.split(",")):
+        row = results.get(key) or {"key": key, **spec}
+        missing = [m for m in metrics if m not in row]
+        if not missing or (args.only and spec["method"] not in args.only.split(",")):
             continue
         if args.max_minutes and (time.perf_counter() - started) / 60 > args.max_minutes:
             print(f"stopping after {args.max_minutes} minutes; rerun the same command to continue", flush=True)
             break
-        row = {"key": key, **spec}
         if spec["method"] is None:
             subject = model
         else:
             kwargs = prune_arguments(spec, calibration)
-            subject, report = fidelprune.prune(model, tokenizer, source=source, progress=False, **kwargs)
-            row.update(achieved_ratio=report.manifest["allocation"]["achieved_ratio"], scoring_s=report.manifest["timings_s"]["scoring"])
-            if report.manifest.get("reconstruction"):
-                row["reconstruction_s"] = report.manifest["timings_s"].get("reconstruction")
-        start = time.perf_counter()
-        row.update(evaluate_row(subject, tokenizer, protocol, args.batch_size))
-        row["eval_s"] = time.perf_counter() - start
-        print(key, {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items() if k.startswith(("ppl", "average"))}, flush=True)
-        results.add(row)
+            cached = cache.get(kwargs) if cache.applies(kwargs) else None
+            subject, report = fidelprune.prune(model, tokenizer, source=source, progress=False,
+                                               scores=cached[0] if cached else None, **kwargs)
+            if cached is None and cache.applies(kwargs):
+                cached = (report.scores, {"scoring_s": report.manifest["timings_s"]["scoring"], "command": command,
+                                          "torch_threads": torch.get_num_threads()})
+                cache.put(kwargs, *cached)
+            row.update(achieved_ratio=report.manifest["allocation"]["achieved_ratio"],
+                       scoring_s=cached[1]["scoring_s"] if cached else report.manifest["timings_s"]["scoring"])
+            if report.manifest["reconstruction"]["mode"] != "none":
+                row["reconstruction_s"] = report.manifest["timings_s"]["reconstruction"]
+        values, seconds = evaluate_metrics(subject, tokenizer, protocol, missing, args.batch_size)
+        row.update(values)
+        row.setdefault("eval_s", {}).update(seconds)
+        row.setdefault("filled_by", []).append({"command": command, "at": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "metrics": missing})
+        print(key, {k: round(v, 4) if isinstance(v, float) else v for k, v in values.items() if k.startswith(("ppl", "acc"))}, flush=True)
+        results.put(row)
         output.with_suffix(".md").write_text(render(results.data))
         if subject is not model:
             del subject

@@ -22,17 +22,23 @@ def test_cost_script_compares_fast_floor_and_reference(tmp_path):
     assert "| hfprune |" in out.with_suffix(".md").read_text()
 
 
-def test_quality_script_fills_and_resumes(tmp_path):
+def test_quality_script_fills_columns_across_runs_and_resumes(tmp_path):
     out = tmp_path / "q.json"
     args = ["--table", "sweep", "--samples", "2", "--seq-len", "32", "--ppl-limit", "2", "--task-limit", "2",
-            "--ratios", "0.3", "--only", "hfprune", "--reconstruct", "none", "--output", str(out)]
-    run("quality.py", *args)
+            "--ratios", "0.3", "--only", "hfprune", "--reconstruct", "none", "--output", str(out),
+            "--score-cache", str(tmp_path / "cache")]
+    run("quality.py", *args, "--metrics", "ppl")
     rows = json.loads(out.read_text())["rows"]
     assert [r["key"] for r in rows] == ["method=hfprune ratio=0.3 reconstruct=none",
                                         "method=hfprune ratio=0.3 reconstruct=none allocation=global"]
-    assert rows[0]["scoring_s"] > 0 and 0 <= rows[0]["average"] <= 1 and rows[0]["ppl_wikitext2_64"] > 1
+    assert rows[0]["ppl_wikitext2_64"] > 1 and "acc_piqa" not in rows[0]
+    assert rows[1]["scoring_s"] == rows[0]["scoring_s"] > 0  # the global row reused the uniform row's scores
+    run("quality.py", *args)  # fills the zero-shot columns of the same rows
+    rows = json.loads(out.read_text())["rows"]
+    assert len(rows) == 2 and all(0 <= r["acc_piqa"] <= 1 and len(r["filled_by"]) == 2 for r in rows)
+    assert "| method=hfprune ratio=0.3 reconstruct=none |" in out.with_suffix(".md").read_text()
     run("quality.py", *args)  # resumes: nothing left to do, nothing duplicated
-    assert len(json.loads(out.read_text())["rows"]) == 2
+    assert [len(r["filled_by"]) for r in json.loads(out.read_text())["rows"]] == [2, 2]
 
 
 def test_speed_script_reports_dense_and_pruned(tmp_path):
