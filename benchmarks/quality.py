@@ -95,7 +95,7 @@ class ScoreCache:
         self.directory, self.model = directory, model
 
     def path(self, kwargs: dict) -> Path:
-        fields = ["method", "objective", "form", "samples", "seq_len", "seed"] + (["ratio"] if kwargs["method"] == "sdmprune" else [])
+        fields = ["method", "objective", "form", "alpha", "temperature", "aggregation", "samples", "seq_len", "seed"] + (["ratio"] if kwargs["method"] == "sdmprune" else [])
         name = "-".join([self.model] + [f"{kwargs[f]}" for f in fields if kwargs.get(f) is not None])
         return self.directory / f"{name}.safetensors"
 

@@ -1,6 +1,8 @@
 """Pruned-model speed: dense vs uniformly pruned at 20/30/40 % of parameters, prefill and decode tokens/s and
 peak memory, and the achieved speed-up against the ideal one (the parameter-bytes ratio). Speed depends only on
 the shapes, so the pruned models come from `magnitude` (no calibration); CPU here, CUDA too when present.
+Each model is saved as a checkpoint and measured in a process of its own that loads just it, as a deployment
+would: the CPU peak (process RSS) then holds that model alone, not the dense one it was pruned from.
 
     python benchmarks/speed.py
     python benchmarks/speed.py --model tiny --repeats 1 --output /tmp/speed.json   # smoke test
@@ -9,7 +11,10 @@ the shapes, so the pruned models come from `magnitude` (no calibration); CPU her
 from __future__ import annotations
 
 import argparse
+import json
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -40,6 +45,23 @@ def render(data: dict) -> str:
                  "ideal x", "prefill x", "decode x", "prefill / ideal", "decode / ideal"], rows))
 
 
+def worker(spec: dict) -> dict:
+    """Load one saved checkpoint and measure it: runs in its own process (see the module docstring)."""
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(spec["checkpoint"], dtype=torch.float32)
+    speed = measure_speed(model, spec["device"], prompt_len=spec["prompt_len"], new_tokens=spec["new_tokens"],
+                          batch_size=spec["batch"], repeats=spec["repeats"])
+    return {"width": model.config.intermediate_size, "param_bytes": model_size(model)["param_bytes"], **speed.to_dict()}
+
+
+def measure(spec: dict) -> dict:
+    out = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True, text=True)
+    if out.returncode != 0:
+        raise SystemExit(f"worker {spec} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2")
@@ -49,27 +71,34 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--output", default=str(RESULTS / "speed.json"))
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    protocol = {"model": args.model, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "batch": args.batch, "repeats": args.repeats}
+    if args.worker:
+        print(json.dumps(worker(json.loads(args.worker))))
+        return
+    protocol = {"model": args.model, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "batch": args.batch,
+                "repeats": args.repeats, "process": "one per model, loading its saved checkpoint"}
     results = ResultsFile(args.output, protocol)
     model, tokenizer, _ = load_model(args.model)
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    for ratio in [0.0] + [float(r) for r in args.ratios.split(",")]:
-        subject, achieved = model, 0.0
-        if ratio:
-            subject, report = fidelprune.prune(model, tokenizer, "magnitude", ratio, progress=False)
-            achieved = report.manifest["allocation"]["achieved_ratio"]
-        for device in devices:
-            key = f"{device} ratio={ratio}"
-            if results.done(key):
+    with tempfile.TemporaryDirectory() as scratch:
+        for ratio in [0.0] + [float(r) for r in args.ratios.split(",")]:
+            keys = [f"{device} ratio={ratio}" for device in devices]
+            if all(results.done(key) for key in keys):
                 continue
-            speed = measure_speed(subject, device, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
-                                  batch_size=args.batch, repeats=args.repeats)
-            size = model_size(subject)
-            row = {"key": key, "device": device, "ratio": ratio, "achieved_ratio": achieved, "width": subject.config.intermediate_size,
-                   "param_bytes": size["param_bytes"], **speed.to_dict()}
-            print(key, f"prefill {row['prefill_tokens_per_s']:.0f} tok/s, decode {row['decode_tokens_per_s']:.1f} tok/s", flush=True)
-            results.add(row)
+            subject, achieved = model, 0.0
+            if ratio:
+                subject, report = fidelprune.prune(model, tokenizer, "magnitude", ratio, progress=False)
+                achieved = report.manifest["allocation"]["achieved_ratio"]
+            checkpoint = Path(scratch) / f"ratio-{ratio}"
+            subject.save_pretrained(checkpoint)
+            for device, key in zip(devices, keys):
+                if results.done(key):
+                    continue
+                spec = {"checkpoint": str(checkpoint), "device": device, **protocol}
+                row = {"key": key, "device": device, "ratio": ratio, "achieved_ratio": achieved, **measure(spec)}
+                print(key, f"prefill {row['prefill_tokens_per_s']:.0f} tok/s, decode {row['decode_tokens_per_s']:.1f} tok/s", flush=True)
+                results.add(row)
     Path(args.output).with_suffix(".md").write_text(render(results.data))
     print(Path(args.output).with_suffix(".md").read_text())
 

@@ -21,10 +21,30 @@ def ce(logits: torch.Tensor, input_ids: torch.Tensor, teacher_logits: torch.Tens
     return nll.view(targets.shape).mean(dim=1)
 
 
+class _Entropy(torch.autograd.Function):
+    """Per-position entropy H = -sum_v p_v log p_v with its analytic gradient -p * (log p + H) w.r.t. the logits.
+    Autograd through log_softmax, exp and the product keeps three [B, T, V] tensors for the backward pass (over
+    0.6 GB at batch 4 x 256 tokens of a 49k vocabulary); this keeps only the logits and recomputes the rest,
+    in place, when the gradient is needed. Same values and gradient up to float rounding (tested)."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor) -> torch.Tensor:
+        log_p = F.log_softmax(logits, dim=-1)
+        ctx.save_for_backward(logits)
+        return -(log_p.exp() * log_p).sum(dim=-1)
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        (logits,) = ctx.saved_tensors
+        log_p = F.log_softmax(logits, dim=-1)
+        p = log_p.exp()
+        h = -(p * log_p).sum(dim=-1, keepdim=True)
+        return p.mul_(log_p.add_(h)).mul_(-grad_output.unsqueeze(-1))
+
+
 def entropy(logits: torch.Tensor, input_ids: torch.Tensor | None = None, teacher_logits: torch.Tensor | None = None) -> torch.Tensor:
     """HFPrune: mean over positions of the entropy of the model's own next-token distribution."""
-    log_p = F.log_softmax(logits.float(), dim=-1)
-    return -(log_p.exp() * log_p).sum(dim=-1).mean(dim=1)
+    return _Entropy.apply(logits.float()).mean(dim=1)
 
 
 class _KLToTeacher(torch.autograd.Function):

@@ -24,6 +24,16 @@ def test_entropy_is_mean_over_positions_of_full_vocabulary_entropy():
     torch.testing.assert_close(entropy(logits, ids).double(), expected, rtol=1e-6, atol=1e-6)
 
 
+def test_entropy_gradient_matches_autograd_through_the_plain_formula():
+    logits, ids = logits_and_ids(2)
+    fast = logits.float().clone().requires_grad_()
+    entropy(fast, ids).sum().backward()
+    plain = logits.clone().requires_grad_()
+    p = torch.softmax(plain, -1)
+    (-(p * torch.log_softmax(plain, -1)).sum(-1)).mean(-1).sum().backward()
+    torch.testing.assert_close(fast.grad.double(), plain.grad, rtol=1e-4, atol=1e-7)
+
+
 def test_kd_value_and_gradient_match_the_plain_formula():
     student, ids = logits_and_ids(0)
     teacher, _ = logits_and_ids(1)
