@@ -141,7 +141,8 @@ def table_order(data: dict) -> list[dict]:
     """Rows by ratio, then reconstruction, then method in the sweep's order (dense first): files filled across
     several runs list rows in the order they were computed."""
     order = {m: i for i, m in enumerate([None, *SWEEP_METHODS])}
-    return sorted(data["rows"], key=lambda r: (r.get("ratio") or 0, r.get("reconstruct") or "", order.get(r.get("method"), 99), r["key"]))
+    return sorted(data["rows"], key=lambda r: (r.get("ratio") or 0, r.get("reconstruct") or "", order.get(r.get("method"), 99),
+                                             r.get("samples") or 0, r["key"]))
 
 
 def with_average(row: dict, tasks: list[str]) -> dict:
