@@ -12,9 +12,11 @@ from pathlib import Path
 
 import torch
 
+from fidelprune.checkpoint import load_scores, save_scores
 from fidelprune.pruning import library_versions
 
 RESULTS = Path(__file__).parent / "results"
+SCORE_CACHE = Path(__file__).parent / ".cache" / "scores"
 
 
 def machine() -> dict:
@@ -92,10 +94,6 @@ class ResultsFile:
     def get(self, key: str) -> dict | None:
         return next((row for row in self.data["rows"] if row["key"] == key), None)
 
-    def add(self, row: dict) -> None:
-        self.data["rows"].append(row)
-        self.write()
-
     def put(self, row: dict) -> None:
         """Add the row, or replace the one with its key (a row whose columns are filled across runs)."""
         self.data["rows"] = [r for r in self.data["rows"] if r["key"] != row["key"]] + [row]
@@ -106,6 +104,53 @@ class ResultsFile:
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text(json.dumps(self.data, indent=1) + "\n")
         tmp.rename(self.path)
+
+
+class ScoreCache:
+    """Scores of rows that share them, computed once: every method's scores are independent of the ratio,
+    the allocation and reconstruction, except sdmprune's (its stage 2 scores the stage-1-pruned model, and its
+    alpha/temperature follow the ratio). The time of the run that computed them is kept beside them."""
+
+    def __init__(self, directory: Path, model: str, command: str) -> None:
+        self.directory, self.model, self.command = directory, model, command
+
+    def path(self, kwargs: dict) -> Path:
+        fields = ["method", "objective", "form", "alpha", "temperature", "aggregation", "samples", "seq_len", "seed"] + (["ratio"] if kwargs["method"] == "sdmprune" else [])
+        name = "-".join([self.model] + [f"{kwargs[f]}" for f in fields if kwargs.get(f) is not None])
+        return self.directory / f"{name}.safetensors"
+
+    def get(self, kwargs: dict) -> tuple[dict, dict] | None:
+        path = self.path(kwargs)
+        if not path.exists():
+            return None
+        return load_scores(path), json.loads(path.with_suffix(".json").read_text())
+
+    @staticmethod
+    def applies(kwargs: dict) -> bool:
+        # random costs nothing; flap's bias compensation is computed with its scores, not from them
+        return kwargs["method"] not in ("random", "flap")
+
+    def put(self, kwargs: dict, scores: dict, record: dict) -> None:
+        path = self.path(kwargs)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_scores(scores, path.with_suffix(".tmp"))
+        path.with_suffix(".tmp").rename(path)
+        path.with_suffix(".json").write_text(json.dumps(record, indent=1) + "\n")
+
+    def prune(self, model, tokenizer, source, kwargs: dict):
+        """fidelprune.prune with the cached scores when there are some (computing and caching them otherwise):
+        (pruned model, report, the scoring time of the run that computed the scores)."""
+        import fidelprune
+
+        cached = self.get(kwargs) if self.applies(kwargs) else None
+        pruned, report = fidelprune.prune(model, tokenizer, source=source, progress=False,
+                                          scores=cached[0] if cached else None, **kwargs)
+        if cached:
+            return pruned, report, cached[1]["scoring_s"]
+        scoring_s = report.manifest["timings_s"]["scoring"]
+        if self.applies(kwargs):
+            self.put(kwargs, report.scores, {"scoring_s": scoring_s, "command": self.command, "torch_threads": torch.get_num_threads()})
+        return pruned, report, scoring_s
 
 
 def markdown_table(columns: list[str], rows: list[list]) -> str:

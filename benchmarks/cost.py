@@ -186,7 +186,7 @@ def main() -> None:
             continue
         row = {"key": key, "method": method, "impl": impl, **measure({**protocol, "method": method, "impl": impl}, args.in_process)}
         print(f"{key}: {row['tokens_per_s']:.1f} tok/s, extra {row['extra_rss_bytes'] / 2**20:.0f} MiB", flush=True)
-        results.add(row)
+        results.put(row)
     Path(args.output).with_suffix(".md").write_text(render(results.data))
     print(Path(args.output).with_suffix(".md").read_text())
 

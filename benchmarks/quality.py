@@ -12,19 +12,15 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import shlex
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import RESULTS, ResultsFile, load_model, markdown_table, provenance  # noqa: E402
-
-import torch  # noqa: E402
+from common import RESULTS, SCORE_CACHE, ResultsFile, ScoreCache, load_model, markdown_table, provenance  # noqa: E402
 
 import fidelprune  # noqa: E402
-from fidelprune.checkpoint import load_scores, save_scores  # noqa: E402
 from fidelprune.evaluation import perplexity, zeroshot  # noqa: E402
 
 TASKS = ["arc_easy", "arc_challenge", "piqa", "boolq", "winogrande", "openbookqa"]
@@ -84,38 +80,6 @@ def chosen_metrics(protocol: dict, wanted: str | None) -> list[str]:
             raise SystemExit(f"unknown metric {name!r}; choose from ppl, tasks, {', '.join(columns)}")
         chosen += group.get(name, [name])
     return [c for c in columns if c in chosen]
-
-
-class ScoreCache:
-    """Scores of rows that share them, computed once: every method's scores are independent of the ratio,
-    the allocation and reconstruction, except sdmprune's (its stage 2 scores the stage-1-pruned model, and its
-    alpha/temperature follow the ratio). The time of the run that computed them is kept beside them."""
-
-    def __init__(self, directory: Path, model: str) -> None:
-        self.directory, self.model = directory, model
-
-    def path(self, kwargs: dict) -> Path:
-        fields = ["method", "objective", "form", "alpha", "temperature", "aggregation", "samples", "seq_len", "seed"] + (["ratio"] if kwargs["method"] == "sdmprune" else [])
-        name = "-".join([self.model] + [f"{kwargs[f]}" for f in fields if kwargs.get(f) is not None])
-        return self.directory / f"{name}.safetensors"
-
-    def get(self, kwargs: dict) -> tuple[dict, dict] | None:
-        path = self.path(kwargs)
-        if not path.exists():
-            return None
-        return load_scores(path), json.loads(path.with_suffix(".json").read_text())
-
-    @staticmethod
-    def applies(kwargs: dict) -> bool:
-        # random costs nothing; flap's bias compensation is computed with its scores, not from them
-        return kwargs["method"] not in ("random", "flap")
-
-    def put(self, kwargs: dict, scores: dict, record: dict) -> None:
-        path = self.path(kwargs)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_scores(scores, path.with_suffix(".tmp"))
-        path.with_suffix(".tmp").rename(path)
-        path.with_suffix(".json").write_text(json.dumps(record, indent=1) + "\n")
 
 
 def evaluate_metrics(model, tokenizer, protocol: dict, metrics: list[str], batch_size: int) -> tuple[dict, dict]:
@@ -182,7 +146,7 @@ def main() -> None:
     parser.add_argument("--metrics", default=None, help="columns to fill now: ppl, tasks, or names like ppl_ptb_128,acc_piqa "
                         "(default: all; the rest stay for a later run)")
     parser.add_argument("--no-tasks", action="store_true", help="same as --metrics ppl")
-    parser.add_argument("--score-cache", default=str(Path(__file__).parent / ".cache" / "scores"),
+    parser.add_argument("--score-cache", default=str(SCORE_CACHE),
                         help="scores shared by rows (and tables) with the same method, objective, form and calibration")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-minutes", type=float, default=None, help="stop starting new rows after this long")
@@ -201,8 +165,8 @@ def main() -> None:
     ratios = [float(r) for r in (args.ratios or default_ratios).split(",")]
     output = Path(args.output or RESULTS / f"quality-{args.table}.json")
     results = ResultsFile(output, protocol)
-    cache = ScoreCache(Path(args.score_cache), args.model)
     command = " ".join(["python", *map(shlex.quote, sys.argv)])
+    cache = ScoreCache(Path(args.score_cache), args.model, command)
 
     model, tokenizer, source = load_model(args.model)
     started = time.perf_counter()
@@ -219,15 +183,8 @@ def main() -> None:
             subject = model
         else:
             kwargs = prune_arguments(spec, calibration)
-            cached = cache.get(kwargs) if cache.applies(kwargs) else None
-            subject, report = fidelprune.prune(model, tokenizer, source=source, progress=False,
-                                               scores=cached[0] if cached else None, **kwargs)
-            if cached is None and cache.applies(kwargs):
-                cached = (report.scores, {"scoring_s": report.manifest["timings_s"]["scoring"], "command": command,
-                                          "torch_threads": torch.get_num_threads()})
-                cache.put(kwargs, *cached)
-            row.update(achieved_ratio=report.manifest["allocation"]["achieved_ratio"],
-                       scoring_s=cached[1]["scoring_s"] if cached else report.manifest["timings_s"]["scoring"])
+            subject, report, scoring_s = cache.prune(model, tokenizer, source, kwargs)
+            row.update(achieved_ratio=report.manifest["allocation"]["achieved_ratio"], scoring_s=scoring_s)
             if report.manifest["reconstruction"]["mode"] != "none":
                 row["reconstruction_s"] = report.manifest["timings_s"]["reconstruction"]
         values, seconds = evaluate_metrics(subject, tokenizer, protocol, missing, args.batch_size)

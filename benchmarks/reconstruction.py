@@ -5,7 +5,7 @@ One configuration per invocation, so every run stays short on a small CPU; rows 
 Scores are computed once per (model, method, ratio) and cached next to it, so every mode prunes the same neurons.
 
     python benchmarks/reconstruction.py --mode dense
-    python benchmarks/reconstruction.py --mode none          # scores hfprune 20 % once, caches them
+    python benchmarks/reconstruction.py --mode none          # scores hfprune 20 % once (benchmarks/.cache/scores, shared with quality.py)
     python benchmarks/reconstruction.py --mode parallel
     python benchmarks/reconstruction.py --mode sequential
     python benchmarks/reconstruction.py --mode sequential --lam 1e-2
@@ -23,9 +23,11 @@ from pathlib import Path
 
 import torch
 
-import fidelprune
+sys.path.insert(0, str(Path(__file__).parent))
+from common import SCORE_CACHE, ScoreCache  # noqa: E402
+
+import fidelprune  # noqa: E402
 from fidelprune.calibration import sample_windows
-from fidelprune.checkpoint import load_scores, save_scores
 from fidelprune.evaluation import perplexity
 from fidelprune.pruning import library_versions
 from fidelprune.reconstruction import mlp_output_errors
@@ -54,17 +56,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.mode == "dense":
         pruned = model
     else:
-        cache = args.output.with_name(f"scores-{args.method}-{args.ratio:g}-{args.samples}x{args.seq_len}.safetensors")
-        if not cache.is_file():
-            _, report = fidelprune.prune(model, tokenizer, args.method, args.ratio, samples=args.samples, seq_len=args.seq_len)
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            save_scores(report.scores, cache)
-            row["scoring_s"] = report.manifest["timings_s"]["scoring"]
-        pruned, report = fidelprune.prune(
-            model, tokenizer, args.method, args.ratio, samples=args.samples, seq_len=args.seq_len,
-            scores=load_scores(cache), reconstruct=args.mode, reconstruct_lambda=args.lam,
-            reconstruct_target=args.target,
-        )
+        cache = ScoreCache(SCORE_CACHE, "smollm2", " ".join(["python", *map(shlex.quote, sys.argv)]))
+        kwargs = {"method": args.method, "ratio": args.ratio, "samples": args.samples, "seq_len": args.seq_len, "seed": 0,
+                  "reconstruct": args.mode, "reconstruct_lambda": args.lam, "reconstruct_target": args.target}
+        pruned, report, row["scoring_s"] = cache.prune(model, tokenizer, source, kwargs)
         recon = report.manifest["reconstruction"]
         row.update(lam=args.lam if args.mode != "none" else None, achieved_ratio=report.manifest["allocation"]["achieved_ratio"],
                    width=report.manifest["allocation"]["width_after"], reconstruction_s=recon.get("seconds"),

@@ -98,7 +98,7 @@ def main() -> None:
                 spec = {"checkpoint": str(checkpoint), "device": device, **protocol}
                 row = {"key": key, "device": device, "ratio": ratio, "achieved_ratio": achieved, **measure(spec)}
                 print(key, f"prefill {row['prefill_tokens_per_s']:.0f} tok/s, decode {row['decode_tokens_per_s']:.1f} tok/s", flush=True)
-                results.add(row)
+                results.put(row)
     Path(args.output).with_suffix(".md").write_text(render(results.data))
     print(Path(args.output).with_suffix(".md").read_text())
 
