@@ -133,9 +133,10 @@ class ScoreCache:
     def put(self, kwargs: dict, scores: dict, record: dict) -> None:
         path = self.path(kwargs)
         path.parent.mkdir(parents=True, exist_ok=True)
+        # the record first, the scores last: get() sees the scores only once both are complete
+        path.with_suffix(".json").write_text(json.dumps(record, indent=1) + "\n")
         save_scores(scores, path.with_suffix(".tmp"))
         path.with_suffix(".tmp").rename(path)
-        path.with_suffix(".json").write_text(json.dumps(record, indent=1) + "\n")
 
     def prune(self, model, tokenizer, source, kwargs: dict):
         """fidelprune.prune with the cached scores when there are some (computing and caching them otherwise):

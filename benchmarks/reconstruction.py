@@ -2,7 +2,7 @@
 none / parallel / sequential on one pruned model (docs/reconstruction.md quotes its output).
 
 One configuration per invocation, so every run stays short on a small CPU; rows accumulate in the results file.
-Scores are computed once per (model, method, ratio) and cached next to it, so every mode prunes the same neurons.
+Scores come from the benchmarks' shared score cache (common.ScoreCache), so every mode prunes the same neurons.
 
     python benchmarks/reconstruction.py --mode dense
     python benchmarks/reconstruction.py --mode none          # scores hfprune 20 % once (benchmarks/.cache/scores, shared with quality.py)
