@@ -94,9 +94,11 @@ def evaluate_metrics(model, tokenizer, protocol: dict, metrics: list[str], batch
             seconds[name] = time.perf_counter() - start
     tasks = [t for t in protocol["tasks"] if f"acc_{t}" in metrics]
     if tasks:
-        zs = zeroshot(model, tokenizer, tasks, limit=protocol["task_limit"], batch_size=batch_size)
+        zs = zeroshot(model, tokenizer, tasks, limit=protocol["task_limit"], batch_size=batch_size, per_item=True)
         for name, task in zs.tasks.items():
             values[f"acc_{name}"], values[f"n_{name}"] = task.reported, task.n
+            # each document's 0/1 outcome in doc order, so rows can be compared pairwise (report.py)
+            values[f"items_{name}"] = "".join(str(int(v)) for v in task.per_item)
         seconds["tasks " + ",".join(tasks)] = zs.seconds
     return values, seconds
 

@@ -36,6 +36,7 @@ def test_quality_script_fills_columns_across_runs_and_resumes(tmp_path):
     run("quality.py", *args)  # fills the zero-shot columns of the same rows
     rows = json.loads(out.read_text())["rows"]
     assert len(rows) == 2 and all(0 <= r["acc_piqa"] <= 1 and len(r["filled_by"]) == 2 for r in rows)
+    assert all(len(r["items_piqa"]) == 2 and r["items_piqa"].count("1") / 2 == r["acc_piqa"] for r in rows)  # per item, for paired tests
     assert "| method=hfprune ratio=0.3 reconstruct=none |" in out.with_suffix(".md").read_text()
     run("quality.py", *args)  # resumes: nothing left to do, nothing duplicated
     assert [len(r["filled_by"]) for r in json.loads(out.read_text())["rows"]] == [2, 2]
@@ -46,3 +47,55 @@ def test_speed_script_reports_dense_and_pruned(tmp_path):
     run("speed.py", "--repeats", "1", "--prompt-len", "16", "--new-tokens", "2", "--ratios", "0.3", "--output", str(out))
     rows = json.loads(out.read_text())["rows"]
     assert [r["ratio"] for r in rows] == [0.0, 0.3] and rows[1]["param_bytes"] < rows[0]["param_bytes"]
+
+
+def report_module():
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        import report
+    finally:
+        sys.path.pop(0)
+    return report
+
+
+def test_readme_tables_match_the_committed_results():
+    result = subprocess.run([sys.executable, str(BENCHMARKS / "report.py"), "--check"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+def test_paired_comparison_against_hand_counts():
+    report = report_module()
+    # 8 items: a alone right on 3, b alone right on 1, both right on 2, both wrong on 2
+    a, b = "11100110", "00010110"
+    mean, stderr, only_a, only_b = report.paired_difference(a, b)
+    diffs = [1, 1, 1, -1, 0, 0, 0, 0]
+    assert (only_a, only_b) == (3, 1) and mean == 0.25
+    assert abs(stderr - (sum((d - 0.25) ** 2 for d in diffs) / 7 / 8) ** 0.5) < 1e-12
+    assert report.mcnemar_p(3, 1) == 2 * (1 + 4) / 16  # two-sided exact binomial on the 4 discordant items
+    assert report.mcnemar_p(0, 6) == 2 / 64 and report.mcnemar_p(5, 5) == 1.0 and report.mcnemar_p(0, 0) == 1.0
+
+
+def test_paired_rows_compare_each_objective_with_ce_at_its_ratio():
+    report = report_module()
+    items = {t: "1100" for t, _ in report.TASKS}
+    rows = [{"key": "ce", "method": "llm-pruner", "ratio": 0.3, **{f"items_{t}": v for t, v in items.items()}},
+            {"key": "hf", "method": "hfprune", "ratio": 0.3, **{f"items_{t}": "1111" for t in items}},
+            {"key": "hf20", "method": "hfprune", "ratio": 0.2, **{f"items_{t}": "1111" for t in items}},  # no CE at 0.2
+            {"key": "sdm", "method": "sdmprune", "ratio": 0.3}]  # no per-item outcomes: not paired
+    (row,) = report.paired_rows(rows)
+    assert row[:2] == ["hf", "ce"] and row[2] == "+50.0 (0.5)" and row[-1].startswith("+50.00 ± ")
+
+
+def test_report_adds_zero_shot_columns_once_a_table_has_them(tmp_path):
+    report = report_module()
+    for path in (BENCHMARKS / "results").glob("*.json"):
+        (tmp_path / path.name).write_text(path.read_text())
+    scored = {**{f"acc_{t}": 0.5 for t, _ in report.TASKS}, **{f"n_{t}": 300 for t, _ in report.TASKS}}
+    for name, key in (("quality-ablation", "method=hfprune ratio=0.2 objective=kd form=activation"),
+                      ("quality-sweep", "method=flap ratio=0.3 reconstruct=none")):
+        data = json.loads((tmp_path / f"{name}.json").read_text())
+        next(r for r in data["rows"] if r["key"] == key).update(scored)
+        (tmp_path / f"{name}.json").write_text(json.dumps(data))
+    text = report.render(tmp_path)
+    assert "| kd | 125 | 85.48 | 50.0 | 50.0 | 50.0 | 50.0 | 50.0 | 50.0 | 50.00 ± 1.18 |" in text
+    assert "| flap |  |  | 50.00 |  |" in text and "| ce | 80 | 88.76 |" in text

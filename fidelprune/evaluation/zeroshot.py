@@ -91,6 +91,7 @@ class TaskResult:
     reported_metric: str
     n: int  # documents scored
     n_available: int  # documents in the set
+    per_item: list[float] | None = None  # the reported metric of each document, by doc_id (zeroshot(per_item=True))
 
     @property
     def reported(self) -> float:
@@ -128,6 +129,7 @@ def commonsense_average(tasks: dict[str, TaskResult]) -> dict:
 
 def _task_results(raw: dict, names: list[str]) -> dict[str, TaskResult]:
     results = {}
+    samples = raw.get("samples") or {}
     for name in names:
         metrics = {}
         for key, value in raw["results"][name].items():
@@ -135,7 +137,11 @@ def _task_results(raw: dict, names: list[str]) -> dict[str, TaskResult]:
             if filt == "none" and isinstance(value, (int, float)):
                 metrics[metric] = float(value)
         counts = raw["n-samples"][name]
-        results[name] = TaskResult(name, metrics, REPORTED_METRIC[name], int(counts["effective"]), int(counts["original"]))
+        per_item = None
+        if name in samples:
+            # kept so that two models scored on the same documents can be compared pairwise (McNemar)
+            per_item = [float(s[REPORTED_METRIC[name]]) for s in sorted(samples[name], key=lambda s: s["doc_id"])]
+        results[name] = TaskResult(name, metrics, REPORTED_METRIC[name], int(counts["effective"]), int(counts["original"]), per_item)
     return results
 
 
@@ -148,10 +154,12 @@ def zeroshot(
     batch_size: int = 8,
     hellaswag: str | Path | None = None,
     seed: int = 0,
+    per_item: bool = False,
     verbose: bool = False,
 ) -> ZeroShotResult:
     """Zero-shot accuracy of an in-memory causal LM on fidelprune's lm-eval tasks (default: the six bundled);
-    `limit` scores the first N documents of each task (recorded). Progress bars are lm-eval's own."""
+    `limit` scores the first N documents of each task (recorded); `per_item` also keeps each document's 0/1
+    outcome (`TaskResult.per_item`), for paired comparisons. Progress bars are lm-eval's own."""
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
 
@@ -166,7 +174,7 @@ def zeroshot(
             lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
             raw = simple_evaluate(
                 model=lm, tasks=names, num_fewshot=0, limit=limit, task_manager=task_manager(hellaswag),
-                log_samples=False, random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
+                log_samples=per_item, random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
                 fewshot_random_seed=seed,
             )
     finally:

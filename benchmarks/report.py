@@ -1,0 +1,254 @@
+"""The "Latest results" tables of benchmarks/README.md, rendered from results/*.json.
+
+    python benchmarks/report.py           # rewrite the block between the report markers in benchmarks/README.md
+    python benchmarks/report.py --check   # exit 1 if that block no longer matches the results files
+
+Only the tables are generated; the prose around them is written by people. Each table links the results file
+whose per-table markdown (written by quality.py, cost.py, speed.py) has every column and the provenance.
+The paired comparisons use the per-item outcomes that quality.py keeps (`items_<task>`): every row answers
+the same documents, so a paired test is far tighter than comparing two accuracies with their own errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+RESULTS = Path(__file__).parent / "results"
+README = Path(__file__).parent / "README.md"
+START, END = "<!-- report:start (python benchmarks/report.py) -->", "<!-- report:end -->"
+
+# (task, column title): the six bundled zero-shot tasks, in the order the papers print them
+TASKS = [("arc_easy", "ARC-e"), ("arc_challenge", "ARC-c"), ("piqa", "PIQA"), ("boolq", "BoolQ"),
+         ("winogrande", "WinoGrande"), ("openbookqa", "OBQA")]
+MAIN_ORDER = {None: 0, "llm-pruner": 1, "sdmprune": 2, "hfprune": 3}
+SWEEP_ORDER = ["random", "magnitude", "llm-pruner", "llm-pruner-element2", "sdmprune", "hfprune", "wanda-sp", "flap", "activation"]
+TAYLOR_METHODS = ("hfprune", "sdmprune", "llm-pruner", "llm-pruner-element2")  # their floor is forward+backward
+
+
+def number(value: float | None, digits: int = 1) -> str:
+    if value is None:
+        return ""
+    return f"{value:,.{digits}f}" if abs(value) < 1e4 else f"{value:.3g}"
+
+
+def table(columns: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+
+
+def accuracy_stderr(acc: float, n: int) -> float:
+    """lm-eval's standard error of a 0/1 mean: sqrt(p(1-p)/(n-1))."""
+    return math.sqrt(acc * (1 - acc) / (n - 1))
+
+
+def mcnemar_p(only_a: int, only_b: int) -> float:
+    """Two-sided exact McNemar test: of the items exactly one of two models gets right, is the split 50/50?"""
+    n, k = only_a + only_b, min(only_a, only_b)
+    if n == 0:
+        return 1.0
+    return min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2**n)
+
+
+def paired_difference(items_a: str, items_b: str) -> tuple[float, float, int, int]:
+    """(mean of a - b, its standard error, items only a got right, items only b got right) over the same items."""
+    if len(items_a) != len(items_b):
+        raise ValueError("paired rows must answer the same items")
+    diffs = [int(x) - int(y) for x, y in zip(items_a, items_b)]
+    n = len(diffs)
+    mean = sum(diffs) / n
+    stderr = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1) / n)
+    return mean, stderr, diffs.count(1), diffs.count(-1)
+
+
+def six_task_average(row: dict) -> tuple[float, float] | None:
+    """(mean accuracy, its standard error with the tasks taken as independent), once all six tasks have run."""
+    if not all(f"acc_{t}" in row for t, _ in TASKS):
+        return None
+    se = math.sqrt(sum(accuracy_stderr(row[f"acc_{t}"], row[f"n_{t}"]) ** 2 for t, _ in TASKS)) / len(TASKS)
+    return sum(row[f"acc_{t}"] for t, _ in TASKS) / len(TASKS), se
+
+
+def task_cells(row: dict) -> list[str]:
+    """The six accuracies and their average ± its standard error, in points; blanks for what has not run."""
+    accs = [row.get(f"acc_{t}") for t, _ in TASKS]
+    average = six_task_average(row)
+    return [*(number(100 * a, 1) if a is not None else "" for a in accs),
+            f"{100 * average[0]:.2f} ± {100 * average[1]:.2f}" if average else ""]
+
+
+def has_tasks(row: dict) -> bool:
+    return any(f"acc_{t}" in row for t, _ in TASKS)
+
+
+def by_main_order(rows: list[dict]) -> list[dict]:
+    return sorted(rows, key=lambda r: (r.get("ratio") or 0, MAIN_ORDER.get(r.get("method"), 9)))
+
+
+def main_tables(data: dict) -> list[str]:
+    out = ["**Main table** ([`results/quality-main.md`](results/quality-main.md)): perplexity over *all* windows of the "
+           "WikiText-2 test set and the PTB validation set (as LLM-Pruner reports it) at 128 tokens, and WikiText-2 test "
+           "again at 2048-token windows; calibration 64 x 256 C4-train tokens, seed 0. Empty cells have not run yet (see below).\n",
+           table(["row", "achieved ratio", "scoring s", "WikiText-2 PPL @128", "PTB PPL @128", "WikiText-2 PPL @2048"],
+                 [[r["key"], number(r.get("achieved_ratio"), 4), number(r.get("scoring_s"), 0), number(r.get("ppl_wikitext2_128"), 2),
+                   number(r.get("ppl_ptb_128"), 2), number(r.get("ppl_wikitext2_2048"), 2)] for r in by_main_order(data["rows"])])]
+    scored = by_main_order([r for r in data["rows"] if has_tasks(r)])
+    if not scored:
+        return out
+    rows = [[r["key"], *task_cells(r)] for r in scored]
+    out += ["\nZero-shot accuracy of the same rows (lm-evaluation-harness 0.4.13, full sets; acc_norm for ARC, PIQA, OBQA, "
+            "acc for BoolQ and WinoGrande; the average is over these six, only where all six exist, ± its standard error). "
+            "Rows not listed have not run yet.\n", table(["row", *(title for _, title in TASKS), "average"], rows)]
+    paired = paired_rows(data["rows"])
+    if paired:
+        out += ["\nPaired against CE Taylor (llm-pruner) at the same ratio, on the same items: accuracy difference in points, "
+                "with the exact McNemar p-value in brackets; the average's ± is the paired standard error of the six-task "
+                "mean difference. Only rows whose per-item outcomes were kept (zero-shot runs from 2026-11-24 on) can be paired.\n",
+                table(["row", "vs", *(title for _, title in TASKS), "average difference"], paired)]
+    return out
+
+
+def paired_rows(rows: list[dict]) -> list[list[str]]:
+    """Each objective against CE Taylor at its ratio, where both rows kept every task's per-item outcomes."""
+    out = []
+    for row in by_main_order(rows):
+        base = next((r for r in rows if r.get("method") == "llm-pruner" and r.get("ratio") == row.get("ratio")), None)
+        if row.get("method") in (None, "llm-pruner") or base is None:
+            continue
+        if not all(f"items_{t}" in row and f"items_{t}" in base for t, _ in TASKS):
+            continue
+        cells, means, variances = [], [], []
+        for task, _ in TASKS:
+            mean, se, only_row, only_base = paired_difference(row[f"items_{task}"], base[f"items_{task}"])
+            cells.append(f"{100 * mean:+.1f} ({mcnemar_p(only_row, only_base):.2g})")
+            means.append(mean)
+            variances.append(se**2)
+        average = f"{100 * sum(means) / len(means):+.2f} ± {100 * math.sqrt(sum(variances)) / len(means):.2f}"
+        out.append([row["key"], base["key"], *cells, average])
+    return out
+
+
+def sweep_tables(data: dict) -> list[str]:
+    dense = next(r for r in data["rows"] if r["key"] == "dense")
+    ratios = sorted({r["ratio"] for r in data["rows"] if r.get("ratio")})
+    out = []
+    for mode, title in (("none", "no reconstruction"), ("sequential", "sequential reconstruction")):
+        variants: dict[str, dict[float, dict]] = {}
+        for r in data["rows"]:
+            if r["key"] != "dense" and r.get("reconstruct") == mode and "ppl_wikitext2_512" in r:
+                name = r["key"].replace(f" ratio={r['ratio']}", "").replace(f" reconstruct={mode}", "").replace("method=", "")
+                variants.setdefault(name, {})[r["ratio"]] = r
+        if not variants:
+            continue
+        plain = sorted((n for n in variants if " " not in n), key=lambda n: SWEEP_ORDER.index(n) if n in SWEEP_ORDER else 99)
+        names = plain + sorted(n for n in variants if " " in n)
+        out += [f"\n**Sweep, {title}** ([`results/quality-sweep.md`](results/quality-sweep.md)): WikiText-2 test PPL over its "
+                f"first 64 windows of 512 tokens (dense: {number(dense['ppl_wikitext2_512'], 2)}); same calibration. Scoring "
+                "time is the 20 % row's.\n",
+                table(["method", "scoring s", *(f"{r:.0%}" for r in ratios)],
+                      [[n, number(variants[n].get(0.2, {}).get("scoring_s"), 0),
+                        *(number(variants[n].get(r, {}).get("ppl_wikitext2_512"), 2) for r in ratios)] for n in names])]
+        if any(has_tasks(r) for v in variants.values() for r in v.values()):
+            out += [f"\nZero-shot, {title}: average of the six tasks over their first 300 items each, in points (blank until "
+                    "all six have run).\n",
+                    table(["method", *(f"{r:.0%}" for r in ratios)],
+                          [[n, *(f"{100 * six_task_average(variants[n][r])[0]:.2f}" if r in variants[n] and six_task_average(variants[n][r])
+                                 else "" for r in ratios)]
+                           for n in names])]
+    return out
+
+
+def ablation_tables(data: dict, sweep: dict) -> list[str]:
+    zero_shot = any(has_tasks(r) for r in data["rows"])
+    note = " Zero-shot: the first 300 items of each task, in points." if zero_shot else ""
+
+    def cells(row: dict) -> list[str]:
+        return [number(row.get("scoring_s"), 0), number(row.get("ppl_wikitext2_512"), 2), *(task_cells(row) if zero_shot else [])]
+
+    columns = ["scoring s", "WikiText-2 PPL", *([title for _, title in TASKS] + ["average"] if zero_shot else [])]
+    out = ["\n**Ablation** ([`results/quality-ablation.md`](results/quality-ablation.md)): the objective under one score form "
+           f"(activation), hfprune's selection, 20 %; same slice as the sweep.{note}\n",
+           table(["objective", *columns], [[r["objective"], *cells(r)] for r in data["rows"] if "objective" in r])]
+    sized = [(r["samples"], r) for r in data["rows"] if "samples" in r]
+    default = next((r for r in sweep["rows"] if r["key"] == "method=hfprune ratio=0.2 reconstruct=none"), None)
+    if sized and default:
+        out += ["\nCalibration size N (windows of 256 C4-train tokens, seed 0), hfprune (entropy objective, activation form: "
+                "its defaults), 20 %; the N = 64 row is the sweep's.\n",
+                table(["N", *columns], [[str(n), *cells(r)] for n, r in sorted(sized + [(64, default)], key=lambda x: x[0])])]
+    return out
+
+
+def cost_tables(by_batch: list[tuple[dict, int]]) -> list[str]:
+    rows = []
+    for data, batch in by_batch:
+        cells = {r["key"]: r for r in data["rows"]}
+        for method in ("hfprune", "sdmprune", "llm-pruner", "llm-pruner-element2", "wanda-sp", "flap", "activation"):
+            ours, ref = cells.get(f"{method}/fidelprune"), cells.get(f"{method}/reference")
+            if not ours:
+                continue
+            floor = cells["forward+backward/floor" if method in TAYLOR_METHODS else "forward/floor"]
+            rows.append([method, str(batch), number(ours["tokens_per_s"]), number(ours["seconds"] / floor["seconds"], 2),
+                         number(ref["seconds"] / ours["seconds"], 2), number(ours["extra_rss_bytes"] / 2**20, 0),
+                         number(ref["extra_rss_bytes"] / 2**20, 0), number(ours["extra_rss_bytes"] / ref["extra_rss_bytes"], 2)])
+    return ["\n**Scoring cost** ([`results/cost.md`](results/cost.md), batch 4; [`results/cost-batch1.md`](results/cost-batch1.md), "
+            "batch 1): 4 x 256 C4 tokens, each cell in its own process; extra MiB = peak RSS during scoring minus RSS before it; "
+            "the floor is a bare forward+backward (forward for the forward-only methods) of the same batches; the reference is "
+            "`fidelprune.reference`, one sequence at a time with full weight gradients.\n",
+            table(["method", "batch", "tok/s", "time / floor", "reference time / ours", "extra MiB", "reference extra MiB",
+                   "memory / reference"], rows)]
+
+
+def speed_tables(data: dict) -> list[str]:
+    p = data["protocol"]
+    out = []
+    for device in sorted({r.get("device", "cpu") for r in data["rows"]}):
+        rows = [r for r in data["rows"] if r.get("device", "cpu") == device]
+        base = next(r for r in rows if r["ratio"] == 0)
+        out += [f"\n**Pruned-model speed** ([`results/speed.md`](results/speed.md)): {device.upper()}, {p['prompt_len']}-token "
+                f"prefill and {p['new_tokens']} greedy decode steps at batch 1, median of {p['repeats']}; each model in its "
+                "own process loading its saved checkpoint.\n",
+                table(["target", "MLP width", "param MiB", "prefill tok/s", "decode tok/s", "peak MiB", "ideal speed-up",
+                       "prefill speed-up", "decode speed-up"],
+                      [[f"{r['ratio']:.0%}", str(r["width"]), number(r["param_bytes"] / 2**20), number(r["prefill_tokens_per_s"], 0),
+                        number(r["decode_tokens_per_s"]), number(r["peak_memory_bytes"] / 2**20, 0),
+                        number(base["param_bytes"] / r["param_bytes"], 2),
+                        number(r["prefill_tokens_per_s"] / base["prefill_tokens_per_s"], 2),
+                        number(r["decode_tokens_per_s"] / base["decode_tokens_per_s"], 2)] for r in rows])]
+    return out
+
+
+def render(results: Path = RESULTS) -> str:
+    def load(name: str) -> dict:
+        return json.loads((results / f"{name}.json").read_text())
+
+    sweep = load("quality-sweep")
+    parts = [*main_tables(load("quality-main")), *sweep_tables(sweep), *ablation_tables(load("quality-ablation"), sweep),
+             *cost_tables([(load("cost"), 4), (load("cost-batch1"), 1)]), *speed_tables(load("speed"))]
+    return "\n".join(parts).strip()
+
+
+def spliced(readme: str, tables: str) -> str:
+    if START not in readme or END not in readme:
+        raise SystemExit(f"{README} lacks the report markers: put {START} and {END} where the tables go")
+    head, rest = readme.split(START, 1)
+    return f"{head}{START}\n{tables}\n{END}{rest.split(END, 1)[1]}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--check", action="store_true", help="exit 1 if README.md's tables differ from the results files")
+    args = parser.parse_args()
+    readme = README.read_text()
+    updated = spliced(readme, render())
+    if args.check:
+        if updated != readme:
+            sys.exit("benchmarks/README.md is out of date with results/: run python benchmarks/report.py")
+        return
+    README.write_text(updated)
+
+
+if __name__ == "__main__":
+    main()
