@@ -12,21 +12,26 @@ the same documents, so a paired test is far tighter than comparing two accuracie
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import sys
 from pathlib import Path
 
-RESULTS = Path(__file__).parent / "results"
+sys.path.insert(0, str(Path(__file__).parent))
+from common import RESULTS  # noqa: E402
+from cost import FORWARD_METHODS, GRADIENT_METHODS  # noqa: E402
+from quality import SWEEP_METHODS, table_order  # noqa: E402
+from quality import TASKS as TASK_NAMES  # noqa: E402
+
+from fidelprune.calibration import bundled_path  # noqa: E402
+from fidelprune.evaluation.tasks.loaders import boolq_docs  # noqa: E402
+
 README = Path(__file__).parent / "README.md"
 START, END = "<!-- report:start (python benchmarks/report.py) -->", "<!-- report:end -->"
-
-# (task, column title): the six bundled zero-shot tasks, in the order the papers print them
-TASKS = [("arc_easy", "ARC-e"), ("arc_challenge", "ARC-c"), ("piqa", "PIQA"), ("boolq", "BoolQ"),
-         ("winogrande", "WinoGrande"), ("openbookqa", "OBQA")]
-MAIN_ORDER = {None: 0, "llm-pruner": 1, "sdmprune": 2, "hfprune": 3}
-SWEEP_ORDER = ["random", "magnitude", "llm-pruner", "llm-pruner-element2", "sdmprune", "hfprune", "wanda-sp", "flap", "activation"]
-TAYLOR_METHODS = ("hfprune", "sdmprune", "llm-pruner", "llm-pruner-element2")  # their floor is forward+backward
+TITLES = {"arc_easy": "ARC-e", "arc_challenge": "ARC-c", "piqa": "PIQA", "boolq": "BoolQ", "winogrande": "WinoGrande",
+          "openbookqa": "OBQA"}
+TASKS = [(task, TITLES[task]) for task in TASK_NAMES]  # (task, column title), in the protocol's order
 
 
 def number(value: float | None, digits: int = 1) -> str:
@@ -72,20 +77,37 @@ def six_task_average(row: dict) -> tuple[float, float] | None:
     return sum(row[f"acc_{t}"] for t, _ in TASKS) / len(TASKS), se
 
 
+@functools.cache
+def boolq_labels() -> list[int]:
+    return [doc["label"] for doc in boolq_docs(bundled_path("boolq/val.jsonl"))]
+
+
+def boolq_yes_share(row: dict) -> float | None:
+    """Share of BoolQ questions the model answered "yes", from its per-item outcomes: a right answer says the
+    label, a wrong one the other choice (label 1 = "yes")."""
+    items = row.get("items_boolq")
+    if items is None:
+        return None
+    return sum(label if right == "1" else 1 - label for right, label in zip(items, boolq_labels())) / len(items)
+
+
+TASK_COLUMNS = [*(title for _, title in TASKS), "average", "without BoolQ", "BoolQ \"yes\" %"]
+
+
 def task_cells(row: dict) -> list[str]:
-    """The six accuracies and their average ± its standard error, in points; blanks for what has not run."""
+    """The TASK_COLUMNS cells, in points: the six accuracies, their average ± its standard error, the average of
+    the five without BoolQ, and how often the model answered BoolQ "yes"; blanks for what has not run."""
     accs = [row.get(f"acc_{t}") for t, _ in TASKS]
     average = six_task_average(row)
+    five = [row[f"acc_{t}"] for t, _ in TASKS if t != "boolq"] if average else None
+    yes = boolq_yes_share(row)
     return [*(number(100 * a, 1) if a is not None else "" for a in accs),
-            f"{100 * average[0]:.2f} ± {100 * average[1]:.2f}" if average else ""]
+            f"{100 * average[0]:.2f} ± {100 * average[1]:.2f}" if average else "",
+            f"{100 * sum(five) / len(five):.2f}" if five else "", number(100 * yes, 1) if yes is not None else ""]
 
 
 def has_tasks(row: dict) -> bool:
     return any(f"acc_{t}" in row for t, _ in TASKS)
-
-
-def by_main_order(rows: list[dict]) -> list[dict]:
-    return sorted(rows, key=lambda r: (r.get("ratio") or 0, MAIN_ORDER.get(r.get("method"), 9)))
 
 
 def main_tables(data: dict) -> list[str]:
@@ -94,14 +116,14 @@ def main_tables(data: dict) -> list[str]:
            "again at 2048-token windows; calibration 64 x 256 C4-train tokens, seed 0. Empty cells have not run yet (see below).\n",
            table(["row", "achieved ratio", "scoring s", "WikiText-2 PPL @128", "PTB PPL @128", "WikiText-2 PPL @2048"],
                  [[r["key"], number(r.get("achieved_ratio"), 4), number(r.get("scoring_s"), 0), number(r.get("ppl_wikitext2_128"), 2),
-                   number(r.get("ppl_ptb_128"), 2), number(r.get("ppl_wikitext2_2048"), 2)] for r in by_main_order(data["rows"])])]
-    scored = by_main_order([r for r in data["rows"] if has_tasks(r)])
+                   number(r.get("ppl_ptb_128"), 2), number(r.get("ppl_wikitext2_2048"), 2)] for r in table_order(data)])]
+    scored = table_order({"rows": [r for r in data["rows"] if has_tasks(r)]})
     if not scored:
         return out
     rows = [[r["key"], *task_cells(r)] for r in scored]
     out += ["\nZero-shot accuracy of the same rows (lm-evaluation-harness 0.4.13, full sets; acc_norm for ARC, PIQA, OBQA, "
             "acc for BoolQ and WinoGrande; the average is over these six, only where all six exist, ± its standard error). "
-            "Rows not listed have not run yet.\n", table(["row", *(title for _, title in TASKS), "average"], rows)]
+            "Rows not listed have not run yet.\n", table(["row", *TASK_COLUMNS], rows)]
     paired = paired_rows(data["rows"])
     if paired:
         out += ["\nPaired against CE Taylor (llm-pruner) at the same ratio, on the same items: accuracy difference in points, "
@@ -120,7 +142,7 @@ def mean_difference(means: list[float], variances: list[float]) -> str:
 def paired_rows(rows: list[dict]) -> list[list[str]]:
     """Each objective against CE Taylor at its ratio, where both rows kept every task's per-item outcomes."""
     out = []
-    for row in by_main_order(rows):
+    for row in table_order({"rows": rows}):
         base = next((r for r in rows if r.get("method") == "llm-pruner" and r.get("ratio") == row.get("ratio")), None)
         if row.get("method") in (None, "llm-pruner") or base is None:
             continue
@@ -150,7 +172,7 @@ def sweep_tables(data: dict) -> list[str]:
                 variants.setdefault(name, {})[r["ratio"]] = r
         if not variants:
             continue
-        plain = sorted((n for n in variants if " " not in n), key=lambda n: SWEEP_ORDER.index(n) if n in SWEEP_ORDER else 99)
+        plain = sorted((n for n in variants if " " not in n), key=lambda n: SWEEP_METHODS.index(n) if n in SWEEP_METHODS else 99)
         names = plain + sorted(n for n in variants if " " in n)
         out += [f"\n**Sweep, {title}** ([`results/quality-sweep.md`](results/quality-sweep.md)): WikiText-2 test PPL over its "
                 f"first 64 windows of 512 tokens (dense: {number(dense['ppl_wikitext2_512'], 2)}); same calibration. Scoring "
@@ -175,7 +197,7 @@ def ablation_tables(data: dict, sweep: dict) -> list[str]:
     def cells(row: dict) -> list[str]:
         return [number(row.get("scoring_s"), 0), number(row.get("ppl_wikitext2_512"), 2), *(task_cells(row) if zero_shot else [])]
 
-    columns = ["scoring s", "WikiText-2 PPL", *([title for _, title in TASKS] + ["average"] if zero_shot else [])]
+    columns = ["scoring s", "WikiText-2 PPL", *(TASK_COLUMNS if zero_shot else [])]
     out = ["\n**Ablation** ([`results/quality-ablation.md`](results/quality-ablation.md)): the objective under one score form "
            f"(activation), hfprune's selection, 20 %; same slice as the sweep.{note}\n",
            table(["objective", *columns], [[r["objective"], *cells(r)] for r in data["rows"] if "objective" in r])]
@@ -192,11 +214,11 @@ def cost_tables(by_batch: list[tuple[dict, int]]) -> list[str]:
     rows = []
     for data, batch in by_batch:
         cells = {r["key"]: r for r in data["rows"]}
-        for method in ("hfprune", "sdmprune", "llm-pruner", "llm-pruner-element2", "wanda-sp", "flap", "activation"):
+        for method in (*GRADIENT_METHODS, *FORWARD_METHODS):
             ours, ref = cells.get(f"{method}/fidelprune"), cells.get(f"{method}/reference")
             if not ours:
                 continue
-            floor = cells["forward+backward/floor" if method in TAYLOR_METHODS else "forward/floor"]
+            floor = cells["forward+backward/floor" if method in GRADIENT_METHODS else "forward/floor"]
             rows.append([method, str(batch), number(ours["tokens_per_s"]), number(ours["seconds"] / floor["seconds"], 2),
                          number(ref["seconds"] / ours["seconds"], 2), number(ours["extra_rss_bytes"] / 2**20, 0),
                          number(ref["extra_rss_bytes"] / 2**20, 0), number(ours["extra_rss_bytes"] / ref["extra_rss_bytes"], 2)])

@@ -140,13 +140,13 @@ def test_tiny_model_runs_every_bundled_task_end_to_end_offline(monkeypatch):
     assert result.to_dict()["tasks"]["piqa"]["n"] == 2
 
 
-
 def test_per_item_outcomes_average_to_the_reported_metric():
     result = zeroshot(tiny_lm(), smollm2_tokenizer(), "piqa,boolq", limit=5, batch_size=4, per_item=True)
     for task in result.tasks.values():
         assert len(task.per_item) == task.n == 5 and set(task.per_item) <= {0.0, 1.0}
         assert sum(task.per_item) / task.n == pytest.approx(task.reported)
     assert zeroshot(tiny_lm(), smollm2_tokenizer(), "piqa", limit=2).tasks["piqa"].per_item is None
+
 
 # ---- HellaSwag from the original jsonl schema ----
 HELLASWAG_ROWS = [
