@@ -10,7 +10,7 @@ from torch import nn
 from .allocation import AllocationConfig, WidthPlan, select_neurons
 from .objectives import KD, get_objective
 from .scoring import (
-    AGGREGATIONS, Scores, activation_statistics, flap_bias_shift, forward_scores, magnitude_scores, random_scores,
+    AGGREGATIONS, Scores, activation_statistics, flap_bias_shift, forward_scores, magnitude_scores, needed_statistics, random_scores,
     taylor_scores,
 )
 
@@ -107,7 +107,8 @@ def run_method(
     if windows is None:
         raise ValueError(f"{config.method} needs calibration windows")
     if recipe.kind == "forward":
-        stats = activation_statistics(model, windows, batch_size=config.batch_size, progress=progress)
+        stats = activation_statistics(model, windows, batch_size=config.batch_size, progress=progress,
+                                      statistics=needed_statistics(config.method, config.aggregation))
         scores = forward_scores(model, stats, config.method, config.aggregation)
         kept = choose(scores)
         shift = flap_bias_shift(model, stats, kept) if config.method == "flap" else None

@@ -118,6 +118,30 @@ class _LayerState:
         return score
 
 
+def _activation_values(a: torch.Tensor, mask: torch.Tensor | None) -> Callable[[], torch.Tensor]:
+    """What the activation-form hook uses to get the down_proj input (a, times mask when masked) back when its
+    gradient arrives, once per backward pass. With frozen weights nothing else keeps it alive (down_proj saves
+    only its weight), so holding it costs one [B, T, I] tensor per layer. A gated MLP's a = act(gate) * up is a
+    product whose two factors autograd keeps anyway for the product's own backward, which runs after this
+    gradient hook: holding those (the same storage) and multiplying them again gives a, bit for bit, for no
+    memory. Anything else (a GELU MLP) holds a itself. Either way the references are dropped once used, so the
+    backward pass frees as usual."""
+    fn = a.grad_fn
+    held: list[torch.Tensor] = [a.detach()]
+    if fn is not None and fn.name() == "MulBackward0":
+        left, right = fn._saved_self, fn._saved_other
+        if left is not None and right is not None and left.shape == right.shape == a.shape and left.dtype == right.dtype == a.dtype:
+            held = [left, right]
+
+    def values() -> torch.Tensor:
+        factors = held.copy()
+        held.clear()
+        value = factors[0] if len(factors) == 1 else factors[0] * factors[1]
+        return value if mask is None else value * mask
+
+    return values
+
+
 class MLPHooks:
     """Hooks on every MLP: an optional neuron mask (a_i -> 0 for masked neurons, the same function as a model
     with those neurons removed) and the gradient capture for a score form. `active = False` turns both off,
@@ -162,13 +186,14 @@ class MLPHooks:
             if not self.active:
                 return None
             a = args[0]
-            if index in self.mask:
-                a = a * self.mask[index]
+            mask = self.mask.get(index)
+            if mask is not None:
+                a = a * mask
             if self.form == "activation" and a.requires_grad:
-                state, values = self.states[index], a.detach()
+                state, values = self.states[index], _activation_values(args[0], mask)
 
                 def on_grad(g: torch.Tensor) -> None:  # |a * dL/da|, summed over sequences and positions
-                    state.score.add_((values.float() * g.float()).abs().sum(dim=(0, 1)))
+                    state.score.add_((values().float() * g.float()).abs().sum(dim=(0, 1)))
 
                 a.register_hook(on_grad)
             elif self.form is not None and self.form != "activation":
@@ -297,18 +322,33 @@ FORWARD_METHODS = ("wanda-sp", "flap", "activation")
 AGGREGATIONS = ("mean", "l2")
 
 
-class ActivationStats:
-    """Per-neuron sums of a, |a| and a^2 over calibration tokens (fp64: variances of millions of tokens)."""
+STATISTICS = ("sum", "sum_abs", "sum_sq")
 
-    def __init__(self, width: int, device: torch.device) -> None:
-        zeros = lambda: torch.zeros(width, dtype=torch.float64, device=device)  # noqa: E731
-        self.sum, self.sum_abs, self.sum_sq, self.count = zeros(), zeros(), zeros(), 0
+
+def needed_statistics(method: str, aggregation: str = "mean") -> tuple[str, ...]:
+    """The per-neuron sums a forward-only method's score (and FLAP's bias compensation) reads."""
+    if method == "activation":
+        return ("sum_abs",) if aggregation == "mean" else ("sum_sq",)
+    return ("sum_sq",) if method == "wanda-sp" else ("sum", "sum_sq")
+
+
+class ActivationStats:
+    """Per-neuron sums of a, |a| and a^2 over calibration tokens (fp64: variances of millions of tokens). Only
+    the sums asked for are kept (the others stay None): on a small model each costs a visible share of the
+    forward pass."""
+
+    def __init__(self, width: int, device: torch.device, statistics: tuple[str, ...] = STATISTICS) -> None:
+        zeros = lambda name: torch.zeros(width, dtype=torch.float64, device=device) if name in statistics else None  # noqa: E731
+        self.sum, self.sum_abs, self.sum_sq, self.count = zeros("sum"), zeros("sum_abs"), zeros("sum_sq"), 0
 
     def add(self, a: torch.Tensor) -> None:
         a = a.detach().reshape(-1, a.shape[-1]).double()
-        self.sum += a.sum(dim=0)
-        self.sum_abs += a.abs().sum(dim=0)
-        self.sum_sq += a.square().sum(dim=0)
+        if self.sum is not None:
+            self.sum += a.sum(dim=0)
+        if self.sum_abs is not None:
+            self.sum_abs += a.abs().sum(dim=0)
+        if self.sum_sq is not None:
+            self.sum_sq += a.square().sum(dim=0)
         self.count += a.shape[0]
 
     @property
@@ -322,12 +362,13 @@ class ActivationStats:
 
 @torch.no_grad()
 def activation_statistics(
-    model: nn.Module, windows: torch.Tensor, *, batch_size: int = 4, progress: bool = True
+    model: nn.Module, windows: torch.Tensor, *, batch_size: int = 4, progress: bool = True,
+    statistics: tuple[str, ...] = STATISTICS,
 ) -> dict[int, ActivationStats]:
     """One forward pass over the calibration windows, hooks on every down_proj input."""
     device = next(model.parameters()).device
     views = mlp_views(model)
-    stats = {v.index: ActivationStats(v.width, v.down.weight.device) for v in views}
+    stats = {v.index: ActivationStats(v.width, v.down.weight.device, statistics) for v in views}
     hooks = [v.down.register_forward_pre_hook(lambda m, args, i=v.index: stats[i].add(args[0])) for v in views]
     bar = tqdm(total=windows.numel(), unit="tok", unit_scale=True, desc="activations", disable=not progress)
     with frozen_eval(model), registered(hooks):

@@ -7,7 +7,7 @@ import torch
 from conftest import tiny_model, tiny_windows
 from fidelprune import prune, reference
 from fidelprune.adapters import mlp_views
-from fidelprune.scoring import activation_statistics, forward_scores
+from fidelprune.scoring import activation_statistics, flap_bias_shift, forward_scores, needed_statistics
 
 
 @pytest.mark.parametrize("family", ["llama", "phi3", "gemma2"])
@@ -43,3 +43,18 @@ def test_flap_bias_keeps_the_first_layers_mean_output(family):
 def test_flap_refuses_families_without_an_mlp_bias_option_before_compute():
     with pytest.raises(ValueError, match="no MLP bias option"):
         prune(tiny_model("qwen2"), None, "flap", 0.1, calibration_ids=tiny_windows(), progress=False)
+
+
+def test_collecting_only_the_needed_statistics_changes_no_score():
+    """Each method collects only the sums it reads; scores (and FLAP's bias shift) equal those from all three."""
+    model, windows = tiny_model("llama"), tiny_windows(5)
+    full = activation_statistics(model, windows, batch_size=2, progress=False)
+    kept = {i: torch.arange(0, 48, 2) for i in full}
+    for method, aggregation in (("activation", "mean"), ("activation", "l2"), ("wanda-sp", "mean"), ("flap", "mean")):
+        statistics = needed_statistics(method, aggregation)
+        only = activation_statistics(model, windows, batch_size=2, progress=False, statistics=statistics)
+        assert all(only[i].sum_abs is None for i in only) == ("sum_abs" not in statistics)
+        got, expected = forward_scores(model, only, method, aggregation), forward_scores(model, full, method, aggregation)
+        assert all(torch.equal(got[i], expected[i]) for i in expected)
+    shifts, expected = flap_bias_shift(model, only, kept), flap_bias_shift(model, full, kept)
+    assert all(torch.equal(shifts[i], expected[i]) for i in expected)

@@ -6,11 +6,13 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from conftest import tiny_model, tiny_windows
 from fidelprune import reference
 from fidelprune.allocation import select_uniform
 from fidelprune.objectives import KD, ce, entropy
+from fidelprune import scoring
 from fidelprune.scoring import ScoringError, check_finite, magnitude_scores, taylor_scores
 from fidelprune.surgery import remove_neurons
 
@@ -90,3 +92,35 @@ def test_weights_never_get_gradients_and_flags_are_restored():
 def test_nan_scores_raise_a_clear_error():
     with pytest.raises(ScoringError, match="layer 1.*float32"):
         check_finite({0: torch.ones(3), 1: torch.tensor([1.0, float("nan"), 0.0])})
+
+
+def test_activation_values_are_recomputed_from_the_gated_products_factors():
+    gate, up = torch.randn(2, 5, 7, requires_grad=True), torch.randn(2, 5, 7, requires_grad=True)
+    a = F.silu(gate) * up
+    mask = (torch.arange(7) % 2).float()
+    values = scoring._activation_values(a, mask)
+    recomputed = values()
+    assert recomputed.data_ptr() != a.data_ptr()  # a itself was not held
+    assert torch.equal(recomputed, a.detach() * mask)
+    # anything that is not a product of two same-shaped tensors keeps a itself, bit for bit
+    b = F.gelu(gate)
+    assert scoring._activation_values(b, None)().data_ptr() == b.data_ptr()
+
+
+@pytest.mark.parametrize("family", ["llama", "phi3", "gemma3"])
+def test_recomputing_a_changes_no_score(family, monkeypatch):
+    """The activation form multiplies a gated MLP's two saved factors again instead of holding a; scores, plain
+    and masked (SDMPrune stage 2), must equal those made holding a, bit for bit."""
+    model, windows = tiny_model(family), tiny_windows(4)
+    survivors = select_uniform(magnitude_scores(model), 40)
+    kd = KD(alpha=0.4, temperature=0.5)
+
+    def run():
+        return (taylor_scores(model, windows, entropy, "activation", batch_size=2, progress=False),
+                taylor_scores(model, windows, kd, "activation", mask=survivors, needs_teacher=True, batch_size=2, progress=False))
+
+    recomputed = run()
+    monkeypatch.setattr(scoring, "_activation_values", lambda a, mask: (lambda: a.detach() if mask is None else a.detach() * mask))
+    held = run()
+    for new, old in zip(recomputed, held):
+        assert all(torch.equal(new[i], old[i]) for i in old)
