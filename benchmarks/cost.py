@@ -12,6 +12,8 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
+import statistics
 import subprocess
 import sys
 import threading
@@ -116,26 +118,45 @@ def worker(spec: dict) -> dict:
     impl, method = spec["impl"], spec["method"]
     with torch.no_grad():  # warm-up: first-call allocations and kernel choices are not scoring cost
         model(input_ids=windows[:1], use_cache=False)
-    start = time.perf_counter()
-    with PeakRSS() as memory:
-        if impl == "floor":
-            run_floor(model, windows, spec["batch_size"], backward=method == "forward+backward")
-        elif impl == "fidelprune":
-            run_fast(model, windows, method, spec["batch_size"])
-        else:
-            run_reference(model, windows, method)
-    seconds = time.perf_counter() - start
-    return {"seconds": seconds, "tokens": windows.numel(), "tokens_per_s": windows.numel() / seconds,
+    runs = []
+    with PeakRSS() as memory:  # the first pass sets the peak; repeats reuse what it freed
+        for _ in range(spec.get("repeats", 1)):
+            start = time.perf_counter()
+            if impl == "floor":
+                run_floor(model, windows, spec["batch_size"], backward=method == "forward+backward")
+            elif impl == "fidelprune":
+                run_fast(model, windows, method, spec["batch_size"])
+            else:
+                run_reference(model, windows, method)
+            runs.append(time.perf_counter() - start)
+    seconds = statistics.median(runs)
+    return {"seconds": seconds, "runs_seconds": runs, "tokens": windows.numel(), "tokens_per_s": windows.numel() / seconds,
             "peak_rss_bytes": memory.peak, "extra_rss_bytes": memory.peak - memory.before}
+
+
+# glibc keeps freed blocks below its mmap threshold (which it raises itself, up to 32 MiB, after each large free)
+# in its heap instead of returning them to the OS, so plain peak RSS counts whatever the allocator happened to
+# keep: one unchanged cell measured 423 MiB on one day and 872 on the next. With the threshold fixed at 128 KiB
+# every tensor-sized block is its own mapping, unmapped when freed, and RSS follows the live tensors (what a
+# GPU's peak-allocated figure shows). That also slows allocation, so every cell runs twice: timed with the
+# default allocator, as users run it, and watched for memory with this one.
+EXACT_RSS_ENV = {"MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}
+
+
+def run_worker(spec: dict, env: dict[str, str]) -> dict:
+    out = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True, text=True,
+                         env={**os.environ, **env})
+    if out.returncode != 0:
+        raise SystemExit(f"worker {spec} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def measure(spec: dict, in_process: bool = False) -> dict:
     if in_process:  # smoke tests only: memory figures then include earlier cells' leftovers
         return worker(spec)
-    out = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True, text=True)
-    if out.returncode != 0:
-        raise SystemExit(f"worker {spec} failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    timed, watched = run_worker(spec, {}), run_worker({**spec, "repeats": 1}, EXACT_RSS_ENV)
+    return {**timed, "peak_rss_bytes": watched["peak_rss_bytes"], "extra_rss_bytes": watched["extra_rss_bytes"],
+            "default_allocator_extra_rss_bytes": timed["extra_rss_bytes"]}
 
 
 def render(data: dict) -> str:
@@ -155,7 +176,9 @@ def render(data: dict) -> str:
         ])
     p = data["protocol"]
     return (f"# Scoring cost\n\n{p['model']}, {p['samples']} x {p['seq_len']} C4 windows, batch {p['batch_size']}, "
-            f"one process per cell. Extra memory = peak RSS during scoring minus RSS before it. sdmprune runs two "
+            f"one process per cell. Extra memory = peak RSS during scoring minus RSS before it, from a second run of the "
+            f"cell with glibc's mmap threshold fixed at 128 KiB so that freed tensors leave RSS (tok/s come from the "
+            f"first run, default allocator: the median of {p.get('repeats', 1)} passes in that process). sdmprune runs two "
             f"scoring passes (stage 1 and 2) over the windows.\n\n" + provenance(data) + "\n" + markdown_table(
                 ["method", "tok/s", "floor tok/s", "reference tok/s", "time / floor", "reference time / ours",
                  "extra MiB", "reference extra MiB", "memory / reference"], table))
@@ -167,6 +190,7 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=3, help="timed passes per cell in one process; tok/s is their median")
     parser.add_argument("--methods", default=",".join((*GRADIENT_METHODS, *FORWARD_METHODS)))
     parser.add_argument("--output", default=str(RESULTS / "cost.json"))
     parser.add_argument("--in-process", action="store_true", help="no subprocess per cell (fast smoke test; memory not isolated)")
@@ -175,7 +199,8 @@ def main() -> None:
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
         return
-    protocol = {"model": args.model, "samples": args.samples, "seq_len": args.seq_len, "batch_size": args.batch_size}
+    protocol = {"model": args.model, "samples": args.samples, "seq_len": args.seq_len, "batch_size": args.batch_size,
+                "repeats": args.repeats, "memory_env": EXACT_RSS_ENV}
     results = ResultsFile(args.output, protocol)
     methods = args.methods.split(",")
     cells = [("forward+backward", "floor"), ("forward", "floor")]

@@ -187,6 +187,11 @@ def sweep_tables(data: dict) -> list[str]:
                           [[n, *(f"{100 * six_task_average(variants[n][r])[0]:.2f}" if r in variants[n] and six_task_average(variants[n][r])
                                  else "" for r in ratios)]
                            for n in names])]
+            paired = paired_rows([r for n in plain for r in variants[n].values()])
+            if paired:
+                out += [f"\nPaired against CE Taylor at the same ratio, {title}, on the same 300 items per task (as in the "
+                        "main table's paired comparison; rows whose six tasks all kept per-item outcomes).\n",
+                        table(["row", "vs", *(title for _, title in TASKS), "average difference", "without BoolQ"], paired)]
     return out
 
 
@@ -223,7 +228,9 @@ def cost_tables(by_batch: list[tuple[dict, int]]) -> list[str]:
                          number(ref["seconds"] / ours["seconds"], 2), number(ours["extra_rss_bytes"] / 2**20, 0),
                          number(ref["extra_rss_bytes"] / 2**20, 0), number(ours["extra_rss_bytes"] / ref["extra_rss_bytes"], 2)])
     return ["\n**Scoring cost** ([`results/cost.md`](results/cost.md), batch 4; [`results/cost-batch1.md`](results/cost-batch1.md), "
-            "batch 1): 4 x 256 C4 tokens, each cell in its own process; extra MiB = peak RSS during scoring minus RSS before it; "
+            "batch 1): 4 x 256 C4 tokens, each cell in its own process; extra MiB = peak RSS during scoring minus RSS before it, "
+            "from a second run of the cell with glibc's mmap threshold fixed (`MALLOC_MMAP_THRESHOLD_=131072`) so that freed "
+            "tensors leave RSS; tok/s from a run with the default allocator; "
             "the floor is a bare forward+backward (forward for the forward-only methods) of the same batches; the reference is "
             "`fidelprune.reference`, one sequence at a time with full weight gradients.\n",
             table(["method", "batch", "tok/s", "time / floor", "reference time / ours", "extra MiB", "reference extra MiB",
