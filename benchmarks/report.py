@@ -130,8 +130,11 @@ def main_tables(data: dict) -> list[str]:
                 "with the exact McNemar p-value in brackets; the averages' ± is the paired standard error of the mean "
                 "difference over the six tasks, and over the five without BoolQ (whose answers a pruned model can flip "
                 "wholesale). Only rows whose per-item outcomes were kept (zero-shot runs from 2026-11-24 on) can be paired.\n",
-                table(["row", "vs", *(title for _, title in TASKS), "average difference", "without BoolQ"], paired)]
+                table(PAIRED_COLUMNS, paired)]
     return out
+
+
+PAIRED_COLUMNS = ["row", "vs", *(title for _, title in TASKS), "average difference", "without BoolQ"]
 
 
 def mean_difference(means: list[float], variances: list[float]) -> str:
@@ -191,7 +194,7 @@ def sweep_tables(data: dict) -> list[str]:
             if paired:
                 out += [f"\nPaired against CE Taylor at the same ratio, {title}, on the same 300 items per task (as in the "
                         "main table's paired comparison; rows whose six tasks all kept per-item outcomes).\n",
-                        table(["row", "vs", *(title for _, title in TASKS), "average difference", "without BoolQ"], paired)]
+                        table(PAIRED_COLUMNS, paired)]
     return out
 
 
@@ -230,7 +233,7 @@ def cost_tables(by_batch: list[tuple[dict, int]]) -> list[str]:
     return ["\n**Scoring cost** ([`results/cost.md`](results/cost.md), batch 4; [`results/cost-batch1.md`](results/cost-batch1.md), "
             "batch 1): 4 x 256 C4 tokens, each cell in its own process; extra MiB = peak RSS during scoring minus RSS before it, "
             "from a second run of the cell with glibc's mmap threshold fixed (`MALLOC_MMAP_THRESHOLD_=131072`) so that freed "
-            "tensors leave RSS; tok/s from a run with the default allocator; "
+            f"tensors leave RSS; tok/s from a run with the default allocator, the median of {by_batch[0][0]['protocol']['repeats']} passes; "
             "the floor is a bare forward+backward (forward for the forward-only methods) of the same batches; the reference is "
             "`fidelprune.reference`, one sequence at a time with full weight gradients.\n",
             table(["method", "batch", "tok/s", "time / floor", "reference time / ours", "extra MiB", "reference extra MiB",
