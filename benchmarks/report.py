@@ -25,6 +25,7 @@ from quality import SWEEP_METHODS, table_order  # noqa: E402
 from quality import TASKS as TASK_NAMES  # noqa: E402
 
 from fidelprune.calibration import bundled_path  # noqa: E402
+from fidelprune.evaluation.paired import average_difference, paired_difference  # noqa: E402
 from fidelprune.evaluation.tasks.loaders import boolq_docs  # noqa: E402
 
 README = Path(__file__).parent / "README.md"
@@ -48,25 +49,6 @@ def table(columns: list[str], rows: list[list[str]]) -> str:
 def accuracy_stderr(acc: float, n: int) -> float:
     """lm-eval's standard error of a 0/1 mean: sqrt(p(1-p)/(n-1))."""
     return math.sqrt(acc * (1 - acc) / (n - 1))
-
-
-def mcnemar_p(only_a: int, only_b: int) -> float:
-    """Two-sided exact McNemar test: of the items exactly one of two models gets right, is the split 50/50?"""
-    n, k = only_a + only_b, min(only_a, only_b)
-    if n == 0:
-        return 1.0
-    return min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2**n)
-
-
-def paired_difference(items_a: str, items_b: str) -> tuple[float, float, int, int]:
-    """(mean of a - b, its standard error, items only a got right, items only b got right) over the same items."""
-    if len(items_a) != len(items_b):
-        raise ValueError("paired rows must answer the same items")
-    diffs = [int(x) - int(y) for x, y in zip(items_a, items_b)]
-    n = len(diffs)
-    mean = sum(diffs) / n
-    stderr = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1) / n)
-    return mean, stderr, diffs.count(1), diffs.count(-1)
 
 
 def six_task_average(row: dict) -> tuple[float, float] | None:
@@ -137,9 +119,9 @@ def main_tables(data: dict) -> list[str]:
 PAIRED_COLUMNS = ["row", "vs", *(title for _, title in TASKS), "average difference", "without BoolQ"]
 
 
-def mean_difference(means: list[float], variances: list[float]) -> str:
-    """Mean over tasks of per-task paired differences, ± its standard error (tasks independent), in points."""
-    return f"{100 * sum(means) / len(means):+.2f} ± {100 * math.sqrt(sum(variances)) / len(means):.2f}"
+def points(mean_and_stderr: tuple[float, float]) -> str:
+    mean, stderr = mean_and_stderr
+    return f"{100 * mean:+.2f} ± {100 * stderr:.2f}"
 
 
 def paired_rows(rows: list[dict]) -> list[list[str]]:
@@ -151,15 +133,10 @@ def paired_rows(rows: list[dict]) -> list[list[str]]:
             continue
         if not all(f"items_{t}" in row and f"items_{t}" in base for t, _ in TASKS):
             continue
-        cells, means, variances = [], [], []
-        for task, _ in TASKS:
-            mean, se, only_row, only_base = paired_difference(row[f"items_{task}"], base[f"items_{task}"])
-            cells.append(f"{100 * mean:+.1f} ({mcnemar_p(only_row, only_base):.2g})")
-            means.append(mean)
-            variances.append(se**2)
-        five = [i for i, (task, _) in enumerate(TASKS) if task != "boolq"]
-        out.append([row["key"], base["key"], *cells, mean_difference(means, variances),
-                    mean_difference([means[i] for i in five], [variances[i] for i in five])])
+        diffs = [paired_difference(row[f"items_{t}"], base[f"items_{t}"]) for t, _ in TASKS]
+        five = [d for d, (t, _) in zip(diffs, TASKS) if t != "boolq"]
+        out.append([row["key"], base["key"], *(f"{100 * d.mean:+.1f} ({d.p_value:.2g})" for d in diffs),
+                    points(average_difference(diffs)), points(average_difference(five))])
     return out
 
 

@@ -63,18 +63,6 @@ def test_readme_tables_match_the_committed_results():
     assert result.returncode == 0, result.stderr
 
 
-def test_paired_comparison_against_hand_counts():
-    report = report_module()
-    # 8 items: a alone right on 3, b alone right on 1, both right on 2, both wrong on 2
-    a, b = "11100110", "00010110"
-    mean, stderr, only_a, only_b = report.paired_difference(a, b)
-    diffs = [1, 1, 1, -1, 0, 0, 0, 0]
-    assert (only_a, only_b) == (3, 1) and mean == 0.25
-    assert abs(stderr - (sum((d - 0.25) ** 2 for d in diffs) / 7 / 8) ** 0.5) < 1e-12
-    assert report.mcnemar_p(3, 1) == 2 * (1 + 4) / 16  # two-sided exact binomial on the 4 discordant items
-    assert report.mcnemar_p(0, 6) == 2 / 64 and report.mcnemar_p(5, 5) == 1.0 and report.mcnemar_p(0, 0) == 1.0
-
-
 def test_paired_rows_compare_each_objective_with_ce_at_its_ratio():
     report = report_module()
     items = {t: "1100" for t, _ in report.TASKS}

@@ -7,6 +7,8 @@ import math
 from datetime import datetime, timezone
 from pathlib import Path
 
+from .paired import PairedDifference, average_difference, paired_difference
+
 RESULTS_JSON = "results.json"
 RESULTS_MD = "results.md"
 REPORT_PNG = "report.png"
@@ -35,11 +37,20 @@ def combine(model: dict, baseline: dict | None, config) -> dict:
     }
 
 
-def _row(section: str, metric: str, kind: str, value, base, better: str | None = None) -> dict:
-    """kind: ppl | acc | count | bytes | rate; better: lower | higher | None."""
+def _row(section: str, metric: str, kind: str, value, base, better: str | None = None, paired: dict | None = None) -> dict:
+    """kind: ppl | acc | count | bytes | rate; better: lower | higher | None; paired: the delta's paired statistics."""
     both = value is not None and base is not None
     return {"section": section, "metric": metric, "kind": kind, "model": value, "baseline": base,
-            "delta": value - base if both else None, "ratio": value / base if both and base else None, "better": better}
+            "delta": value - base if both else None, "ratio": value / base if both and base else None, "better": better,
+            "paired": paired}
+
+
+def _paired(task: dict, other: dict | None) -> PairedDifference | None:
+    """model minus baseline on the same documents, when both kept their per-document outcomes."""
+    outcomes, other_outcomes = task.get("per_item"), (other or {}).get("per_item")
+    if outcomes is None or other_outcomes is None or len(outcomes) != len(other_outcomes) or len(outcomes) < 2:
+        return None
+    return paired_difference(outcomes, other_outcomes)
 
 
 def _speed_by_device(result: dict | None) -> dict:
@@ -56,19 +67,28 @@ def comparison_rows(model: dict, baseline: dict | None) -> list[dict]:
         rows.append(_row("perplexity", label, "ppl", ppl["ppl"], other and other["ppl"], "lower"))
     zs, zs_base = model.get("zeroshot"), base.get("zeroshot") or {}
     if zs:
+        differences = {}
         for task, result in zs["tasks"].items():
             other = (zs_base.get("tasks") or {}).get(task)
+            difference = _paired(result, other)
+            if difference is not None:
+                differences[task] = difference
             for metric in ("acc", "acc_norm"):
                 if metric in result["metrics"]:
-                    mark = "*" if metric == result["reported_metric"] else ""
-                    label = f"{task} {metric}{mark} (n={result['n']}/{result['n_available']})"
+                    reported = metric == result["reported_metric"]
+                    label = f"{task} {metric}{'*' if reported else ''} (n={result['n']}/{result['n_available']})"
+                    paired = ({"stderr": difference.stderr, "p_value": difference.p_value, "only_model": difference.only_a,
+                               "only_baseline": difference.only_b} if reported and difference else None)
                     rows.append(_row("zero-shot", label, "acc", result["metrics"][metric],
-                                     other and other["metrics"].get(metric), "higher"))
+                                     other and other["metrics"].get(metric), "higher", paired))
         average = zs.get("average") or {}
         if average:
             other = (zs_base.get("average") or {}).get("value")
             label = f"{average['label']}* ({', '.join(average['tasks'])})"
-            rows.append(_row("zero-shot", label, "acc", average["value"], other, "higher"))
+            paired = None
+            if all(task in differences for task in average["tasks"]):
+                paired = {"stderr": average_difference([differences[task] for task in average["tasks"]])[1]}
+            rows.append(_row("zero-shot", label, "acc", average["value"], other, "higher", paired))
     m, b = model["model"], base.get("model") or {}
     rows.append(_row("size", "parameters", "count", m["params"], b.get("params"), "lower"))
     rows.append(_row("size", f"parameter bytes ({m['dtype']})", "bytes", m["param_bytes"], b.get("param_bytes"), "lower"))
@@ -108,7 +128,8 @@ def _fmt_delta(row: dict) -> str:
     if delta is None:
         return "-"
     if row["kind"] == "acc":
-        return f"{100 * delta:+.2f} pt"
+        paired = row.get("paired")  # results.json files from before paired statistics have no such key
+        return f"{100 * delta:+.2f} ± {100 * paired['stderr']:.2f} pt" if paired else f"{100 * delta:+.2f} pt"
     if row["kind"] == "bytes":
         return f"{delta / 2**20:+,.1f} MiB"
     if row["kind"] == "count":
@@ -120,14 +141,30 @@ def _fmt_ratio(row: dict) -> str:
     return "-" if row["ratio"] is None else f"{row['ratio']:.3f}x"
 
 
+def _fmt_p(row: dict) -> str:
+    p_value = (row.get("paired") or {}).get("p_value")
+    return "-" if p_value is None else f"{p_value:.2g}"
+
+
+def _has_p_values(results: dict) -> bool:
+    return any((r.get("paired") or {}).get("p_value") is not None for r in results["comparison"])
+
+
 def column_labels(results: dict) -> tuple[str, str]:
     model = results["model"]["model"]
     return ("pruned" if model.get("pruning") else "model"), "dense"
 
 
+def table_columns(results: dict) -> list[str]:
+    """metric, baseline, model, delta, ratio, and the paired p-value where the zero-shot outcomes were paired."""
+    model_label, base_label = column_labels(results)
+    return ["metric", base_label, model_label, "delta", "ratio", *(["p (paired)"] if _has_p_values(results) else [])]
+
+
 def table_rows(results: dict) -> list[list[str]]:
-    return [[r["metric"], _fmt(r["baseline"], r["kind"]), _fmt(r["model"], r["kind"]), _fmt_delta(r), _fmt_ratio(r)]
-            for r in results["comparison"]]
+    p_values = _has_p_values(results)
+    return [[r["metric"], _fmt(r["baseline"], r["kind"]), _fmt(r["model"], r["kind"]), _fmt_delta(r), _fmt_ratio(r),
+             *([_fmt_p(r)] if p_values else [])] for r in results["comparison"]]
 
 
 def _describe(model: dict) -> str:
@@ -153,6 +190,10 @@ def protocol_lines(results: dict) -> list[str]:
                      f"bundled local data, {limit}; accuracies in %. `*` marks the metric each task reports "
                      "(acc_norm for ARC-e, ARC-c, OBQA, PIQA, HellaSwag; acc for BoolQ, WinoGrande); the average "
                      "covers the tasks listed in its row.")
+        if _has_p_values(results):
+            lines.append("Paired against the dense model on the same documents: the delta's ± is its paired standard "
+                         "error (the average's takes the tasks as independent), and p is the two-sided exact McNemar "
+                         "test on the documents exactly one of the two models answers right.")
     if p["speed"]:
         lines.append(f"Speed: median of {p['repeats']} runs after a warm-up; prefill = one forward of "
                      f"{p['speed_batch']} x {p['prompt_len']} tokens; decode = {p['new_tokens']} greedy steps with the "
@@ -170,7 +211,8 @@ def to_markdown(results: dict, plot: str | None = None) -> str:
     devices = [f"{s['device']} = {s['device_name']}" for s in results["model"].get("speed") or []]
     if devices:
         lines.append(f"- speed measured on: {'; '.join(devices)}")
-    lines += ["", f"| metric | {base_label} | {model_label} | delta | ratio |", "|---|---:|---:|---:|---:|"]
+    columns = table_columns(results)
+    lines += ["", f"| {' | '.join(columns)} |", "|---|" + "---:|" * (len(columns) - 1)]
     lines += [f"| {' | '.join(cells)} |" for cells in table_rows(results)]
     lines += ["", *protocol_lines(results)]
     if plot:
@@ -181,10 +223,10 @@ def to_markdown(results: dict, plot: str | None = None) -> str:
 def rich_table(results: dict):
     from rich.table import Table
 
-    model_label, base_label = column_labels(results)
+    metric, *numbers = table_columns(results)
     table = Table(title="fidelprune eval")
-    table.add_column("metric")
-    for label in (base_label, model_label, "delta", "ratio"):
+    table.add_column(metric)
+    for label in numbers:
         table.add_column(label, justify="right")
     section = None
     for row, cells in zip(results["comparison"], table_rows(results)):

@@ -91,7 +91,8 @@ def describe_model(model: nn.Module, tokenizer, info: dict | None = None) -> dic
 
 def evaluate_model(model: nn.Module, tokenizer, config: EvalConfig, info: dict | None = None, *,
                    progress: bool = True, verbose: bool = False, log=None) -> dict:
-    """One model through the protocol: {"model", "perplexity", "zeroshot", "speed", "timings_s"}."""
+    """One model through the protocol: {"model", "perplexity", "zeroshot", "speed", "timings_s"}. Zero-shot keeps
+    each document's outcome, so that two results on the same protocol can be compared pairwise (paired.py)."""
     log = log or (lambda message: None)
     result = {"model": describe_model(model, tokenizer, info), "perplexity": {}, "zeroshot": None, "speed": [],
               "timings_s": {}}
@@ -106,7 +107,8 @@ def evaluate_model(model: nn.Module, tokenizer, config: EvalConfig, info: dict |
         log(f"zero-shot: {', '.join(config.tasks)}" + (f" (first {config.limit} of each)" if config.limit else ""))
         start = time.perf_counter()
         result["zeroshot"] = zeroshot(model, tokenizer, config.tasks, limit=config.limit, batch_size=config.batch_size,
-                                      hellaswag=config.hellaswag, seed=config.seed, verbose=verbose).to_dict()
+                                      hellaswag=config.hellaswag, seed=config.seed, per_item=True,
+                                      verbose=verbose).to_dict()
         result["timings_s"]["zeroshot"] = time.perf_counter() - start
     if config.speed:
         for device in config.speed_devices:

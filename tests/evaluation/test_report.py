@@ -1,6 +1,7 @@
 """results.json -> side-by-side rows and markdown; a pruning run -> report.png."""
 
 import json
+import math
 
 import pytest
 
@@ -11,7 +12,7 @@ from fidelprune.evaluation import EvalConfig, plot_run, read_results, to_markdow
 from fidelprune.evaluation.report import combine, comparison_rows, run_summary
 
 
-def fake_result(ppl: float, acc: float, params: int, rate: float) -> dict:
+def fake_result(ppl: float, acc: float, params: int, rate: float, per_item: list[float] | None = None) -> dict:
     """The shape evaluate_model returns, with made-up numbers (no model is run)."""
     return {
         "model": {"name": "m", "architecture": "LlamaForCausalLM", "params": params, "param_bytes": 4 * params,
@@ -19,7 +20,8 @@ def fake_result(ppl: float, acc: float, params: int, rate: float) -> dict:
         "perplexity": {"wikitext2": {"corpus": "wikitext2", "ppl": ppl, "mean_nll": 0.0, "seq_len": 128, "windows": 8,
                                      "windows_available": 2382, "tokens_scored": 1016}},
         "zeroshot": {"tasks": {"arc_easy": {"task": "arc_easy", "metrics": {"acc": acc, "acc_norm": acc - 0.1},
-                                            "reported_metric": "acc_norm", "n": 20, "n_available": 2376}},
+                                            "reported_metric": "acc_norm", "n": 20, "n_available": 2376,
+                                            "per_item": per_item}},
                      "average": {"value": acc - 0.1, "tasks": ["arc_easy"], "label": "average of 1 tasks",
                                  "commonsense7": False}},
         "speed": [{"device": "cpu", "device_name": "cpu", "batch_size": 1, "prompt_len": 128, "new_tokens": 32,
@@ -56,6 +58,25 @@ def test_markdown_states_the_protocol_and_the_numbers():
     assert "128-token windows (first 8 windows)" in text and "first 20 documents of each task" in text
     assert "lm-evaluation-harness 0.4.13" in text and "![pruning run" in text
     assert results["protocol"]["limit"] == 20 and results["seed"] == 0 and "lm_eval" in results["versions"]
+
+
+def test_zero_shot_deltas_are_paired_on_the_same_documents():
+    # 20 documents: the dense model alone right on 6, the pruned alone right on 0, both right on 4
+    dense_items, pruned_items = [1.0] * 10 + [0.0] * 10, [0.0] * 6 + [1.0] * 4 + [0.0] * 10
+    pruned, dense = fake_result(20.0, 0.3, 800, 300.0, pruned_items), fake_result(16.0, 0.6, 1000, 200.0, dense_items)
+    rows = {r["metric"]: r for r in comparison_rows(pruned, dense)}
+    reported = rows["arc_easy acc_norm* (n=20/2376)"]["paired"]
+    assert (reported["only_model"], reported["only_baseline"]) == (0, 6) and reported["p_value"] == 2 / 2**6
+    assert reported["stderr"] == pytest.approx(math.sqrt((6 * 0.7**2 + 14 * 0.3**2) / 19 / 20))
+    assert rows["arc_easy acc (n=20/2376)"]["paired"] is None  # per-document outcomes are kept for the reported metric
+    assert rows["average of 1 tasks* (arc_easy)"]["paired"]["stderr"] == pytest.approx(reported["stderr"])
+    text = to_markdown(combine(pruned, dense, config()))
+    assert "| metric | dense | model | delta | ratio | p (paired) |" in text
+    assert "| arc_easy acc_norm* (n=20/2376) | 50.00 | 20.00 | -30.00 ± 10.51 pt | 0.400x | 0.031 |" in text
+    assert "| wikitext2 PPL (seq 128, 8/2382 windows) | 16.00 | 20.00 | +4.00 | 1.250x | - |" in text
+    assert "exact McNemar" in text
+    unpaired = to_markdown(combine(fake_result(20.0, 0.5, 800, 300.0), fake_result(16.0, 0.6, 1000, 200.0), config()))
+    assert "p (paired)" not in unpaired and "McNemar" not in unpaired  # results without per-document outcomes
 
 
 def test_write_results_is_atomic_and_refuses_a_full_directory(tmp_path):

@@ -23,6 +23,11 @@ def test_evaluate_in_memory_model_beside_baseline(tmp_path):
     # different random weights, same protocol: the rows carry both numbers and their difference
     ppl_row = results["comparison"][0]
     assert ppl_row["delta"] == pytest.approx(ppl_row["model"] - ppl_row["baseline"]) and ppl_row["delta"] != 0
+    # both answered the same two documents, kept by id, so the accuracy delta is also paired
+    boolq = next(r for r in results["comparison"] if r["metric"].startswith("boolq acc*"))
+    outcomes = [results[role]["zeroshot"]["tasks"]["boolq"]["per_item"] for role in ("model", "baseline")]
+    assert boolq["delta"] == pytest.approx((sum(outcomes[0]) - sum(outcomes[1])) / 2)
+    assert boolq["paired"]["only_model"] + boolq["paired"]["only_baseline"] == sum(a != b for a, b in zip(*outcomes))
     json.dumps(results)  # results.json-ready as returned
 
 
