@@ -161,8 +161,10 @@ def sweep_tables(data: dict) -> list[str]:
                       [[n, number(variants[n].get(0.2, {}).get("scoring_s"), 0),
                         *(number(variants[n].get(r, {}).get("ppl_wikitext2_512"), 2) for r in ratios)] for n in names])]
         if any(has_tasks(r) for v in variants.values() for r in v.values()):
-            out += [f"\nZero-shot, {title}: average of the six tasks over their first 300 items each, in points (blank until "
-                    "all six have run).\n",
+            dense_average = six_task_average(dense)
+            dense_note = f" (dense: {100 * dense_average[0]:.2f})" if dense_average else ""
+            out += [f"\nZero-shot, {title}: average of the six tasks over their first 300 items each, in points{dense_note} "
+                    "(blank until all six have run).\n",
                     table(["method", *(f"{r:.0%}" for r in ratios)],
                           [[n, *(f"{100 * six_task_average(variants[n][r])[0]:.2f}" if r in variants[n] and six_task_average(variants[n][r])
                                  else "" for r in ratios)]
