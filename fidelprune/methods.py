@@ -10,8 +10,8 @@ from torch import nn
 from .allocation import AllocationConfig, WidthPlan, select_neurons
 from .objectives import KD, get_objective
 from .scoring import (
-    AGGREGATIONS, Scores, activation_statistics, flap_bias_shift, forward_scores, magnitude_scores, needed_statistics, random_scores,
-    taylor_scores,
+    AGGREGATIONS, Scores, activation_statistics, flap_bias_shift, forward_scores, magnitude_scores, needed_statistics,
+    random_scores, taylor_scores,
 )
 
 @dataclass(frozen=True)

@@ -78,7 +78,7 @@ def comparison_rows(model: dict, baseline: dict | None) -> list[dict]:
                     reported = metric == result["reported_metric"]
                     label = f"{task} {metric}{'*' if reported else ''} (n={result['n']}/{result['n_available']})"
                     paired = ({"stderr": difference.stderr, "p_value": difference.p_value, "only_model": difference.only_a,
-                               "only_baseline": difference.only_b} if reported and difference else None)
+                               "only_baseline": difference.only_b} if reported and difference is not None else None)
                     rows.append(_row("zero-shot", label, "acc", result["metrics"][metric],
                                      other and other["metrics"].get(metric), "higher", paired))
         average = zs.get("average") or {}
