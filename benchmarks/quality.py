@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import argparse
 import gc
+import hashlib
+import json
 import shlex
 import sys
 import time
@@ -54,6 +56,12 @@ def table_rows(table: str, ratios: list[float], reconstruct: list[str], num_laye
 
 def row_key(spec: dict) -> str:
     return " ".join(f"{k}={v}" for k, v in spec.items() if v is not None) or "dense"
+
+
+def kept_digest(manifest: dict) -> str:
+    """A short fingerprint of which neurons a pruned model kept in every layer."""
+    kept = json.dumps(manifest["kept_neurons"], sort_keys=True).encode()
+    return hashlib.sha256(kept).hexdigest()[:16]
 
 
 def prune_arguments(spec: dict, calibration: dict) -> dict:
@@ -186,9 +194,16 @@ def main() -> None:
         else:
             kwargs = prune_arguments(spec, calibration)
             subject, report, scoring_s = cache.prune(model, tokenizer, source, kwargs)
-            row.update(achieved_ratio=report.manifest["allocation"]["achieved_ratio"], scoring_s=scoring_s)
+            # every column of a row must come from one pruned model: a refill whose selection differs (new
+            # scores, changed code) would pair one model's perplexity with another's accuracy
+            kept = kept_digest(report.manifest)
+            if row.get("kept_digest", kept) != kept:
+                raise SystemExit(f"{key}: this run kept other neurons than the run that filled {sorted(k for k in row if k.startswith(('ppl', 'acc')))}; "
+                                 f"remove the row from {output} to measure it afresh")
+            row.update(achieved_ratio=report.manifest["allocation"]["achieved_ratio"], kept_digest=kept)
+            row.setdefault("scoring_s", scoring_s)  # the first measurement: a refill may run on a busier machine
             if report.manifest["reconstruction"]["mode"] != "none":
-                row["reconstruction_s"] = report.manifest["timings_s"]["reconstruction"]
+                row.setdefault("reconstruction_s", report.manifest["timings_s"]["reconstruction"])
         values, seconds = evaluate_metrics(subject, tokenizer, protocol, missing, args.batch_size)
         row.update(values)
         row.setdefault("eval_s", {}).update(seconds)

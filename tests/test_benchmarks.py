@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCHMARKS = Path(__file__).parent.parent / "benchmarks"
 
 
@@ -39,7 +41,15 @@ def test_quality_script_fills_columns_across_runs_and_resumes(tmp_path):
     assert all(len(r["items_piqa"]) == 2 and r["items_piqa"].count("1") / 2 == r["acc_piqa"] for r in rows)  # per item, for paired tests
     assert "| method=hfprune ratio=0.3 reconstruct=none |" in out.with_suffix(".md").read_text()
     run("quality.py", *args)  # resumes: nothing left to do, nothing duplicated
-    assert [len(r["filled_by"]) for r in json.loads(out.read_text())["rows"]] == [2, 2]
+    data = json.loads(out.read_text())
+    assert [len(r["filled_by"]) for r in data["rows"]] == [2, 2]
+    # a refill whose pruned model kept other neurons must not pair its accuracy with the old perplexity
+    data["rows"][0]["kept_digest"] = "0" * 16
+    del data["rows"][0]["acc_piqa"]
+    out.write_text(json.dumps(data))
+    with pytest.raises(subprocess.CalledProcessError) as refused:
+        run("quality.py", *args)
+    assert "kept other neurons" in refused.value.stderr and "acc_piqa" not in json.loads(out.read_text())["rows"][0]
 
 
 def test_speed_script_reports_dense_and_pruned(tmp_path):
