@@ -13,10 +13,20 @@ from pathlib import Path
 import torch
 
 from fidelprune.checkpoint import load_scores, save_scores
-from fidelprune.pruning import library_versions
+from fidelprune.utils import library_versions
 
 RESULTS = Path(__file__).parent / "results"
 SCORE_CACHE = Path(__file__).parent / ".cache" / "scores"
+
+
+# Row names whose prune() arguments differ from the name: a form variant, and the Minitron method's old name, which
+# the recorded results keep so that their rows stay comparable.
+ROW_ARGUMENTS = {"llm-pruner-element2": {"method": "llm-pruner", "form": "element2"}, "activation": {"method": "minitron"}}
+
+
+def method_arguments(row: str) -> dict:
+    """prune()'s method keywords for a benchmark row name."""
+    return ROW_ARGUMENTS.get(row, {"method": row})
 
 
 def machine() -> dict:

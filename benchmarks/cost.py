@@ -1,5 +1,5 @@
 """Scoring cost: every method's tokens/s and peak memory against (a) the floor, a bare forward (+ backward)
-over the same calibration batches, and (b) fidelprune.reference, the straightforward per-sequence
+over the same calibration batches, and (b) tests/reference.py, the straightforward per-sequence
 implementation with full weight gradients and [I, d] accumulators that the published code uses. Each
 measurement runs in its own process so peak memory is its own.
 
@@ -23,7 +23,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import RESULTS, ResultsFile, load_model, markdown_table, provenance  # noqa: E402
+from common import RESULTS, ResultsFile, load_model, markdown_table, method_arguments, provenance  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
+import reference  # noqa: E402  - the plain implementations the tests pin the fast scores to
 
 GRADIENT_METHODS = ("hfprune", "sdmprune", "llm-pruner", "llm-pruner-element2")
 FORWARD_METHODS = ("wanda-sp", "flap", "activation")
@@ -57,7 +60,8 @@ class PeakRSS:
 
 def run_floor(model, windows, batch_size, backward: bool) -> None:
     from fidelprune.objectives import ce
-    from fidelprune.scoring import batches, frozen_eval, leaf_embeddings
+    from fidelprune.scoring import leaf_embeddings
+    from fidelprune.utils import batches, frozen_eval
 
     with frozen_eval(model), leaf_embeddings(model), torch.set_grad_enabled(backward):
         for batch in batches(windows, batch_size):
@@ -80,15 +84,12 @@ def run_fast(model, windows, method: str, batch_size: int) -> None:
     from fidelprune.allocation import AllocationConfig
     from fidelprune.methods import MethodConfig, run_method
 
-    form = "element2" if method == "llm-pruner-element2" else None
-    name = "llm-pruner" if method == "llm-pruner-element2" else method
     plan = plan_20_percent(model)
-    config = MethodConfig(name, form=form, batch_size=batch_size).resolved(plan.achieved_ratio)
+    config = MethodConfig(**method_arguments(method), batch_size=batch_size).resolved(plan.achieved_ratio)
     run_method(model, windows, config, plan, AllocationConfig(round_to=1), progress=False)
 
 
 def run_reference(model, windows, method: str) -> None:
-    from fidelprune import reference
     from fidelprune.allocation import select_uniform
     from fidelprune.methods import sdmprune_defaults
     from fidelprune.objectives import KD, ce, entropy
@@ -105,7 +106,7 @@ def run_reference(model, windows, method: str) -> None:
         remove_neurons(student, select_uniform(stage1, int(0.975 * plan.width_before)))
         reference.weight_element_scores(student, windows, KD(*sdmprune_defaults(plan.achieved_ratio)), teacher=model)
     else:
-        reference.forward_scores(model, windows, method)
+        reference.forward_scores(model, windows, method_arguments(method)["method"])
 
 
 def worker(spec: dict) -> dict:

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import RESULTS, SCORE_CACHE, ResultsFile, ScoreCache, load_model, markdown_table, provenance  # noqa: E402
+from common import RESULTS, SCORE_CACHE, ResultsFile, ScoreCache, load_model, markdown_table, method_arguments, provenance  # noqa: E402
 
 import fidelprune  # noqa: E402
 from fidelprune.evaluation import perplexity, zeroshot  # noqa: E402
@@ -65,9 +65,7 @@ def kept_digest(manifest: dict) -> str:
 
 
 def prune_arguments(spec: dict, calibration: dict) -> dict:
-    spec = dict(spec)
-    if spec["method"] == "llm-pruner-element2":
-        spec.update(method="llm-pruner", form="element2")
+    spec = {**spec, **method_arguments(spec["method"])}
     return {**calibration, **spec}
 
 

@@ -29,7 +29,7 @@ from common import SCORE_CACHE, ScoreCache  # noqa: E402
 import fidelprune  # noqa: E402
 from fidelprune.calibration import sample_windows
 from fidelprune.evaluation import perplexity
-from fidelprune.pruning import library_versions
+from fidelprune.utils import library_versions
 from fidelprune.reconstruction import mlp_output_errors
 
 RESULTS = Path(__file__).parent / "results"

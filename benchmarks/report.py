@@ -24,7 +24,7 @@ from cost import FORWARD_METHODS, GRADIENT_METHODS  # noqa: E402
 from quality import SWEEP_METHODS, table_order  # noqa: E402
 from quality import TASKS as TASK_NAMES  # noqa: E402
 
-from fidelprune.calibration import bundled_path  # noqa: E402
+from fidelprune.utils import bundled_path  # noqa: E402
 from fidelprune.evaluation.paired import average_difference, paired_difference  # noqa: E402
 from fidelprune.evaluation.tasks.loaders import boolq_docs  # noqa: E402
 
@@ -214,7 +214,7 @@ def cost_tables(by_batch: list[tuple[dict, int]]) -> list[str]:
             "from a second run of the cell with glibc's mmap threshold fixed (`MALLOC_MMAP_THRESHOLD_=131072`) so that freed "
             f"tensors leave RSS; tok/s from a run with the default allocator, the median of {by_batch[0][0]['protocol']['repeats']} passes; "
             "the floor is a bare forward+backward (forward for the forward-only methods) of the same batches; the reference is "
-            "`fidelprune.reference`, one sequence at a time with full weight gradients.\n",
+            "`tests/reference.py`, one sequence at a time with full weight gradients.\n",
             table(["method", "batch", "tok/s", "time / floor", "reference time / ours", "extra MiB", "reference extra MiB",
                    "memory / reference"], rows)]
 

@@ -1,16 +1,24 @@
-"""Per-architecture adapters: the only place that knows where a family keeps its MLP projections.
+"""The adapted model: the only place that knows where a family keeps its decoder layers and MLP projections.
 
 Every supported family has a gated MLP, `y = W_down (act(W_gate x) * W_up x)`, stored either as separate
-`gate_proj` / `up_proj` linears or as one fused `gate_up_proj` (Phi-3, rows [0, I) gate, [I, 2I) up). An
-adapter names those modules; everything else (views, slicing, parameter counts) is shared code.
+`gate_proj` / `up_proj` linears or as one fused `gate_up_proj` (Phi-3, rows [0, I) gate, [I, 2I) up). A family is
+one `Adapter(...)` line naming those modules. `adapt(model)` resolves the family once and returns an
+`AdaptedModel`, which owns everything that touches those attribute paths: the decoder layers, their MLP views,
+slicing neurons out, creating biases, and running one decoder layer on stored inputs. Scoring, allocation,
+surgery and reconstruction receive an AdaptedModel (a plain model is adapted on entry, for callers that have one).
 """
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from .utils import batches, frozen_eval
 
 
 class UnsupportedModelError(ValueError):
@@ -44,8 +52,8 @@ def supported_families() -> str:
     return ", ".join(sorted(t for a in ADAPTERS for t in a.model_types))
 
 
-def get_adapter(model: nn.Module) -> Adapter:
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
+def adapter_for(model_type: str | None) -> Adapter:
+    """The family adapter of a config's model_type; decidable from config.json alone, before any weight loads."""
     for adapter in ADAPTERS:
         if model_type in adapter.model_types:
             return adapter
@@ -55,10 +63,8 @@ def get_adapter(model: nn.Module) -> Adapter:
     )
 
 
-def _getattr_path(obj: object, path: str) -> object:
-    for name in path.split("."):
-        obj = getattr(obj, name)
-    return obj
+def get_adapter(model: nn.Module) -> Adapter:
+    return adapter_for(getattr(getattr(model, "config", None), "model_type", None))
 
 
 @dataclass
@@ -92,20 +98,14 @@ class MLPView:
             return (None, None) if b is None else (b[: self.width], b[self.width :])
         return self.gate.bias, self.up.bias
 
+    def linears(self) -> list[nn.Linear]:
+        """The MLP's linears that hold per-neuron weights (gate and up, or the fused one, and down)."""
+        return [linear for linear in (self.gate, self.up, self.gate_up, self.down) if linear is not None]
+
     def params_per_neuron(self) -> int:
         """Parameters that removing one neuron removes: its gate and up rows (+ biases), its down column."""
         gate_bias, up_bias = self.gate_up_biases()
         return 3 * self.hidden_size + (gate_bias is not None) + (up_bias is not None)
-
-
-def mlp_views(model: nn.Module) -> list[MLPView]:
-    adapter = get_adapter(model)
-    views = []
-    for i, layer in enumerate(_getattr_path(model, adapter.layers)):
-        mlp = getattr(layer, adapter.mlp)
-        get = lambda name: getattr(mlp, name) if name else None  # noqa: E731
-        views.append(MLPView(i, mlp, get(adapter.down), get(adapter.gate), get(adapter.up), get(adapter.gate_up)))
-    return views
 
 
 def _sliced_linear(linear: nn.Linear, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None) -> nn.Linear:
@@ -122,38 +122,166 @@ def _sliced_linear(linear: nn.Linear, rows: torch.Tensor | None = None, cols: to
     return new
 
 
-def slice_mlp(view: MLPView, keep: torch.Tensor, model: nn.Module) -> None:
-    """Replace the MLP's linears by physically smaller ones holding only the neurons in `keep`."""
-    adapter = get_adapter(model)
-    keep = keep.to(view.down.weight.device)
-    if view.gate_up is not None:
-        fused_rows = torch.cat([keep, keep + view.width])
-        setattr(view.module, adapter.gate_up, _sliced_linear(view.gate_up, rows=fused_rows))
-    else:
-        setattr(view.module, adapter.gate, _sliced_linear(view.gate, rows=keep))
-        setattr(view.module, adapter.up, _sliced_linear(view.up, rows=keep))
-    setattr(view.module, adapter.down, _sliced_linear(view.down, cols=keep))
+class StopForward(Exception):
+    """Raised by the recording stubs to end a forward pass once every decoder layer's call was seen."""
 
 
-def add_down_bias(view: MLPView, shift: torch.Tensor, model: nn.Module) -> None:
-    """Add `shift` to the layer's down_proj bias, creating zero gate/up biases and the down bias where the model
-    has none (the family's config flag, e.g. LLaMA's mlp_bias, then declares them so transformers reloads them)."""
-    adapter = get_adapter(model)
-    weight = view.down.weight
-    if view.down.bias is None:
-        if adapter.bias_flag is None:
-            raise UnsupportedModelError(
-                f"{adapter.family} models have no MLP bias option in transformers, which FLAP's compensation needs; "
-                f"use another method or a llama-family model"
-            )
-        setattr(model.config, adapter.bias_flag, True)
-        for linear in (view.gate, view.up, view.gate_up):
-            if linear is not None:
-                linear.bias = nn.Parameter(torch.zeros(linear.out_features, dtype=weight.dtype, device=weight.device))
-        view.down.bias = nn.Parameter(torch.zeros(view.hidden_size, dtype=weight.dtype, device=weight.device))
-    with torch.no_grad():
-        view.down.bias += shift.to(weight.device, weight.dtype)
+LayerCall = tuple[tuple, dict]  # the (args, kwargs) a decoder layer was called with, besides the hidden states
 
 
-def can_add_down_bias(model: nn.Module) -> bool:
-    return all(v.down.bias is not None for v in mlp_views(model)) or get_adapter(model).bias_flag is not None
+class AdaptedModel:
+    """A causal LM of a supported family, with its adapter resolved once. `model` is the transformers module
+    itself (the adapted model changes it only through the methods below)."""
+
+    def __init__(self, model: nn.Module, adapter: Adapter | None = None) -> None:
+        self.model = model
+        self.adapter = adapter or get_adapter(model)
+
+    def copy(self) -> AdaptedModel:
+        """A deep copy of the model, adapted without looking the family up again."""
+        return AdaptedModel(copy.deepcopy(self.model), self.adapter)
+
+    # ------------------------------------------------------------------------------------------- structure
+    @property
+    def config(self):
+        return self.model.config
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        layers: object = self.model
+        for name in self.adapter.layers.split("."):
+            layers = getattr(layers, name)
+        return layers
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    def mlps(self) -> list[MLPView]:
+        """A view of every decoder layer's MLP (made afresh: slicing replaces the linears)."""
+        a = self.adapter
+        views = []
+        for i, layer in enumerate(self.layers):
+            mlp = getattr(layer, a.mlp)
+            get = lambda name: getattr(mlp, name) if name else None  # noqa: E731
+            views.append(MLPView(i, mlp, get(a.down), get(a.gate), get(a.up), get(a.gate_up)))
+        return views
+
+    def widths(self) -> list[int]:
+        return [view.width for view in self.mlps()]
+
+    # ----------------------------------------------------------------------------------------------- surgery
+    def slice_mlp(self, view: MLPView, keep: torch.Tensor) -> None:
+        """Replace the MLP's linears by physically smaller ones holding only the neurons in `keep`."""
+        a = self.adapter
+        keep = keep.to(view.down.weight.device)
+        if view.gate_up is not None:
+            fused_rows = torch.cat([keep, keep + view.width])
+            setattr(view.module, a.gate_up, _sliced_linear(view.gate_up, rows=fused_rows))
+        else:
+            setattr(view.module, a.gate, _sliced_linear(view.gate, rows=keep))
+            setattr(view.module, a.up, _sliced_linear(view.up, rows=keep))
+        setattr(view.module, a.down, _sliced_linear(view.down, cols=keep))
+
+    def replace_linear(self, view: MLPView, linear: nn.Linear, new: nn.Linear) -> None:
+        """Put `new` where `linear` (one of the view's linears) is, e.g. a saved weight of another shape."""
+        a = self.adapter
+        for name, current in ((a.gate, view.gate), (a.up, view.up), (a.gate_up, view.gate_up), (a.down, view.down)):
+            if current is linear:
+                setattr(view.module, name, new)
+                return
+        raise ValueError("the linear is not one of this MLP's")
+
+    def can_add_down_bias(self) -> bool:
+        return all(v.down.bias is not None for v in self.mlps()) or self.adapter.bias_flag is not None
+
+    def add_down_bias(self, view: MLPView, shift: torch.Tensor) -> None:
+        """Add `shift` to the layer's down_proj bias, creating zero gate/up biases and the down bias where the model
+        has none (the family's config flag, e.g. LLaMA's mlp_bias, then declares them so transformers reloads them)."""
+        weight = view.down.weight
+        if view.down.bias is None:
+            if self.adapter.bias_flag is None:
+                raise UnsupportedModelError(
+                    f"{self.adapter.family} models have no MLP bias option in transformers, which FLAP's compensation "
+                    f"needs; use another method or a llama-family model"
+                )
+            setattr(self.config, self.adapter.bias_flag, True)
+            for linear in (view.gate, view.up, view.gate_up):
+                if linear is not None:
+                    linear.bias = nn.Parameter(torch.zeros(linear.out_features, dtype=weight.dtype, device=weight.device))
+            view.down.bias = nn.Parameter(torch.zeros(view.hidden_size, dtype=weight.dtype, device=weight.device))
+        with torch.no_grad():
+            view.down.bias += shift.to(weight.device, weight.dtype)
+
+    def set_mlp_width(self, view: MLPView) -> None:
+        """Keep the module's own record of its width (some families store intermediate_size on the MLP) in step."""
+        if hasattr(view.module, "intermediate_size"):
+            view.module.intermediate_size = view.width
+
+    # -------------------------------------------------------------------------------- running layer by layer
+    @contextmanager
+    def recording(self, hidden: list[torch.Tensor], calls: dict[tuple, list], store: torch.device) -> Iterator[None]:
+        """Replace each decoder layer's forward by a stub that records its call and passes the hidden state on.
+
+        The model's own forward thus builds every layer's kwargs (masks per layer type, rotary embeddings, position
+        ids) exactly as transformers does for that family, at the cost of an embedding lookup. Windows are
+        fixed-length with no padding, so the kwargs depend only on the batch shape: they are recorded once per shape
+        and the pass ends at layer 0 for a shape already seen."""
+        layers = self.layers
+        shape: list[tuple] = []
+
+        def stub(index: int):
+            def forward(hidden_states: torch.Tensor, *args, **kwargs):
+                if index == 0:
+                    hidden.append(hidden_states.detach().to(store))
+                    shape[:] = [tuple(hidden_states.shape)]
+                    if shape[0] in calls:
+                        raise StopForward
+                    calls[shape[0]] = [None] * len(layers)
+                calls[shape[0]][index] = (args, kwargs)
+                if index == len(layers) - 1:
+                    raise StopForward  # skip the final norm and the LM head
+                return hidden_states
+
+            return forward
+
+        for index, layer in enumerate(layers):
+            layer.forward = stub(index)  # instance attribute shadows the class's forward; removed below
+        try:
+            yield
+        finally:
+            for layer in layers:
+                vars(layer).pop("forward", None)
+
+    def layer_inputs(self, windows: torch.Tensor, batch_size: int, store: torch.device) -> tuple[list[torch.Tensor], dict[tuple, list]]:
+        """The first decoder layer's input for each batch of `windows` (kept on `store`), and each layer's call
+        arguments per batch shape, from the model's own forward stopped before layer 0 runs."""
+        hidden: list[torch.Tensor] = []
+        calls: dict[tuple, list] = {}
+        with torch.no_grad(), frozen_eval(self.model), self.recording(hidden, calls, store):
+            for batch in batches(windows, batch_size):
+                try:
+                    self.model(input_ids=batch.to(self.device), use_cache=False)
+                except StopForward:
+                    pass
+        return hidden, calls
+
+    def run_layer(self, index: int, hidden: torch.Tensor, call: LayerCall) -> torch.Tensor:
+        """Decoder layer `index` on stored hidden states, with the call arguments recorded for their shape."""
+        args, kwargs = call
+        out = self.layers[index](hidden.to(self.device), *args, **kwargs)
+        return out[0] if isinstance(out, tuple) else out
+
+
+def adapt(model: nn.Module | AdaptedModel) -> AdaptedModel:
+    """The adapted model (built once per model; passing an AdaptedModel returns it as it is)."""
+    return model if isinstance(model, AdaptedModel) else AdaptedModel(model)
+
+
+def mlp_views(model: nn.Module | AdaptedModel) -> list[MLPView]:
+    """Every decoder layer's MLP view; a shorthand for `adapt(model).mlps()`."""
+    return adapt(model).mlps()

@@ -1,7 +1,9 @@
-"""How many neurons each layer keeps, and which (../shared/docs/methods.md, "Allocation").
+"""How many neurons each layer keeps, and which (docs/methods.md, "Allocation").
 
 The ratio is the fraction of the model's *total* parameters removed (embeddings included, tied weights once,
-as `model.parameters()` counts them), reached by shrinking every layer's MLP to the same width k.
+as `model.parameters()` counts them). `plan_width` solves the width k that reaches it when every prunable layer
+keeps k neurons; `select_neurons` then keeps k per layer (uniform allocation) or the same total spread over the
+layers by one global ranking (global allocation), with protected layers kept whole.
 """
 
 from __future__ import annotations
@@ -11,8 +13,8 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from .adapters import mlp_views
-from .scoring import Scores
+from .adapters import AdaptedModel, adapt
+from .scoring import Scores, standardize
 
 
 class AllocationError(ValueError):
@@ -37,6 +39,8 @@ class AllocationConfig:
     protect_first: int = 0
     protect_last: int = 0
     min_keep: int | None = None  # global only; default: round_to
+    ratio: float | None = None  # the target: fraction of total parameters removed ...
+    keep: int | None = None  # ... or the width of the prunable layers (exactly one of the two; see plan_width)
 
     def __post_init__(self) -> None:
         if self.kind not in ALLOCATIONS:
@@ -68,11 +72,12 @@ class WidthPlan:
         return asdict(self)
 
 
-def params_after_widths(model: nn.Module, widths: dict[int, int], adds_mlp_bias: bool = False) -> int:
+def params_after_widths(model: nn.Module | AdaptedModel, widths: dict[int, int], adds_mlp_bias: bool = False) -> int:
     """Exact parameter count once layer l keeps widths[l] neurons (and, with adds_mlp_bias, once every MLP gains
     gate/up/down biases, as FLAP's compensation needs)."""
-    total = count_parameters(model)
-    for view in mlp_views(model):
+    adapted = adapt(model)
+    total = count_parameters(adapted.model)
+    for view in adapted.mlps():
         width = widths.get(view.index, view.width)
         total -= (view.width - width) * view.params_per_neuron()
         if adds_mlp_bias and view.down.bias is None:
@@ -81,7 +86,7 @@ def params_after_widths(model: nn.Module, widths: dict[int, int], adds_mlp_bias:
 
 
 def plan_width(
-    model: nn.Module,
+    model: nn.Module | AdaptedModel,
     ratio: float | None = None,
     keep: int | None = None,
     round_to: int = 8,
@@ -93,18 +98,18 @@ def plan_width(
     would go."""
     if (ratio is None) == (keep is None):
         raise AllocationError("give exactly one of ratio (fraction of parameters to remove) or keep (neurons per layer)")
-    views = mlp_views(model)
-    prunable = [v for v in views if v.index not in set(protected)]
+    adapted = adapt(model)
+    prunable = [v for v in adapted.mlps() if v.index not in set(protected)]
     widths = {v.width for v in prunable}
     if len(widths) != 1:
         raise AllocationError(f"MLP widths differ across layers ({sorted(widths)}); this plan needs one width")
     width = widths.pop()
-    total = count_parameters(model)
+    total = count_parameters(adapted.model)
     round_to = max(1, int(round_to))
 
     # params_after is linear in k (each kept neuron costs the same in every prunable layer)
-    base = params_after_widths(model, {v.index: 0 for v in prunable}, adds_mlp_bias)
-    per_k = params_after_widths(model, {v.index: 1 for v in prunable}, adds_mlp_bias) - base
+    base = params_after_widths(adapted, {v.index: 0 for v in prunable}, adds_mlp_bias)
+    per_k = params_after_widths(adapted, {v.index: 1 for v in prunable}, adds_mlp_bias) - base
 
     def params_after(k: int) -> int:
         return base + per_k * k
@@ -169,8 +174,6 @@ def _global_widths(scores: Scores, budget: int, config: AllocationConfig, candid
     """Per-layer widths from one ranking of every prunable neuron on per-layer standardised scores, so layers
     with flat score distributions are not starved by layers with large raw scores; each layer keeps at least
     min_keep, and widths are multiples of round_to (largest remainders keep the total on budget)."""
-    from .scoring import standardize
-
     min_keep = max(config.min_keep or config.round_to, 1)
     pooled, owners = [], []
     for index, score in scores.items():

@@ -2,36 +2,47 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 from dataclasses import asdict, dataclass
-from importlib import resources
 from pathlib import Path
 
 import torch
 
+from .utils import bundled_path, file_sha256
+
 DEFAULT_CALIBRATION = "c4"  # the bundled C4 train sample, shard 00000 (the seed methods' corpus)
+# Sized so the packaged SmolLM2 prunes in a few minutes on a 2-core CPU; the seed methods use 1,024 x 1,024.
+DEFAULT_SAMPLES = 64
+DEFAULT_SEQ_LEN = 256
 
 
 class CalibrationError(ValueError):
     """Calibration source missing, unreadable, or too small for the requested windows."""
 
 
-def bundled_path(relative: str) -> Path:
-    """Path of a file shipped in fidelprune/data (see its SOURCES.md)."""
-    return Path(str(resources.files("fidelprune") / "data" / relative))
-
-
 BUNDLED_TEXTS = {"c4": "c4/sample_c4-rp1.jsonl"}
 
 
-def file_sha256(path: str | Path, chunk: int = 1 << 24) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
+@dataclass
+class CalibrationConfig:
+    """Which windows score the neurons (the `calibration` section of a PruneConfig): `samples` windows of
+    `seq_len` tokens drawn with `seed` from `source` ("c4", the bundled sample, or a .txt/.jsonl/.json/.parquet
+    file)."""
+
+    source: str = DEFAULT_CALIBRATION
+    samples: int = DEFAULT_SAMPLES
+    seq_len: int = DEFAULT_SEQ_LEN
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        self.source = str(self.source)
+        check_window_shape(self.samples, self.seq_len)
+
+
+def check_window_shape(samples: int, seq_len: int) -> None:
+    if samples < 1 or seq_len < 2:
+        raise CalibrationError(f"need samples >= 1 and seq_len >= 2, got {samples} and {seq_len}")
 
 
 def read_documents(source: str | Path) -> list[str]:
@@ -91,8 +102,7 @@ def sample_windows(
     """`samples` windows of `seq_len` tokens, each a random span of a random document longer than seq_len
     (as SparseGPT / LLM-Pruner / the seed methods draw from C4). No BOS is prepended: windows start mid-text.
     Raises before any compute when the source holds too little text for samples x seq_len tokens."""
-    if samples < 1 or seq_len < 2:
-        raise CalibrationError(f"need samples >= 1 and seq_len >= 2, got {samples} and {seq_len}")
+    check_window_shape(samples, seq_len)
     documents = read_documents(source)
     rng = random.Random(seed)
     order = list(range(len(documents)))

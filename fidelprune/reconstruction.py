@@ -26,8 +26,6 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -35,9 +33,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .adapters import MLPView, _getattr_path, get_adapter, mlp_views
+from .adapters import AdaptedModel, MLPView, adapt
 from .calibration import record_dict, sample_windows
-from .scoring import batches, frozen_eval, registered
+from .utils import batches, frozen_eval, registered
 
 MODES = ("none", "parallel", "sequential")
 TARGETS = ("layer", "dense")  # sequential mode's target: the layer's own dense output, or the dense model's
@@ -59,6 +57,30 @@ def check_options(mode: str, lam: float, target: str = "layer") -> None:
         raise ValueError(f"unknown reconstruction target {target!r}: choose one of {', '.join(TARGETS)}")
     if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not math.isfinite(lam) or lam <= 0:
         raise ValueError(f"reconstruction lambda must be a positive number (ridge relative to the mean Gram diagonal), got {lam!r}")
+
+
+@dataclass
+class ReconstructionConfig:
+    """How the pruned MLPs are refit (the `reconstruction` section of a PruneConfig). `calibration`, `samples`
+    and `seed` draw separate windows for the refit; when all three are None it reuses the scoring windows, and
+    giving only `samples` or `seed` draws them from the scoring corpus."""
+
+    mode: str = "none"
+    lam: float = DEFAULT_LAMBDA
+    target: str = "layer"
+    calibration: str | None = None  # "c4" or a file
+    samples: int | None = None  # default: the scoring windows' count
+    seed: int | None = None  # default: the scoring seed + 1
+
+    def __post_init__(self) -> None:
+        check_options(self.mode, self.lam, self.target)
+        if self.mode == "none" and self.separate:
+            raise ValueError("separate reconstruction windows were given but reconstruct is 'none': choose parallel or sequential")
+
+    @property
+    def separate(self) -> bool:
+        """Whether the refit draws windows of its own rather than reusing the scoring ones."""
+        return self.calibration is not None or bool(self.samples) or self.seed is not None
 
 
 @dataclass
@@ -252,56 +274,8 @@ def reconstruction_windows(
     return ids, {"same_as_scoring": False, **record_dict(record)}
 
 
-class _StopForward(Exception):
-    """Raised by the recording stubs to end a forward pass once every decoder layer's call was seen."""
-
-
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    return _getattr_path(model, get_adapter(model).layers)
-
-
-@contextmanager
-def _recording(layers: nn.ModuleList, hidden: list[torch.Tensor], calls: dict[tuple, list], store: torch.device) -> Iterator[None]:
-    """Replace each decoder layer's forward by a stub that records its call and passes the hidden state on.
-
-    The model's own forward thus builds every layer's kwargs (masks per layer type, rotary embeddings, position
-    ids) exactly as transformers does for that family, at the cost of an embedding lookup. Windows are
-    fixed-length with no padding, so the kwargs depend only on the batch shape: they are recorded once per shape
-    and the pass ends at layer 0 for a shape already seen."""
-    shape: list[tuple] = []
-
-    def stub(index: int):
-        def forward(hidden_states: torch.Tensor, *args, **kwargs):
-            if index == 0:
-                hidden.append(hidden_states.detach().to(store))
-                shape[:] = [tuple(hidden_states.shape)]
-                if shape[0] in calls:
-                    raise _StopForward
-                calls[shape[0]] = [None] * len(layers)
-            calls[shape[0]][index] = (args, kwargs)
-            if index == len(layers) - 1:
-                raise _StopForward  # skip the final norm and the LM head
-            return hidden_states
-
-        return forward
-
-    for index, layer in enumerate(layers):
-        layer.forward = stub(index)  # instance attribute shadows the class's forward; removed below
-    try:
-        yield
-    finally:
-        for layer in layers:
-            vars(layer).pop("forward", None)
-
-
-def _run(layer: nn.Module, hidden: torch.Tensor, call: tuple, device: torch.device) -> torch.Tensor:
-    args, kwargs = call
-    out = layer(hidden.to(device), *args, **kwargs)
-    return out[0] if isinstance(out, tuple) else out
-
-
 def reconstruct(
-    model: nn.Module,
+    model: nn.Module | AdaptedModel,
     kept: dict[int, torch.Tensor],
     windows: torch.Tensor,
     mode: str = DEFAULT_MODE,
@@ -328,7 +302,8 @@ def reconstruct(
     check_options(mode, lam, target)
     dense_target = mode == "sequential" and target == "dense"
     result = ReconstructionResult(mode, lam, target=target if mode == "sequential" else "layer")
-    views = {v.index: v for v in mlp_views(model)}
+    adapted = adapt(model)
+    views = {v.index: v for v in adapted.mlps()}
     # Layers that lose nothing (protected, or kept whole) are left exactly as they are: a ridge refit would
     # only shrink their weights.
     todo = {i: k for i, k in kept.items() if len(k) < views[i].width}
@@ -338,26 +313,18 @@ def reconstruct(
     result.bias_refit = fit_bias or any(views[i].down.bias is not None for i in todo)
     if fit_bias:
         result.bias_shift = {i: torch.zeros(v.hidden_size) for i, v in views.items()}
-    layers = decoder_layers(model)
-    device = next(model.parameters()).device
+    device = adapted.device
     store = torch.device("cpu")  # the N x L x d cache lives off the accelerator; batches move over as they run
     last = max(todo)  # layers after the last pruned one need no propagation
     passes = sum((2 if mode == "sequential" and i in todo and i < last else 1) + dense_target for i in range(last + 1))
     bar = tqdm(total=windows.numel() * passes, unit="tok", unit_scale=True, desc=f"reconstruct ({mode})", disable=not progress)
-    hidden: list[torch.Tensor] = []
-    calls: dict[tuple, list] = {}
-    with torch.no_grad(), frozen_eval(model):
-        with _recording(layers, hidden, calls, store):
-            for batch in batches(windows, batch_size):
-                try:
-                    model(input_ids=batch.to(device), use_cache=False)
-                except _StopForward:
-                    pass
+    hidden, calls = adapted.layer_inputs(windows, batch_size, store)
+    with torch.no_grad(), frozen_eval(adapted.model):
         result.tokens = windows.numel()
         dense_hidden = [h.clone() for h in hidden] if dense_target else []
 
         def run(index: int, h: torch.Tensor) -> torch.Tensor:
-            out = _run(layers[index], h, calls[tuple(h.shape)][index], device)
+            out = adapted.run_layer(index, h, calls[tuple(h.shape)][index])
             bar.update(h.shape[0] * h.shape[1])
             return out
 
@@ -408,7 +375,8 @@ def reconstruct(
 def mlp_output_errors(reference: nn.Module, model: nn.Module, windows: torch.Tensor, batch_size: int = 4) -> dict[int, float]:
     """Per layer, ||y_ref - y||_F / ||y_ref||_F of each MLP's output when both models run `windows` end to end
     (so upstream errors count): how far a pruned `model` is from the dense `reference`, layer by layer."""
-    num = {v.index: 0.0 for v in mlp_views(reference)}
+    views = {"ref": adapt(reference).mlps(), "model": adapt(model).mlps()}
+    num = {v.index: 0.0 for v in views["ref"]}
     den = dict(num)
     device = next(model.parameters()).device
     with torch.no_grad(), frozen_eval(reference), frozen_eval(model):
@@ -416,7 +384,7 @@ def mlp_output_errors(reference: nn.Module, model: nn.Module, windows: torch.Ten
             outputs: dict[str, dict[int, torch.Tensor]] = {"ref": {}, "model": {}}
             for name, net in (("ref", reference), ("model", model)):
                 handles = [v.module.register_forward_hook(lambda m, args, out, i=v.index, name=name: outputs[name].__setitem__(i, out.detach().double()))
-                           for v in mlp_views(net)]
+                           for v in views[name]]
                 with registered(handles):
                     net(input_ids=batch.to(device), use_cache=False)
             for i, ref in outputs["ref"].items():

@@ -1,4 +1,4 @@
-"""Per-neuron importance scores, {layer_index: fp32 tensor [I]} (../shared/docs/methods.md, "Importance scores").
+"""Per-neuron importance scores, {layer_index: fp32 tensor [I]} (docs/methods.md, "Importance scores").
 
 Taylor forms need gradients, but never weight gradients of the whole model: every parameter is frozen, the
 embedding output is made a leaf that requires grad, and tensor hooks on each MLP read the few activation
@@ -18,7 +18,6 @@ Biases are not scored (the formulas cover weights only); they leave with their n
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -26,7 +25,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .adapters import MLPView, mlp_views
+from .adapters import AdaptedModel, MLPView, adapt
+from .utils import batches, frozen_eval, registered
 
 FORMS = ("activation", "weight-element", "element1", "element2")
 Scores = dict[int, torch.Tensor]
@@ -35,31 +35,6 @@ Objective = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Te
 
 class ScoringError(ValueError):
     """Scores came out unusable (NaN / inf)."""
-
-
-@contextmanager
-def frozen_eval(model: nn.Module) -> Iterator[None]:
-    """Eval mode, every parameter frozen; restores both afterwards so the caller's model is unchanged."""
-    requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
-    was_training = model.training
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for name, p in model.named_parameters():
-            p.requires_grad_(requires_grad[name])
-        model.train(was_training)
-
-
-@contextmanager
-def registered(handles: list) -> Iterator[None]:
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 def _first_arg(args: tuple, kwargs: dict) -> torch.Tensor:
@@ -147,10 +122,10 @@ class MLPHooks:
     with those neurons removed) and the gradient capture for a score form. `active = False` turns both off,
     which makes the model the original, unmasked one: the SDMPrune teacher without a second copy."""
 
-    def __init__(self, model: nn.Module, form: str | None, mask: dict[int, torch.Tensor] | None = None) -> None:
+    def __init__(self, model: nn.Module | AdaptedModel, form: str | None, mask: dict[int, torch.Tensor] | None = None) -> None:
         if form is not None and form not in FORMS:
             raise ValueError(f"unknown score form {form!r}: choose one of {', '.join(FORMS)}")
-        self.views = mlp_views(model)
+        self.views = adapt(model).mlps()
         self.form = form
         self.active = True
         self.mask = {}
@@ -254,13 +229,8 @@ def check_finite(scores: Scores) -> Scores:
     return scores
 
 
-def batches(windows: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
-    for start in range(0, len(windows), batch_size):
-        yield windows[start : start + batch_size]
-
-
 def taylor_scores(
-    model: nn.Module,
+    model: nn.Module | AdaptedModel,
     windows: torch.Tensor,
     objective: Objective,
     form: str,
@@ -275,9 +245,10 @@ def taylor_scores(
 
     With `mask`, only the listed neurons of each layer are active (the student); with `needs_teacher`, each
     batch is first run with the mask and capture off (the original model, the teacher) under no_grad."""
-    device = next(model.parameters()).device
+    adapted = adapt(model)
+    model, device = adapted.model, adapted.device
     bar = tqdm(total=windows.numel(), unit="tok", unit_scale=True, desc=description, disable=not progress)
-    with frozen_eval(model), leaf_embeddings(model), MLPHooks(model, form, mask) as hooks:
+    with frozen_eval(model), leaf_embeddings(model), MLPHooks(adapted, form, mask) as hooks:
         for batch in batches(windows, batch_size):
             batch = batch.to(device)
             teacher_logits = None
@@ -295,41 +266,8 @@ def taylor_scores(
         return check_finite(hooks.scores())
 
 
-def magnitude_scores(model: nn.Module) -> Scores:
-    """||W_gate[i]|| + ||W_up[i]|| + ||W_down[:, i]||: no data."""
-    scores = {}
-    for view in mlp_views(model):
-        gate, up = view.gate_up_weights()
-        with torch.no_grad():
-            score = gate.float().norm(dim=1) + up.float().norm(dim=1) + view.down.weight.float().norm(dim=0)
-        scores[view.index] = score.cpu()
-    return check_finite(scores)
-
-
-def random_scores(model: nn.Module, seed: int = 0) -> Scores:
-    generator = torch.Generator().manual_seed(seed)
-    return {view.index: torch.rand(view.width, generator=generator) for view in mlp_views(model)}
-
-
-def score_summary(scores: Scores) -> dict[str, float]:
-    values = torch.cat([s.flatten() for s in scores.values()])
-    finite = values[torch.isfinite(values)]
-    return {"min": finite.min().item(), "max": finite.max().item(), "mean": finite.mean().item()} if len(finite) else {"min": math.nan}
-
-
-# ------------------------------------------------------------------------------------- forward-only scores
-FORWARD_METHODS = ("wanda-sp", "flap", "activation")
-AGGREGATIONS = ("mean", "l2")
-
-
+# ------------------------------------------------------------------------ activation statistics (forward only)
 STATISTICS = ("sum", "sum_abs", "sum_sq")
-
-
-def needed_statistics(method: str, aggregation: str = "mean") -> tuple[str, ...]:
-    """The per-neuron sums a forward-only method's score (and FLAP's bias compensation) reads."""
-    if method == "activation":
-        return ("sum_abs",) if aggregation == "mean" else ("sum_sq",)
-    return ("sum_sq",) if method == "wanda-sp" else ("sum", "sum_sq")
 
 
 class ActivationStats:
@@ -362,12 +300,13 @@ class ActivationStats:
 
 @torch.no_grad()
 def activation_statistics(
-    model: nn.Module, windows: torch.Tensor, *, batch_size: int = 4, progress: bool = True,
+    model: nn.Module | AdaptedModel, windows: torch.Tensor, *, batch_size: int = 4, progress: bool = True,
     statistics: tuple[str, ...] = STATISTICS,
 ) -> dict[int, ActivationStats]:
     """One forward pass over the calibration windows, hooks on every down_proj input."""
-    device = next(model.parameters()).device
-    views = mlp_views(model)
+    adapted = adapt(model)
+    model, device = adapted.model, adapted.device
+    views = adapted.mlps()
     stats = {v.index: ActivationStats(v.width, v.down.weight.device, statistics) for v in views}
     hooks = [v.down.register_forward_pre_hook(lambda m, args, i=v.index: stats[i].add(args[0])) for v in views]
     bar = tqdm(total=windows.numel(), unit="tok", unit_scale=True, desc="activations", disable=not progress)
@@ -383,37 +322,3 @@ def standardize(score: torch.Tensor) -> torch.Tensor:
     """(s - mean) / std over the layer's finite entries: FLAP's per-layer standardisation."""
     finite = score[torch.isfinite(score)]
     return (score - finite.mean()) / finite.std().clamp_min(1e-12)
-
-
-def forward_scores(model: nn.Module, stats: dict[int, ActivationStats], method: str, aggregation: str = "mean") -> Scores:
-    """Scores from activation statistics (../shared/docs/methods.md, "Baselines"):
-    activation (Minitron) mean_{n,t}|a_i| or, with aggregation l2, ||a_:,i||_2; Wanda-sp sum_j |W_down[j,i]| ||a_:,i||_2;
-    FLAP var_{n,t}(a_i) ||W_down[:,i]||^2, standardised per layer."""
-    if method not in FORWARD_METHODS:
-        raise ValueError(f"unknown forward-only method {method!r}: choose one of {', '.join(FORWARD_METHODS)}")
-    if aggregation not in AGGREGATIONS:
-        raise ValueError(f"unknown aggregation {aggregation!r}: choose one of {', '.join(AGGREGATIONS)}")
-    scores = {}
-    for view in mlp_views(model):
-        s = stats[view.index]
-        down = view.down.weight.detach().double()
-        if method == "activation":
-            score = s.sum_abs / s.count if aggregation == "mean" else s.sum_sq.sqrt()
-        elif method == "wanda-sp":
-            score = down.abs().sum(dim=0) * s.sum_sq.sqrt()
-        else:
-            score = standardize(s.variance * down.square().sum(dim=0))
-        scores[view.index] = score.float().cpu()
-    return check_finite(scores)
-
-
-def flap_bias_shift(model: nn.Module, stats: dict[int, ActivationStats], kept: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
-    """FLAP's compensation: the removed neurons' mean contribution W_down[:, removed] . mean(a[removed]), per layer,
-    to be added to the down_proj bias so the layer's mean output is unchanged."""
-    shifts = {}
-    for view in mlp_views(model):
-        removed = torch.ones(view.width, dtype=torch.bool)
-        removed[kept[view.index].cpu()] = False
-        down = view.down.weight.detach().double().cpu()
-        shifts[view.index] = (down[:, removed] @ stats[view.index].mean.cpu()[removed]).float()
-    return shifts

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .adapters import add_down_bias, mlp_views, slice_mlp
+from .adapters import AdaptedModel, adapt
 
 # config key holding per-layer MLP widths when they differ (transformers has no per-layer intermediate_size for
 # these families; fidelprune.load_model / load_pruned read it back)
@@ -13,23 +13,23 @@ LAYER_WIDTHS_KEY = "fidelprune_layer_widths"
 
 
 def remove_neurons(
-    model: nn.Module, kept: dict[int, torch.Tensor], down_bias_shift: dict[int, torch.Tensor] | None = None
+    model: nn.Module | AdaptedModel, kept: dict[int, torch.Tensor], down_bias_shift: dict[int, torch.Tensor] | None = None
 ) -> None:
     """Keep only neurons `kept[layer]` (sorted indices) in each layer's MLP, in place; optionally add a
     per-layer shift to the down_proj biases (FLAP's compensation)."""
-    views = mlp_views(model)
-    for view in views:
+    adapted = adapt(model)
+    for view in adapted.mlps():
         if view.index in kept and len(kept[view.index]) < view.width:
-            slice_mlp(view, kept[view.index], model)
-    views = mlp_views(model)  # the linears were replaced
+            adapted.slice_mlp(view, kept[view.index])
+    views = adapted.mlps()  # the linears were replaced
     for view in views:
-        if hasattr(view.module, "intermediate_size"):
-            view.module.intermediate_size = view.width
+        adapted.set_mlp_width(view)
         if down_bias_shift is not None:
-            add_down_bias(view, down_bias_shift[view.index], model)
+            adapted.add_down_bias(view, down_bias_shift[view.index])
     widths = [v.width for v in views]
-    model.config.intermediate_size = max(widths)
+    config = adapted.config
+    config.intermediate_size = max(widths)
     if len(set(widths)) > 1:
-        setattr(model.config, LAYER_WIDTHS_KEY, widths)
-    elif hasattr(model.config, LAYER_WIDTHS_KEY):
-        delattr(model.config, LAYER_WIDTHS_KEY)
+        setattr(config, LAYER_WIDTHS_KEY, widths)
+    elif hasattr(config, LAYER_WIDTHS_KEY):
+        delattr(config, LAYER_WIDTHS_KEY)

@@ -51,3 +51,11 @@ def test_non_empty_output_is_refused_before_loading(tiny_dir, tmp_path, capsys):
     (out / "x").write_text("x")
     assert main(["prune", str(tiny_dir), "--output", str(out)]) == 2
     assert "--overwrite" in capsys.readouterr().err
+
+
+def test_the_old_method_name_activation_still_prunes(tiny_dir, tmp_path):
+    out = tmp_path / "pruned"
+    with pytest.warns(FutureWarning, match="minitron"):
+        assert main(["prune", str(tiny_dir), "--method", "activation", "--keep", "40", "--samples", "4",
+                     "--seq-len", "32", "--reconstruct", "none", "--output", str(out)]) == 0
+    assert json.loads((out / "pruning.json").read_text())["method"]["method"] == "minitron"

@@ -9,7 +9,7 @@ from fidelprune.models import load_pruned
 @pytest.mark.parametrize("family", ["llama", "phi3", "gemma3"])
 def test_non_uniform_widths_reload_with_the_same_logits(family, tmp_path):
     model, windows = tiny_model(family, num_hidden_layers=4), tiny_windows()
-    pruned, report = prune(model, None, "activation", 0.1, allocation="global", protect_last=1, round_to=4,
+    pruned, report = prune(model, None, "minitron", 0.1, allocation="global", protect_last=1, round_to=4,
                            calibration_ids=windows, progress=False)
     widths = report.manifest["allocation"]["layer_widths_after"]
     assert len(set(widths)) > 1 and widths[-1] == 48

@@ -79,3 +79,41 @@ def test_failed_save_leaves_nothing_that_looks_complete(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         save(pruned, None, report, tmp_path / "out")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_prune_config_and_the_keywords_give_the_same_run():
+    from fidelprune import AllocationConfig, CalibrationConfig, MethodConfig, PruneConfig, ReconstructionConfig
+
+    model, windows = tiny_model("llama"), tiny_windows()
+    config = PruneConfig(MethodConfig("sdmprune", batch_size=2), CalibrationConfig(samples=6, seq_len=12),
+                         AllocationConfig(round_to=4, ratio=0.2), ReconstructionConfig("sequential"))
+    _, by_config = prune(model, None, config, calibration_ids=windows, progress=False)
+    _, by_keywords = prune(model, None, "sdmprune", 0.2, batch_size=2, round_to=4, reconstruct="sequential",
+                           samples=6, seq_len=12, calibration_ids=windows, progress=False)
+    assert by_config.manifest["kept_neurons"] == by_keywords.manifest["kept_neurons"]
+    assert by_config.manifest["settings"]["method"] == by_keywords.manifest["settings"]["method"]
+    with pytest.raises(TypeError, match="not both"):
+        prune(model, None, config, ratio=0.3)
+
+
+def test_the_manifest_settings_rebuild_the_run(tmp_path):
+    from fidelprune import PruneConfig
+
+    model, tokenizer = tiny_model("qwen2"), None
+    pruned, report = prune(model, tokenizer, "magnitude", keep=24, allocation="global", progress=False)
+    save(pruned, None, report, tmp_path / "run")
+    settings = read_manifest(tmp_path / "run")["settings"]
+    assert settings["method"]["method"] == "magnitude" and settings["allocation"]["keep"] == 24
+    _, again = prune(model, tokenizer, PruneConfig.from_dict(settings), progress=False)
+    assert again.manifest["kept_neurons"] == report.manifest["kept_neurons"]
+
+
+def test_prune_resolves_the_model_family_once(monkeypatch):
+    """The adapted model is built once and handed to every stage (scoring, selection, refit, surgery)."""
+    from fidelprune import adapters
+
+    calls = []
+    lookup = adapters.get_adapter
+    monkeypatch.setattr(adapters, "get_adapter", lambda model: calls.append(model) or lookup(model))
+    prune(tiny_model("llama"), None, "flap", 0.1, calibration_ids=tiny_windows(), reconstruct="sequential", progress=False)
+    assert len(calls) == 1

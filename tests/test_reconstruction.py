@@ -12,10 +12,8 @@ from transformers import AutoModelForCausalLM
 
 from conftest import tiny_model, tiny_windows
 from fidelprune import prune, read_manifest, save
-from fidelprune.adapters import mlp_views
-from fidelprune.reconstruction import (
-    ReconstructionError, _Gram, _recording, _refit, _run, _StopForward, decoder_layers, mlp_output_errors,
-)
+from fidelprune.adapters import StopForward, adapt, mlp_views
+from fidelprune.reconstruction import ReconstructionError, _Gram, _refit, mlp_output_errors
 
 
 def spanned_model(family: str, groups: int = 8):
@@ -120,7 +118,8 @@ def test_recorded_errors_match_the_saved_model(family, method, mode, target):
 def test_layer_by_layer_propagation_reproduces_the_model(family):
     model = tiny_model(family, num_hidden_layers=3)
     windows = tiny_windows(6, 16)
-    layers = decoder_layers(model)
+    adapted = adapt(model)
+    layers = adapted.layers
     inputs = []
     handles = [layer.register_forward_pre_hook(lambda m, args, kwargs: inputs.append(args[0] if args else kwargs["hidden_states"]), with_kwargs=True)
                for layer in layers]
@@ -130,9 +129,9 @@ def test_layer_by_layer_propagation_reproduces_the_model(family):
     for h in handles:
         h.remove()
     hidden, calls = [], {}
-    with torch.no_grad(), _recording(layers, hidden, calls, torch.device("cpu")):
+    with torch.no_grad(), adapted.recording(hidden, calls, torch.device("cpu")):
         for batch in (windows[:4], windows[4:]):
-            with pytest.raises(_StopForward):
+            with pytest.raises(StopForward):
                 model(batch, use_cache=False)
     assert len(calls) == 2 and len(hidden) == 2
     assert all(type(layer).forward is layer.forward.__func__ for layer in layers)  # stubs removed
@@ -141,13 +140,13 @@ def test_layer_by_layer_propagation_reproduces_the_model(family):
         for index, layer in enumerate(layers):
             torch.testing.assert_close(h, inputs[b * len(layers) + index], atol=1e-6, rtol=1e-6)
             with torch.no_grad():
-                h = _run(layer, h, calls[tuple(h.shape)][index], torch.device("cpu"))
+                h = adapted.run_layer(index, h, calls[tuple(h.shape)][index])
 
 
 def test_save_reload_gives_the_same_logits(family, tmp_path):
     model = tiny_model(family)
     windows = tiny_windows(8, 16)
-    pruned, report = prune(model, None, "activation", 0.15, round_to=4, calibration_ids=windows,
+    pruned, report = prune(model, None, "minitron", 0.15, round_to=4, calibration_ids=windows,
                            reconstruct="sequential", reconstruct_lambda=1e-2, progress=False)
     out = save(pruned, None, report, tmp_path / "out")
     reloaded = AutoModelForCausalLM.from_pretrained(out).eval()  # vanilla transformers

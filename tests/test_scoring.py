@@ -1,5 +1,5 @@
 """Each score form against fidelprune.reference: plain implementations written straight from
-../shared/docs/methods.md, one sequence at a time, full weight (or activation) gradients from autograd,
+docs/methods.md, one sequence at a time, full weight (or activation) gradients from autograd,
 no hooks of fidelprune's."""
 
 import copy
@@ -8,12 +8,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import reference
 from conftest import tiny_model, tiny_windows
-from fidelprune import reference
-from fidelprune.allocation import select_uniform
-from fidelprune.objectives import KD, ce, entropy
 from fidelprune import scoring
-from fidelprune.scoring import ScoringError, check_finite, magnitude_scores, taylor_scores
+from fidelprune.allocation import select_uniform
+from fidelprune.methods.magnitude import magnitude_scores
+from fidelprune.objectives import KD, ce, entropy
+from fidelprune.scoring import ScoringError, check_finite, taylor_scores
 from fidelprune.surgery import remove_neurons
 
 

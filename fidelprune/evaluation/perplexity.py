@@ -1,4 +1,4 @@
-"""Perplexity over non-overlapping windows (../shared/docs/methods.md, "Evaluation protocols").
+"""Perplexity over non-overlapping windows (docs/methods.md, "Evaluation protocols").
 
 The text is tokenized once with the tokenizer's own special-token convention (a BOS at the very start where
 the tokenizer adds one, as LLM-Pruner does), cut into non-overlapping windows of `seq_len` tokens (a
@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..calibration import bundled_path
+from ..utils import bundled_path, eval_mode
 
 # Bundled perplexity corpora (see fidelprune/data/SOURCES.md); each is joined with "\n\n" as the papers do.
 CORPORA = {
@@ -97,12 +97,8 @@ def perplexity(
         raise ValueError(f"{corpus} has {len(ids)} tokens, fewer than one window of {seq_len}")
     used = available if limit_windows is None else min(limit_windows, available)
     windows = ids[: used * seq_len].view(used, seq_len)
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         nll = window_nll(model, windows, batch_size, progress)
-    finally:
-        model.train(was_training)
     tokens = used * (seq_len - 1)
     mean = nll.sum().item() / tokens
     return PerplexityResult(str(corpus), math.exp(mean), mean, seq_len, used, available, tokens)

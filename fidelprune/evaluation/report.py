@@ -17,7 +17,7 @@ SCHEMA = "fidelprune-eval/1"
 
 # ------------------------------------------------------------------------------------------------ combine
 def versions() -> dict:
-    from ..pruning import library_versions
+    from ..utils import library_versions
     from .zeroshot import lm_eval_version
 
     return {**library_versions(), "lm_eval": lm_eval_version()}

@@ -21,6 +21,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..utils import eval_mode
+
 _CLEAR_REFS = Path("/proc/self/clear_refs")
 _STATUS = Path("/proc/self/status")
 
@@ -143,25 +145,23 @@ def measure_speed(
         raise ValueError(f"prompt_len + new_tokens = {prompt_len + new_tokens} exceeds the model's {max_positions} positions")
     vocab = model.config.vocab_size
     ids = torch.randint(0, vocab, (batch_size, prompt_len), generator=torch.Generator().manual_seed(seed)).to(device)
-    was_training = model.training
-    model.eval()
-    model.to(device)
-    peak = _PeakMemory(device)
-    try:
-        cache, token = _prefill(model, ids)  # warm-up: first-call allocations, kernel selection
-        _decode(model, cache, token, new_tokens)
-        del cache
-        peak.reset()
-        prefill, decode = [], []
-        for _ in range(repeats):
-            seconds, (cache, token) = _timed(lambda: _prefill(model, ids), device)
-            prefill.append(seconds)
-            decode.append(_timed(lambda: _decode(model, cache, token, new_tokens), device)[0])
+    with eval_mode(model):
+        model.to(device)
+        peak = _PeakMemory(device)
+        try:
+            cache, token = _prefill(model, ids)  # warm-up: first-call allocations, kernel selection
+            _decode(model, cache, token, new_tokens)
             del cache
-        peak_bytes = peak.read()
-    finally:
-        model.to(home)
-        model.train(was_training)
+            peak.reset()
+            prefill, decode = [], []
+            for _ in range(repeats):
+                seconds, (cache, token) = _timed(lambda: _prefill(model, ids), device)
+                prefill.append(seconds)
+                decode.append(_timed(lambda: _decode(model, cache, token, new_tokens), device)[0])
+                del cache
+            peak_bytes = peak.read()
+        finally:
+            model.to(home)
     prefill_s, decode_s = statistics.median(prefill), statistics.median(decode)
     return SpeedResult(
         device=str(device), device_name=_device_name(device), dtype=model_size(model)["dtype"],

@@ -67,9 +67,9 @@ class EvalConfig:
 
 def mlp_widths(model: nn.Module) -> list[int] | None:
     try:
-        from ..adapters import mlp_views
+        from ..adapters import adapt
 
-        return [view.width for view in mlp_views(model)]
+        return adapt(model).widths()
     except ValueError:  # an architecture fidelprune cannot prune is still evaluated, without widths
         return None
 
@@ -124,34 +124,25 @@ def evaluate_model(model: nn.Module, tokenizer, config: EvalConfig, info: dict |
 def evaluate(
     model: nn.Module,
     tokenizer,
+    config: EvalConfig | None = None,
     *,
     baseline: tuple[nn.Module, object] | None = None,
-    ppl: str | list[str] | None = DEFAULT_PPL,
-    tasks: str | list[str] | None = "all",
-    seq_len: int = 128,
-    limit_windows: int | None = None,
-    limit: int | None = None,
-    batch_size: int = 8,
-    hellaswag: str | Path | None = None,
-    speed: bool = True,
-    speed_devices: str | list[str] | None = None,
-    prompt_len: int = 128,
-    new_tokens: int = 32,
-    speed_batch: int = 1,
-    repeats: int = 3,
-    seed: int = 0,
     progress: bool = True,
     verbose: bool = False,
+    **options,
 ) -> dict:
     """Evaluate an in-memory model (and its dense `baseline=(model, tokenizer)`, same protocol) and return the
     results.json dict: perplexity on `ppl` corpora, zero-shot `tasks` through lm-eval, size and speed, and the
-    side-by-side comparison. `ppl`/`tasks`: names, comma lists, or "none"; tasks "all" = the six bundled ones
-    (+ hellaswag when `hellaswag` gives its jsonl)."""
+    side-by-side comparison. The protocol is an `EvalConfig`, or its fields as keywords (`EvalConfig.build`:
+    `ppl`/`tasks` as names, comma lists, or "none"; tasks "all" = the six bundled ones, + hellaswag when
+    `hellaswag` gives its jsonl; `limit`, `seq_len`, `speed`, ...). For a model on disk and its source model
+    from pruning.json, see `evaluate_location`."""
     from .report import combine
 
-    config = EvalConfig.build(ppl, tasks, hellaswag, speed_devices, seq_len=seq_len, limit_windows=limit_windows,
-                              limit=limit, batch_size=batch_size, speed=speed, prompt_len=prompt_len,
-                              new_tokens=new_tokens, speed_batch=speed_batch, repeats=repeats, seed=seed)
+    if config is None:
+        config = EvalConfig.build(**options)
+    elif options:
+        raise TypeError("pass the protocol either as an EvalConfig or as keywords, not both")
     evaluated = evaluate_model(model, tokenizer, config, progress=progress, verbose=verbose)
     dense = evaluate_model(*baseline, config, progress=progress, verbose=verbose) if baseline is not None else None
     return combine(evaluated, dense, config)

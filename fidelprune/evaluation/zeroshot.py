@@ -4,7 +4,7 @@ fidelprune ships lm-eval task YAMLs (evaluation/tasks/) that are lm-eval 0.4.13'
 swapped for the bundled local files; lm-eval does the prompting, scoring and metrics. A TaskManager that sees
 only those YAMLs (include_defaults=False) guarantees that no task reaches for the hub.
 
-Protocol (../shared/docs/methods.md): zero-shot, lm-eval's prompts, the tokenizer's own BOS convention (lm-eval's
+Protocol (docs/methods.md): zero-shot, lm-eval's prompts, the tokenizer's own BOS convention (lm-eval's
 default; recorded), acc and acc_norm where the task defines both. The reported metric per task is acc_norm for
 ARC-e, ARC-c, OBQA, PIQA, HellaSwag and acc for BoolQ and WinoGrande; the commonsense average is their mean.
 """
@@ -19,6 +19,7 @@ from pathlib import Path
 
 from torch import nn
 
+from ..utils import eval_mode
 from .tasks import TASKS_DIR
 
 BUNDLED_TASKS = ("arc_easy", "arc_challenge", "piqa", "boolq", "winogrande", "openbookqa")
@@ -167,18 +168,13 @@ def zeroshot(
     if not names:
         raise ValueError("no zero-shot task selected")
     start = time.perf_counter()
-    was_training = model.training
-    model.eval()
-    try:
-        with quiet_lm_eval(verbose):
-            lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
-            raw = simple_evaluate(
-                model=lm, tasks=names, num_fewshot=0, limit=limit, task_manager=task_manager(hellaswag),
-                log_samples=per_item, random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
-                fewshot_random_seed=seed,
-            )
-    finally:
-        model.train(was_training)
+    with eval_mode(model), quiet_lm_eval(verbose):
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+        raw = simple_evaluate(
+            model=lm, tasks=names, num_fewshot=0, limit=limit, task_manager=task_manager(hellaswag),
+            log_samples=per_item, random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
+            fewshot_random_seed=seed,
+        )
     results = _task_results(raw, names)
     return ZeroShotResult(results, limit, batch_size, tokenizer_adds_bos(tokenizer), seed, lm_eval_version(),
                           time.perf_counter() - start, commonsense_average(results))

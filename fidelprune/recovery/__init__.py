@@ -1,15 +1,14 @@
-"""Recovery fine-tuning of a pruned model (../shared/docs/methods.md, "Recovery"; docs/recovery.md).
+"""Recovery fine-tuning of a pruned model (docs/methods.md, "Recovery"; docs/recovery.md).
 
     recovered, report = fidelprune.recover("pruned/", data="alpaca", mode="lora", loss="kd")
     fidelprune.recovery.save_recovered(recovered, tokenizer, report, "recovered/")
 """
 
-from .cli import add_parser
 from .data import ALPACA_PROMPT, ALPACA_PROMPT_INPUT, IGNORE, Packed, build_data, pack, render_alpaca
 from .save import RECOVERY_FILE, save_recovered
 from .train import RecoveryConfig, RecoveryReport, check_packing, recover
 
 __all__ = [
     "ALPACA_PROMPT", "ALPACA_PROMPT_INPUT", "IGNORE", "Packed", "RECOVERY_FILE", "RecoveryConfig", "RecoveryReport",
-    "add_parser", "build_data", "check_packing", "pack", "recover", "render_alpaca", "save_recovered",
+    "build_data", "check_packing", "pack", "recover", "render_alpaca", "save_recovered",
 ]

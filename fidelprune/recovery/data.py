@@ -18,7 +18,8 @@ from pathlib import Path
 
 import torch
 
-from ..calibration import BUNDLED_TEXTS, bundled_path, file_sha256, read_documents
+from ..calibration import BUNDLED_TEXTS, read_documents
+from ..utils import bundled_path, file_sha256
 
 IGNORE = -100  # label of a token that is not a target (prompt, padding, first token of an example)
 

@@ -23,9 +23,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .. import __version__
+from .._version import __version__
 from ..checkpoint import MANIFEST, read_manifest
 from ..models import load_model, parameters_sha256
+from ..utils import eval_mode
 from .checkpoints import complete_checkpoints, latest_checkpoint, load_checkpoint, save_checkpoint
 from .data import Packed, RecoveryData, build_data
 from .losses import teacher_log_probs, token_loss_sums
@@ -36,7 +37,7 @@ log = logging.getLogger(__name__)
 MODES = ("lora", "full")
 LOSSES = ("ce", "kd", "mix")
 PRECISIONS = ("auto", "bf16", "fp32")
-# Seed-method learning rates (../shared/docs/methods.md, "Recovery"): LoRA 1e-4..4e-4, full fine-tuning 1e-4.
+# Seed-method learning rates (docs/methods.md, "Recovery"): LoRA 1e-4..4e-4, full fine-tuning 1e-4.
 DEFAULT_LR = {"lora": 2e-4, "full": 1e-4}
 
 
@@ -147,7 +148,7 @@ def library_versions() -> dict:
     import accelerate
     import peft
 
-    from ..pruning import library_versions as base
+    from ..utils import library_versions as base
 
     return {**base(), "peft": peft.__version__, "accelerate": accelerate.__version__}
 
@@ -162,13 +163,9 @@ def check_packing(model: nn.Module) -> float:
     a, b = (torch.randint(0, vocab, (1, n), generator=gen).to(device) for n in (6, 5))
     packed = torch.cat([a, b], dim=1)
     positions = torch.cat([torch.arange(6), torch.arange(5)]).unsqueeze(0).to(device)
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         together = model(input_ids=packed, position_ids=positions, use_cache=False).logits.float()
         alone = torch.cat([model(input_ids=x, use_cache=False).logits.float() for x in (a, b)], dim=1)
-    finally:
-        model.train(was_training)
     diff = (together - alone).abs().max().item()
     scale = max(1.0, alone.abs().max().item())
     tolerance = (1e-4 if next(model.parameters()).dtype in (torch.float32, torch.float64) else 3e-2) * scale
@@ -195,15 +192,13 @@ def _forward(model: nn.Module, batch: Packed, device) -> torch.Tensor:
 @torch.no_grad()
 def validate(model: nn.Module, val: Packed, batch_size: int, accelerator) -> dict:
     """Perplexity on the held-out rows (target tokens only), over all processes."""
-    was_training = model.training
-    model.eval()
     totals = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
     rows = torch.arange(accelerator.process_index, len(val), accelerator.num_processes)
-    for start in range(0, len(rows), batch_size):
-        batch = val.select(rows[start : start + batch_size])
-        sums = token_loss_sums(_forward(model, batch, accelerator.device), batch.labels.to(accelerator.device))
-        totals += torch.tensor([sums.ce.item(), sums.tokens], dtype=torch.float64, device=accelerator.device)
-    model.train(was_training)
+    with eval_mode(model):
+        for start in range(0, len(rows), batch_size):
+            batch = val.select(rows[start : start + batch_size])
+            sums = token_loss_sums(_forward(model, batch, accelerator.device), batch.labels.to(accelerator.device))
+            totals += torch.tensor([sums.ce.item(), sums.tokens], dtype=torch.float64, device=accelerator.device)
     totals = accelerator.reduce(totals, reduction="sum")
     loss = (totals[0] / totals[1]).item()
     return {"loss": loss, "ppl": math.exp(loss), "tokens": int(totals[1].item())}

@@ -36,3 +36,12 @@ def test_config_from_user_values():
     assert config.ppl == ["wikitext2", "ptb"] and config.tasks == [] and config.speed_devices == ["cpu"]
     assert EvalConfig.build("none", "piqa").ppl == []
     assert EvalConfig().tasks == ["arc_easy", "arc_challenge", "piqa", "boolq", "winogrande", "openbookqa"]
+
+
+def test_evaluate_takes_the_protocol_as_a_config_or_as_keywords_not_both():
+    model, tokenizer = tiny_lm(), smollm2_tokenizer()
+    config = EvalConfig.build(ppl="none", tasks="none", speed=False)
+    results = fidelprune.evaluate(model, tokenizer, config)
+    assert results["protocol"]["tasks"] == [] and results["protocol"]["speed"] is False
+    with pytest.raises(TypeError, match="not both"):
+        fidelprune.evaluate(model, tokenizer, config, limit=3)

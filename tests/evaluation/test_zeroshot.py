@@ -10,7 +10,7 @@ import pytest
 from eval_helpers import read_jsonl, smollm2_tokenizer, tiny_lm
 from lm_eval.tasks._yaml_loader import load_yaml
 
-from fidelprune.calibration import bundled_path
+from fidelprune.utils import bundled_path
 from fidelprune.evaluation import BUNDLED_TASKS, load_tasks, zeroshot
 from fidelprune.evaluation.tasks import TASKS_DIR
 from fidelprune.evaluation.zeroshot import TaskResult, commonsense_average, parse_tasks

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import datasets
 
-from fidelprune.calibration import bundled_path
+from fidelprune.utils import bundled_path
 
 LETTERS = "ABCDEFGH"
 

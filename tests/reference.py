@@ -1,7 +1,7 @@
-"""Slow, obviously-correct implementations of every score, written straight from ../shared/docs/methods.md the
-way the published code computes them: one sequence at a time, full weight gradients from plain autograd, and
-[I, d] fp64 accumulators. The pipeline never uses these; the tests pin fidelprune's fast scores to them and
-`benchmarks/cost.py` measures against them."""
+"""Slow, obviously-correct implementations of every score, written straight from docs/methods.md the way the
+published code computes them: one sequence at a time, full weight gradients from plain autograd, and [I, d] fp64
+accumulators. An oracle, not part of the package: the tests pin fidelprune's fast scores to it and
+`benchmarks/cost.py` measures against it (both import it from here)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from .adapters import mlp_views
-from .scoring import Objective, Scores
+from fidelprune.adapters import mlp_views
+from fidelprune.scoring import Objective, Scores
 
 
 @contextmanager
@@ -106,7 +106,7 @@ def element_scores(model: nn.Module, windows: torch.Tensor, objective: Objective
 
 @torch.no_grad()
 def forward_scores(model: nn.Module, windows: torch.Tensor, method: str, aggregation: str = "mean") -> Scores:
-    """activation / wanda-sp / flap from every calibration activation held at once (tokens x I per layer)."""
+    """minitron / wanda-sp / flap from every calibration activation held at once (tokens x I per layer)."""
     views = mlp_views(model)
     acts = {v.index: [] for v in views}
     handles = [v.down.register_forward_pre_hook(lambda m, args, i=v.index: acts[i].append(args[0].reshape(-1, args[0].shape[-1]).double()))
@@ -118,7 +118,7 @@ def forward_scores(model: nn.Module, windows: torch.Tensor, method: str, aggrega
     scores = {}
     for view in views:
         a, down = torch.cat(acts[view.index]), view.down.weight.double()
-        if method == "activation":
+        if method == "minitron":
             scores[view.index] = a.abs().mean(dim=0) if aggregation == "mean" else a.norm(dim=0)
         elif method == "wanda-sp":
             scores[view.index] = down.abs().sum(dim=0) * a.norm(dim=0)

@@ -1,24 +1,26 @@
-"""`fidelprune recover PRUNED --data D --mode lora|full --loss ce|kd|mix --output OUT`."""
+"""`fidelprune recover PRUNED --data D --mode lora|full --loss ce|kd|mix --output OUT`: flags -> RecoveryConfig
+-> recover -> save_recovered -> summary table."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
+from .common import add_output_flags, print_summary
+
 DEFAULT_EVAL_WINDOWS = 64
 
 
 def add_parser(sub) -> None:
-    from .data import FORMATS
-    from .modes import DEFAULT_TARGETS
-    from .train import LOSSES, MODES, PRECISIONS, RecoveryConfig
+    from ..recovery.data import FORMATS
+    from ..recovery.modes import DEFAULT_TARGETS
+    from ..recovery.train import LOSSES, MODES, PRECISIONS, RecoveryConfig
 
     d = RecoveryConfig()
     p = sub.add_parser("recover", help="fine-tune a pruned model (LoRA or full; CE or distillation) into a standard checkpoint",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("model", help="pruned model directory (a fidelprune output, or any HF safetensors directory)")
-    p.add_argument("--output", "-o", default=None, help="output directory (default: <model>-recovered-<mode>-<loss>)")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output, and discard an earlier run's checkpoints")
+    add_output_flags(p, None, "default: <model>-recovered-<mode>-<loss>; --overwrite also discards an earlier run's checkpoints")
     p.add_argument("--teacher", default=None, help="teacher for kd/mix (default: the source model in the input's pruning.json)")
     p.add_argument("--data", default="alpaca", help="'alpaca' or 'c4' (bundled), or an Alpaca .json/.jsonl or text .txt/.jsonl/.parquet file")
     p.add_argument("--format", dest="data_format", choices=FORMATS, default=d.data_format, help="data format (auto: from the record fields)")
@@ -58,14 +60,11 @@ def add_parser(sub) -> None:
 
 def run(args) -> int:
     from accelerate import PartialState
-    from rich.console import Console
-    from rich.table import Table
 
     from ..checkpoint import check_output_dir
-    from .checkpoints import remove_checkpoints
-    from .data import BUNDLED_DATA
-    from .save import save_recovered
-    from .train import recover
+    from ..recovery import recover, save_recovered
+    from ..recovery.checkpoints import remove_checkpoints
+    from ..recovery.data import BUNDLED_DATA
 
     model_dir = Path(args.model)
     if not model_dir.is_dir():
@@ -90,8 +89,5 @@ def run(args) -> int:
     path = save_recovered(model, None, report, output, overwrite=args.overwrite)
     if not args.keep_checkpoints and PartialState().is_main_process:
         remove_checkpoints(checkpoint_dir)
-    table = Table(title=f"fidelprune recover -> {path}", show_header=False)
-    for key, value in report.summary().items():
-        table.add_row(key, str(value))
-    Console(stderr=True).print(table)
+    print_summary(f"fidelprune recover -> {path}", report.summary())
     return 0

@@ -1,0 +1,41 @@
+"""`fidelprune prune|eval|report|recover`: one module per subcommand; each translates flags into the Python API's
+config objects and calls it. Whatever the CLI can do, the Python API can do."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from . import eval as eval_command
+from . import prune as prune_command
+from . import recover as recover_command
+from . import report as report_command
+from .common import console
+
+SUBCOMMANDS = (prune_command, eval_command, report_command, recover_command)
+__all__ = ["build_parser", "console", "main"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fidelprune", description="Prune, recover and evaluate causal LMs.")
+    parser.add_argument("--verbose", "-v", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for command in SUBCOMMANDS:
+        command.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if not args.verbose:
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    try:
+        return args.run(args)
+    except (ValueError, FileNotFoundError, FileExistsError, OSError) as err:
+        if args.verbose:
+            raise
+        print(f"error: {err}", file=sys.stderr)  # one line, unwrapped, so scripts can grep it
+        return 2

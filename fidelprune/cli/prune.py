@@ -1,0 +1,96 @@
+"""`fidelprune prune MODEL`: flags -> PruneConfig -> load -> prune -> save -> summary table."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from .common import add_model_flags, add_output_flags, console, print_summary
+
+
+def add_parser(sub) -> None:
+    from ..allocation import ALLOCATIONS
+    from ..calibration import DEFAULT_SAMPLES, DEFAULT_SEQ_LEN
+    from ..methods import AGGREGATIONS, ALIASES, METHODS
+    from ..objectives import OBJECTIVES
+    from ..reconstruction import DEFAULT_LAMBDA, DEFAULT_MODE, MODES
+    from ..scoring import FORMS
+
+    p = sub.add_parser("prune", help="prune MLP neurons and save a standard HF checkpoint")
+    p.add_argument("model", nargs="?", default=None, help="HF directory, .gguf file or hub id (default: packaged SmolLM2-135M-Instruct)")
+    p.add_argument("--method", default="hfprune", choices=(*METHODS, *ALIASES),
+                   help=f"scoring method (default hfprune); {', '.join(f'{old} is now {new}' for old, new in ALIASES.items())}")
+    p.add_argument("--ratio", type=float, default=None, help="fraction of total parameters to remove (default 0.2)")
+    p.add_argument("--keep", type=int, default=None, help="neurons to keep per layer (instead of --ratio)")
+    p.add_argument("--round-to", type=int, default=8, help="kept width is a multiple of this (default 8)")
+    add_output_flags(p, None, "default: pruned-<model>-<method>-<ratio>")
+    p.add_argument("--calibration", default="c4", help="'c4' (bundled C4 train sample) or a .txt/.jsonl/.parquet file")
+    p.add_argument("--samples", type=int, default=DEFAULT_SAMPLES, help=f"calibration windows (default {DEFAULT_SAMPLES}; seeds: 1024)")
+    p.add_argument("--seq-len", type=int, default=DEFAULT_SEQ_LEN, help=f"tokens per window (default {DEFAULT_SEQ_LEN}; seeds: 1024)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=4, help="sequences per backward (scores do not depend on it)")
+    p.add_argument("--objective", choices=OBJECTIVES, default=None, help="override the method's objective")
+    p.add_argument("--form", choices=FORMS, default=None, help="override the method's score form")
+    p.add_argument("--alpha", type=float, default=None, help="kd weight (sdmprune default by ratio: 0.4 / 0.42 / 0.1)")
+    p.add_argument("--temperature", type=float, default=None, help="kd teacher temperature (sdmprune default 0.2 / 0.5 / 0.2)")
+    p.add_argument("--aggregation", choices=AGGREGATIONS, default="mean", help="minitron: mean |a| or L2 norm")
+    p.add_argument("--allocation", choices=ALLOCATIONS, default="uniform",
+                   help="uniform: same width everywhere (vanilla checkpoint); global: rank all layers together (needs fidelprune.load_model)")
+    p.add_argument("--min-keep", type=int, default=None, help="global allocation: neurons every layer keeps at least (default: --round-to)")
+    p.add_argument("--protect-first", type=int, default=0, help="first N layers keep every neuron (others prune harder)")
+    p.add_argument("--protect-last", type=int, default=0, help="last M layers keep every neuron")
+    p.add_argument("--scores", default=None, help="re-prune from an earlier run's scores.safetensors (no calibration)")
+    p.add_argument("--reconstruct", choices=MODES, default=DEFAULT_MODE,
+                   help=f"refit each pruned MLP's down_proj by least squares on calibration activations (default {DEFAULT_MODE})")
+    p.add_argument("--reconstruct-lambda", type=float, default=DEFAULT_LAMBDA,
+                   help=f"ridge, relative to the mean Gram diagonal (default {DEFAULT_LAMBDA:g})")
+    p.add_argument("--reconstruct-calibration", default=None,
+                   help="separate reconstruction windows from this source ('c4' or a file; default: the scoring windows)")
+    p.add_argument("--reconstruct-samples", type=int, default=None, help="separate reconstruction windows: how many (default --samples)")
+    p.add_argument("--reconstruct-seed", type=int, default=None, help="separate reconstruction windows: seed (default --seed + 1)")
+    add_model_flags(p)
+    p.set_defaults(run=run)
+
+
+def config_from_args(args):
+    """The PruneConfig the flags describe (every flag is one keyword of PruneConfig.from_options)."""
+    from ..pruning import PruneConfig
+
+    return PruneConfig.from_options(
+        args.method, args.ratio, keep=args.keep, round_to=args.round_to, calibration=args.calibration,
+        samples=args.samples, seq_len=args.seq_len, seed=args.seed, batch_size=args.batch_size,
+        objective=args.objective, form=args.form, alpha=args.alpha, temperature=args.temperature,
+        aggregation=args.aggregation, allocation=args.allocation, protect_first=args.protect_first,
+        protect_last=args.protect_last, min_keep=args.min_keep, reconstruct=args.reconstruct,
+        reconstruct_lambda=args.reconstruct_lambda, reconstruct_calibration=args.reconstruct_calibration,
+        reconstruct_samples=args.reconstruct_samples, reconstruct_seed=args.reconstruct_seed,
+    )
+
+
+def default_output(args, config) -> Path:
+    name = Path(args.model or "smollm2").name.removesuffix(".gguf")
+    alloc = config.allocation
+    amount = f"keep{alloc.keep}" if alloc.keep else f"{alloc.ratio:g}"
+    return Path(f"pruned-{name}-{config.method.method}-{amount}")
+
+
+def run(args) -> int:
+    from .. import load_model, prune, save
+    from ..calibration import check_source
+    from ..checkpoint import check_output_dir
+
+    config = config_from_args(args)  # bad settings stop here, before any file is touched
+    output = Path(args.output) if args.output else default_output(args, config)
+    check_output_dir(output, args.overwrite)  # before any compute
+    check_source(config.calibration.source)
+    if config.reconstruction.calibration is not None:
+        check_source(config.reconstruction.calibration)
+    start = time.perf_counter()
+    with console.status(f"loading {args.model or 'packaged SmolLM2-135M-Instruct'}"):
+        model, tokenizer, source = load_model(args.model, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code)
+    load_s = time.perf_counter() - start
+    pruned, report = prune(model, tokenizer, config, scores=args.scores, inplace=True, source=source)
+    report.manifest["timings_s"]["load"] = load_s
+    path = save(pruned, tokenizer, report, output, overwrite=args.overwrite)
+    print_summary(f"fidelprune prune -> {path}", report.summary())
+    return 0

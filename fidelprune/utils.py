@@ -1,0 +1,76 @@
+"""Small helpers every stage shares: model modes, hooks, batching, bundled files, hashes, versions."""
+
+from __future__ import annotations
+
+import hashlib
+import platform
+from collections.abc import Iterator
+from contextlib import contextmanager
+from importlib import resources
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ._version import __version__
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Eval mode for the block; the model's train/eval mode is restored afterwards, whatever happens."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+@contextmanager
+def frozen_eval(model: nn.Module) -> Iterator[None]:
+    """Eval mode, every parameter frozen; restores both afterwards so the caller's model is unchanged."""
+    requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
+    with eval_mode(model):
+        for p in model.parameters():
+            p.requires_grad_(False)
+        try:
+            yield
+        finally:
+            for name, p in model.named_parameters():
+                p.requires_grad_(requires_grad[name])
+
+
+@contextmanager
+def registered(handles: list) -> Iterator[None]:
+    """Remove the hook handles when the block ends."""
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def batches(windows: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
+    for start in range(0, len(windows), batch_size):
+        yield windows[start : start + batch_size]
+
+
+def bundled_path(relative: str) -> Path:
+    """Path of a file shipped in fidelprune/data (see its SOURCES.md)."""
+    return Path(str(resources.files("fidelprune") / "data" / relative))
+
+
+def file_sha256(path: str | Path, chunk: int = 1 << 24) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def library_versions() -> dict[str, str]:
+    """The versions a result depends on, recorded in every manifest and results file."""
+    import transformers
+
+    return {"fidelprune": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version(), "platform": platform.platform()}
