@@ -18,10 +18,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .errors import FidelpruneError
 from .utils import batches, frozen_eval
 
 
-class UnsupportedModelError(ValueError):
+class UnsupportedModelError(FidelpruneError, ValueError):
     """The model's architecture has no adapter."""
 
 

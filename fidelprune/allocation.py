@@ -14,10 +14,11 @@ import torch
 from torch import nn
 
 from .adapters import AdaptedModel, adapt
+from .errors import FidelpruneError, check_float, check_int
 from .scoring import Scores, standardize
 
 
-class AllocationError(ValueError):
+class AllocationError(FidelpruneError, ValueError):
     """The requested ratio or width cannot be reached."""
 
 
@@ -47,7 +48,15 @@ class AllocationConfig:
             raise AllocationError(f"unknown allocation {self.kind!r}: choose one of {', '.join(ALLOCATIONS)}")
         if self.protect_first < 0 or self.protect_last < 0:
             raise AllocationError("--protect-first / --protect-last take a number of layers >= 0")
-        self.round_to = max(1, int(self.round_to))
+        check_int("--round-to", self.round_to, 1)
+        if self.min_keep is not None:
+            check_int("--min-keep", self.min_keep, 1)
+        if self.ratio is not None and self.keep is not None:
+            raise AllocationError("give --ratio (fraction of parameters to remove) or --keep (neurons per layer), not both")
+        if self.ratio is not None:
+            check_float("--ratio", self.ratio)
+        if self.keep is not None:
+            check_int("--keep", self.keep, 1)
 
     def protected(self, num_layers: int) -> list[int]:
         layers = sorted(set(range(self.protect_first)) | set(range(num_layers - self.protect_last, num_layers)))
@@ -105,6 +114,9 @@ def plan_width(
         raise AllocationError(f"MLP widths differ across layers ({sorted(widths)}); this plan needs one width")
     width = widths.pop()
     total = count_parameters(adapted.model)
+    if round_to >= width:
+        raise AllocationError(f"--round-to {round_to} is not below the MLP width {width}: no width is left to choose; "
+                              f"choose a smaller --round-to")
     round_to = max(1, int(round_to))
 
     # params_after is linear in k (each kept neuron costs the same in every prunable layer)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from .errors import FidelpruneError, check_int
 from .utils import bundled_path, file_sha256
 
 DEFAULT_CALIBRATION = "c4"  # the bundled C4 train sample, shard 00000 (the seed methods' corpus)
@@ -17,7 +18,7 @@ DEFAULT_SAMPLES = 64
 DEFAULT_SEQ_LEN = 256
 
 
-class CalibrationError(ValueError):
+class CalibrationError(FidelpruneError, ValueError):
     """Calibration source missing, unreadable, or too small for the requested windows."""
 
 
@@ -41,6 +42,8 @@ class CalibrationConfig:
 
 
 def check_window_shape(samples: int, seq_len: int) -> None:
+    check_int("--samples", samples)
+    check_int("--seq-len", seq_len)
     if samples < 1 or seq_len < 2:
         raise CalibrationError(f"need samples >= 1 and seq_len >= 2, got {samples} and {seq_len}")
 
@@ -54,21 +57,13 @@ def read_documents(source: str | Path) -> list[str]:
     if path.suffix in {".txt", ".jsonl", ".json", ".parquet"}:
         if not path.is_file():
             raise CalibrationError(f"calibration file not found: {path} (give a .txt, .jsonl or .parquet file, or 'c4')")
-        if path.suffix == ".txt":
-            return [path.read_text(encoding="utf-8")]
-        if path.suffix == ".parquet":
-            import pyarrow.parquet as pq
-
-            table = pq.read_table(path)
-            if "text" not in table.column_names:
-                raise CalibrationError(f"{path} has no 'text' column (columns: {table.column_names})")
-            return [t for t in table.column("text").to_pylist() if t]
-        with open(path, encoding="utf-8") as f:
-            records = json.load(f) if path.suffix == ".json" else [json.loads(line) for line in f if line.strip()]
         try:
-            return [r["text"] for r in records if r.get("text")]
-        except (AttributeError, TypeError) as err:
-            raise CalibrationError(f"{path}: every record needs a 'text' field") from err
+            return _read_file(path)
+        except UnicodeDecodeError as err:
+            raise CalibrationError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start}); convert it to UTF-8") from err
+        except json.JSONDecodeError as err:
+            raise CalibrationError(f"{path} is not valid JSON{'L' if path.suffix == '.jsonl' else ''} "
+                                   f"(line {err.lineno}: {err.msg}); give one JSON record per line with a 'text' field") from err
     if path.exists():
         raise CalibrationError(f"unsupported calibration file type {path.suffix!r}: use .txt, .jsonl, .json or .parquet")
     try:  # a hub dataset, for users who are online or have it cached
@@ -78,6 +73,32 @@ def read_documents(source: str | Path) -> list[str]:
         return [row["text"] for _, row in zip(range(20_000), dataset)]
     except Exception as err:  # noqa: BLE001 - any failure here means "no such source"
         raise CalibrationError(f"calibration source {source!r} is neither a local file nor a loadable dataset: {err}") from err
+
+
+def _read_file(path: Path) -> list[str]:
+    if path.suffix == ".txt":
+        return [path.read_text(encoding="utf-8")]
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            table = pq.read_table(path)
+        except Exception as err:  # noqa: BLE001 - pyarrow's errors for damaged files vary
+            raise CalibrationError(f"{path} is not a readable parquet file ({err})") from err
+        if "text" not in table.column_names:
+            raise CalibrationError(f"{path} has no 'text' column (columns: {table.column_names})")
+        return [t for t in table.column("text").to_pylist() if t]
+    with open(path, encoding="utf-8") as f:
+        if path.suffix == ".json":
+            records = json.load(f)
+        else:
+            records = [json.loads(line) for line in f if line.strip()]
+    if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
+        raise CalibrationError(f"{path}: give a list of records (objects) with a 'text' field")
+    texts = [r["text"] for r in records if isinstance(r.get("text"), str) and r["text"]]
+    if records and not texts:
+        raise CalibrationError(f"{path}: no record has a non-empty 'text' field (fields: {sorted(records[0])[:8]})")
+    return texts
 
 
 def check_source(source: str | Path) -> None:

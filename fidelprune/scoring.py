@@ -26,6 +26,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .adapters import AdaptedModel, MLPView, adapt
+from .errors import FidelpruneError
 from .utils import batches, frozen_eval, registered
 
 FORMS = ("activation", "weight-element", "element1", "element2")
@@ -33,7 +34,7 @@ Scores = dict[int, torch.Tensor]
 Objective = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
 
 
-class ScoringError(ValueError):
+class ScoringError(FidelpruneError, ValueError):
     """Scores came out unusable (NaN / inf)."""
 
 

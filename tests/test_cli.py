@@ -22,7 +22,7 @@ def test_prune_cli_end_to_end(tiny_dir, tmp_path, capsys):
     # re-prune at another ratio from the saved scores, without calibration
     again = tmp_path / "again"
     assert main(["prune", str(tiny_dir), "--method", "sdmprune", "--keep", "24", "--scores", str(out / "scores.safetensors"),
-                 "--output", str(again)]) == 0
+                 "--seq-len", "32", "--output", str(again)]) == 0
     assert set(json.loads((again / "pruning.json").read_text())["kept_neurons"]["0"]) <= set(manifest["kept_neurons"]["0"])
 
 
@@ -32,7 +32,7 @@ def test_prune_cli_end_to_end(tiny_dir, tmp_path, capsys):
     (["prune", "{tiny}", "--ratio", "0.05"], "unreachable"),
     (["prune", "{tiny}", "--ratio", "0"], "ratio"),
     (["prune", "{tiny}", "--keep", "40", "--calibration", "/no/such.jsonl"], "not found"),
-    (["prune", "{tiny}", "--keep", "40", "--calibration", "{short}"], "fewer than"),
+    (["prune", "{tiny}", "--keep", "40", "--seq-len", "32", "--calibration", "{short}"], "fewer than"),
 ])
 def test_bad_input_gives_one_line_error_and_writes_nothing(argv, message, tiny_dir, tmp_path, capsys):
     short = tmp_path / "short.txt"

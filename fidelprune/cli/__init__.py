@@ -7,11 +7,13 @@ import argparse
 import logging
 import os
 import sys
+import traceback
 
 from . import eval as eval_command
 from . import prune as prune_command
 from . import recover as recover_command
 from . import report as report_command
+from ..errors import FidelpruneError
 from .common import console
 
 SUBCOMMANDS = (prune_command, eval_command, report_command, recover_command)
@@ -34,8 +36,14 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     try:
         return args.run(args)
-    except (ValueError, FileNotFoundError, FileExistsError, OSError) as err:
+    except (FidelpruneError, ValueError, OSError) as err:
         if args.verbose:
             raise
-        print(f"error: {err}", file=sys.stderr)  # one line, unwrapped, so scripts can grep it
+        message = " ".join(str(err).split())  # one line, unwrapped, so scripts can grep it
+        print(f"error: {message}", file=sys.stderr)
         return 2
+    except Exception:
+        traceback.print_exc()
+        print("error: this is a bug in fidelprune, not in your input: please report it with the command and the "
+              "traceback above", file=sys.stderr)
+        return 1

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from .common import add_model_flags, add_output_flags, console
 
 
@@ -49,7 +51,8 @@ def run(args) -> int:
     from ..evaluation.baseline import run_manifest
     from ..evaluation.report import rich_table, write_results
 
-    output = check_output_dir(args.output, args.overwrite)  # before any compute
+    inputs = [Path(p) for p in (args.model, args.baseline) if p and Path(p).exists()]
+    output = check_output_dir(args.output, args.overwrite, inputs)  # before any compute
     config = EvalConfig.build(args.ppl, args.tasks, args.hellaswag, args.speed_devices, seq_len=args.seq_len,
                               limit_windows=args.limit_windows, limit=args.limit, batch_size=args.batch_size,
                               speed=args.speed, prompt_len=args.prompt_len, new_tokens=args.new_tokens,

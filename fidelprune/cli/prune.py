@@ -76,15 +76,19 @@ def default_output(args, config) -> Path:
 
 def run(args) -> int:
     from .. import load_model, prune, save
-    from ..calibration import check_source
     from ..checkpoint import check_output_dir
+    from ..models import locate, resolve_device
+    from ..preflight import check_prune
 
-    config = config_from_args(args)  # bad settings stop here, before any file is touched
+    # Everything that can fail without the weights fails first: settings, files, output, device, model shapes.
+    config = config_from_args(args)
+    where = locate(args.model)
     output = Path(args.output) if args.output else default_output(args, config)
-    check_output_dir(output, args.overwrite)  # before any compute
-    check_source(config.calibration.source)
-    if config.reconstruction.calibration is not None:
-        check_source(config.reconstruction.calibration)
+    inputs = [*where.input_paths(), *([args.scores] if args.scores else []),
+              *(Path(p) for p in (config.calibration.source, config.reconstruction.calibration) if p and Path(p).exists())]
+    check_output_dir(output, args.overwrite, inputs)
+    resolve_device(args.device)
+    check_prune(where, config, args.scores, args.trust_remote_code)
     start = time.perf_counter()
     with console.status(f"loading {args.model or 'packaged SmolLM2-135M-Instruct'}"):
         model, tokenizer, source = load_model(args.model, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code)

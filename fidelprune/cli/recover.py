@@ -64,6 +64,7 @@ def run(args) -> int:
     from ..checkpoint import check_output_dir
     from ..recovery import recover, save_recovered
     from ..recovery.checkpoints import remove_checkpoints
+    from ..recovery import RecoveryConfig
     from ..recovery.data import BUNDLED_DATA
 
     model_dir = Path(args.model)
@@ -71,15 +72,19 @@ def run(args) -> int:
         raise FileNotFoundError(f"pruned model directory not found: {model_dir}")
     if args.data not in BUNDLED_DATA and not Path(args.data).is_file():
         raise FileNotFoundError(f"data file not found: {args.data} (give a .json/.jsonl/.parquet/.txt file, 'alpaca' or 'c4')")
-    output = Path(args.output or f"{model_dir.name}-recovered-{args.mode}-{args.loss}")
-    check_output_dir(output, args.overwrite)  # before any compute
-    checkpoint_dir = Path(args.checkpoint_dir or f"{output}.checkpoints")
     options = {k: getattr(args, k) for k in (
         "mode", "loss", "alpha", "temperature", "lora_r", "lora_alpha", "lora_dropout", "lr", "weight_decay",
         "warmup_ratio", "seq_len", "batch_size", "grad_accum", "epochs", "max_steps", "data_format", "max_examples",
         "val_fraction", "seed", "precision", "gradient_checkpointing", "eval_every", "save_every", "keep_last")}
     options["target_modules"] = tuple(t.strip() for t in args.target_modules.split(",") if t.strip())
     options["max_grad_norm"] = args.max_grad_norm or None
+    RecoveryConfig(**options).resolved()  # bad settings stop here, before any model is loaded
+    output = Path(args.output or f"{model_dir.name}-recovered-{args.mode}-{args.loss}")
+    checkpoint_dir = Path(args.checkpoint_dir or f"{output}.checkpoints")
+    if checkpoint_dir.exists() and not checkpoint_dir.is_dir():
+        raise FileExistsError(f"--checkpoint-dir {checkpoint_dir} exists and is not a directory; choose another")
+    inputs = [model_dir, *(Path(p) for p in (args.teacher, args.data) if p and Path(p).exists()), checkpoint_dir]
+    check_output_dir(output, args.overwrite, inputs)  # before any compute
     model, report = recover(
         model_dir, args.teacher, args.data, checkpoint_dir=checkpoint_dir, resume=args.resume,
         overwrite_checkpoints=args.overwrite, eval_corpus=args.eval_corpus, eval_windows=args.eval_windows,

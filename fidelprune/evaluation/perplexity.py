@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..errors import FidelpruneError
 from ..utils import bundled_path, eval_mode
 
 # Bundled perplexity corpora (see fidelprune/data/SOURCES.md); each is joined with "\n\n" as the papers do.
@@ -26,6 +27,10 @@ CORPORA = {
     "ptb-test": "ptb/ptb.test.txt",
     "c4": "c4/c4_validation_2k.parquet",
 }
+
+
+class EvaluationError(FidelpruneError, ValueError):
+    """A measurement came out unusable (NaN / inf)."""
 
 
 def load_corpus(name_or_path: str | Path) -> str:
@@ -101,4 +106,7 @@ def perplexity(
         nll = window_nll(model, windows, batch_size, progress)
     tokens = used * (seq_len - 1)
     mean = nll.sum().item() / tokens
+    if not math.isfinite(mean):
+        raise EvaluationError(f"perplexity on {corpus} is not finite: the model's weights or activations hold NaN/inf "
+                              f"(run in float32 with --dtype float32, or check the model)")
     return PerplexityResult(str(corpus), math.exp(mean), mean, seq_len, used, available, tokens)

@@ -15,6 +15,8 @@ from pathlib import Path
 
 from torch import nn
 
+from ..errors import check_int
+
 from .perplexity import perplexity
 from .speed import default_devices, measure_speed, model_size
 from .zeroshot import lm_eval_version, parse_tasks, tokenizer_adds_bos, zeroshot
@@ -40,6 +42,15 @@ class EvalConfig:
     speed_batch: int = 1
     repeats: int = 3
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_int("--seq-len", self.seq_len, 2)
+        for flag, value in (("--batch-size", self.batch_size), ("--prompt-len", self.prompt_len),
+                            ("--new-tokens", self.new_tokens), ("--speed-batch", self.speed_batch), ("--repeats", self.repeats)):
+            check_int(flag, value, 1)
+        for flag, value in (("--limit", self.limit), ("--limit-windows", self.limit_windows)):
+            if value is not None:
+                check_int(flag, value, 1)
 
     @classmethod
     def build(cls, ppl: str | list[str] | tuple[str, ...] | None = DEFAULT_PPL, tasks: str | list[str] | None = "all",

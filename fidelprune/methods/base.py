@@ -14,6 +14,7 @@ import torch
 
 from ..adapters import AdaptedModel, MLPView
 from ..allocation import AllocationConfig, WidthPlan, select_neurons
+from ..errors import ConfigError, check_float, check_int
 from ..objectives import get_objective, sdmprune_defaults
 from ..scoring import ActivationStats, Scores, activation_statistics, check_finite, taylor_scores
 
@@ -41,7 +42,7 @@ def canonical_name(name: str) -> str:
                       FutureWarning, stacklevel=3)
         return ALIASES[name]
     if name not in METHOD_REGISTRY:
-        raise ValueError(f"unknown method {name!r}: choose one of {', '.join(METHOD_REGISTRY)}")
+        raise ConfigError(f"unknown method {name!r}: choose one of {', '.join(METHOD_REGISTRY)}")
     return name
 
 
@@ -65,10 +66,17 @@ class MethodConfig:
 
     def __post_init__(self) -> None:
         self.method = canonical_name(self.method)
+        check_int("--batch-size", self.batch_size, 1)
+        check_int("--seed", self.seed)
+        check_float("stage1_keep", self.stage1_keep, 0, 1, low_open=True)
+        if self.alpha is not None:
+            check_float("--alpha (the kd weight)", self.alpha, 0, 1)
+        if self.temperature is not None:
+            check_float("--temperature", self.temperature, 0, low_open=True)
         if METHOD_REGISTRY[self.method].kind != "gradient" and (self.objective or self.form):
-            raise ValueError(f"{self.method} takes no gradients; --objective/--form apply to the Taylor methods only")
+            raise ConfigError(f"{self.method} takes no gradients; --objective/--form apply to the Taylor methods only")
         if self.aggregation not in AGGREGATIONS:
-            raise ValueError(f"unknown aggregation {self.aggregation!r}: choose one of {', '.join(AGGREGATIONS)}")
+            raise ConfigError(f"unknown aggregation {self.aggregation!r}: choose one of {', '.join(AGGREGATIONS)}")
 
     @property
     def spec(self) -> Method:

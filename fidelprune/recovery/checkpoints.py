@@ -11,13 +11,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..checkpoint import remove_stale_siblings, temporary_sibling
 from .modes import trainable_parameters
 
 STATE = "state.json"
@@ -60,7 +60,8 @@ def save_checkpoint(
     final = step_dir(root, step)
     if accelerator.is_main_process:
         root.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=root))
+        remove_stale_siblings(final)
+        tmp = temporary_sibling(final)
         weights = {name: p.detach().cpu().contiguous() for name, p in trainable_parameters(model).items()}
         save_file(weights, str(tmp / WEIGHTS))
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")

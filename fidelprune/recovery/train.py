@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from .._version import __version__
 from ..checkpoint import MANIFEST, read_manifest
 from ..models import load_model, parameters_sha256
+from ..errors import ConfigError, check_float, check_int
 from ..utils import eval_mode
 from .checkpoints import complete_checkpoints, latest_checkpoint, load_checkpoint, save_checkpoint
 from .data import Packed, RecoveryData, build_data
@@ -102,6 +103,17 @@ class RecoveryConfig:
             raise ValueError(f"epochs must be positive, got {self.epochs}")
         if not 0 <= self.warmup_ratio < 1:
             raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.lr is not None:
+            check_float("--lr", self.lr, 0, low_open=True)
+        check_int("--lora-r", self.lora_r, 1)
+        check_float("--lora-alpha", self.lora_alpha, 0, low_open=True)
+        check_float("--lora-dropout", self.lora_dropout, 0, 1, high_open=True)
+        check_float("--val-fraction", self.val_fraction, 0, 1, high_open=True)
+        check_float("--weight-decay", self.weight_decay, 0)
+        if self.max_examples is not None:
+            check_int("--max-examples", self.max_examples, 1)
+        if not self.target_modules:
+            raise ConfigError("--target-modules is empty: name at least one of q,k,v,o,gate,up,down (or module names)")
         lr = DEFAULT_LR[self.mode] if self.lr is None else self.lr
         return dataclasses.replace(self, alpha=alpha, lr=lr, target_modules=tuple(self.target_modules), betas=tuple(self.betas))
 

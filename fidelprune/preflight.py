@@ -1,0 +1,70 @@
+"""Checks that need only the arguments, config.json and file headers, run before any weight is loaded.
+
+A model's shapes come from its config alone: `shape_model` builds it on the meta device (no memory, no weights),
+so the width plan, the method's and the allocation's requirements and a scores file's fit are decided by the
+same code the real run uses, in seconds, whatever the model's size.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .adapters import AdaptedModel, adapt, adapter_for
+from .allocation import WidthPlan
+from .calibration import CalibrationError, check_source
+from .checkpoint import check_scores_fit, score_shapes
+from .models import ModelLoadError, ModelLocation
+from .surgery import LAYER_WIDTHS_KEY
+
+
+def model_config(where: ModelLocation, trust_remote_code: bool = False):
+    """The model's transformers config, from config.json or the GGUF header; no weights are read."""
+    from transformers import AutoConfig
+
+    kwargs = {"gguf_file": where.gguf_file} if where.gguf_file else {}
+    try:
+        return AutoConfig.from_pretrained(where.location, trust_remote_code=trust_remote_code, **kwargs)
+    except (OSError, ValueError, json.JSONDecodeError) as err:
+        raise ModelLoadError(f"cannot read the config of {where.name}: {err}") from err
+
+
+def shape_model(config) -> AdaptedModel:
+    """The model of `config` on the meta device, with a fidelprune checkpoint's per-layer widths applied."""
+    from transformers import AutoModelForCausalLM
+
+    adapter_for(getattr(config, "model_type", None))  # unsupported families stop here
+    with torch.device("meta"):
+        model: nn.Module = AutoModelForCausalLM.from_config(config)
+    adapted = adapt(model)
+    widths = getattr(config, LAYER_WIDTHS_KEY, None)
+    if widths:
+        for view in adapted.mlps():
+            if widths[view.index] < view.width:
+                adapted.slice_mlp(view, torch.arange(widths[view.index], device="meta"))
+    return adapted
+
+
+def check_prune(where: ModelLocation, config, scores: str | Path | None = None, trust_remote_code: bool = False) -> WidthPlan:
+    """Everything `prune` will require of this model and config, decided before loading it: the family, the
+    width plan (ratio or keep, round-to, protected layers, FLAP's bias), the window length against the model's
+    positions, and a scores file's layers and widths. Returns the plan."""
+    from .pruning import plan_for
+
+    check_source(config.calibration.source)
+    if config.reconstruction.calibration is not None:
+        check_source(config.reconstruction.calibration)
+    model_cfg = model_config(where, trust_remote_code)
+    shapes = shape_model(model_cfg)
+    plan = plan_for(shapes, config, scores_given=scores is not None)
+    max_positions = getattr(model_cfg, "max_position_embeddings", None)
+    draws_windows = (scores is None and config.method.spec.kind != "data-free") or config.reconstruction.mode != "none"
+    if draws_windows and max_positions and config.calibration.seq_len > max_positions:
+        raise CalibrationError(f"--seq-len {config.calibration.seq_len} exceeds the model's {max_positions} positions; "
+                               f"choose --seq-len {max_positions} or less")
+    if scores is not None:
+        check_scores_fit(score_shapes(scores), shapes.widths(), str(scores))
+    return plan

@@ -1,0 +1,207 @@
+"""Bad input, as a hostile-but-fair user gives it: every case must end in one line `error: ...` naming the flag or
+file, write nothing, leave the input untouched, and (where the arguments, config.json or file headers decide it)
+fail before any weight is loaded. Table-driven: add a row per new case."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from safetensors.torch import save_file
+
+from conftest import tiny_model, tiny_windows
+from fidelprune import prune
+from fidelprune.checkpoint import remove_stale_siblings, temporary_sibling
+from fidelprune.cli import main
+from fidelprune.errors import FidelpruneError
+
+BEFORE_LOAD, AFTER_LOAD = True, False
+
+# (argv with {tiny} = a 2-layer LLaMA of MLP width 48 and 64 positions, {dir} = a scratch folder), message fragment,
+# whether it must fail before the weights load.
+PRUNE = "prune {tiny} --samples 4 --seq-len 32 --reconstruct none"
+CASES = [
+    # the input is never the output
+    (PRUNE + " -o {tiny} --overwrite", "would overwrite the input", BEFORE_LOAD),
+    (PRUNE + " -o {tiny}/inside --overwrite", "would overwrite the input", BEFORE_LOAD),
+    (PRUNE + " -o {models} --overwrite", "would overwrite the input", BEFORE_LOAD),
+    (PRUNE + " -o {link} --overwrite", "would overwrite the input", BEFORE_LOAD),
+    (PRUNE + " --scores {dir}/run/scores.safetensors -o {dir}/run --overwrite", "would overwrite the input", BEFORE_LOAD),
+    # settings out of range
+    (PRUNE + " --ratio 0 -o {dir}/out", "ratio", BEFORE_LOAD),
+    (PRUNE + " --ratio 1.5 -o {dir}/out", "ratio", BEFORE_LOAD),
+    (PRUNE + " --ratio 0.05 -o {dir}/out", "unreachable", BEFORE_LOAD),
+    (PRUNE + " --keep 0 -o {dir}/out", "--keep must be at least 1", BEFORE_LOAD),
+    (PRUNE + " --keep 48 -o {dir}/out", "keep must be between", BEFORE_LOAD),
+    (PRUNE + " --ratio 0.2 --keep 24 -o {dir}/out", "not both", BEFORE_LOAD),
+    (PRUNE + " --keep 24 --round-to 48 -o {dir}/out", "--round-to 48 is not below", BEFORE_LOAD),
+    (PRUNE + " --keep 24 --round-to 0 -o {dir}/out", "--round-to must be at least 1", BEFORE_LOAD),
+    (PRUNE + " --keep 24 --method sdmprune --alpha 5 -o {dir}/out", "--alpha", BEFORE_LOAD),
+    (PRUNE + " --keep 24 --method sdmprune --temperature 0 -o {dir}/out", "--temperature", BEFORE_LOAD),
+    (PRUNE + " --keep 24 --batch-size 0 -o {dir}/out", "--batch-size", BEFORE_LOAD),
+    ("prune {tiny} --samples 0 --keep 24 -o {dir}/out", "samples", BEFORE_LOAD),
+    ("prune {tiny} --seq-len 1 --keep 24 -o {dir}/out", "seq_len", BEFORE_LOAD),
+    ("prune {tiny} --seq-len 128 --keep 24 -o {dir}/out", "exceeds the model's 64 positions", BEFORE_LOAD),
+    (PRUNE + " --keep 24 --allocation global --min-keep 1000 -o {dir}/out", "--min-keep", BEFORE_LOAD),
+    (PRUNE + " --keep 24 --protect-first 2 -o {dir}/out", "leaves nothing to prune", BEFORE_LOAD),
+    (PRUNE + " --keep 24 --method wanda-sp --objective ce -o {dir}/out", "takes no gradients", BEFORE_LOAD),
+    ("prune {tiny} --keep 24 --reconstruct sequential --reconstruct-lambda -1 -o {dir}/out", "lambda", BEFORE_LOAD),
+    ("prune {tiny} --keep 24 --reconstruct none --reconstruct-seed 3 -o {dir}/out", "reconstruct is 'none'", BEFORE_LOAD),
+    # files
+    (PRUNE + " --keep 24 --calibration {dir}/none.jsonl -o {dir}/out", "not found", BEFORE_LOAD),
+    (PRUNE + " --keep 24 --scores {dir}/wide.safetensors -o {dir}/out", "come from another model", BEFORE_LOAD),
+    (PRUNE + " --keep 24 --scores {dir}/deep.safetensors -o {dir}/out", "come from another model", BEFORE_LOAD),
+    (PRUNE + " --keep 24 --scores {dir}/corrupt.safetensors -o {dir}/out", "not a readable safetensors", BEFORE_LOAD),
+    (PRUNE + " --keep 24 --scores {dir}/none.safetensors -o {dir}/out", "scores file not found", BEFORE_LOAD),
+    ("prune {dir}/no-config --keep 24 -o {dir}/out", "no config.json", BEFORE_LOAD),
+    ("prune {dir}/no-tokenizer --keep 24 -o {dir}/out", "no tokenizer files", BEFORE_LOAD),
+    (PRUNE + " --keep 24 --calibration {dir}/latin1.txt -o {dir}/out", "latin1.txt is not UTF-8", AFTER_LOAD),
+    (PRUNE + " --keep 24 --calibration {dir}/broken.jsonl -o {dir}/out", "broken.jsonl is not valid JSONL", AFTER_LOAD),
+    (PRUNE + " --keep 24 --calibration {dir}/untexted.jsonl -o {dir}/out", "no record has a non-empty 'text' field", AFTER_LOAD),
+    ("prune {gpt2} --keep 24 -o {dir}/out", "unsupported architecture", BEFORE_LOAD),
+    (PRUNE + " --keep 24 -o /proc/fidelprune-out", "cannot", BEFORE_LOAD),
+    (PRUNE + " --keep 24 -o {dir}/file.txt", "is not a directory", BEFORE_LOAD),
+    (PRUNE + " --keep 24 --calibration {dir}/short.txt -o {dir}/out", "fewer than", AFTER_LOAD),
+    # eval
+    ("eval {tiny} --seq-len 1 -o {dir}/out", "--seq-len must be at least 2", BEFORE_LOAD),
+    ("eval {tiny} --limit 0 -o {dir}/out", "--limit must be at least 1", BEFORE_LOAD),
+    ("eval {tiny} --limit-windows 0 -o {dir}/out", "--limit-windows must be at least 1", BEFORE_LOAD),
+    ("eval {tiny} --batch-size 0 -o {dir}/out", "--batch-size must be at least 1", BEFORE_LOAD),
+    ("eval {tiny} -o {tiny}/results", "would overwrite the input", BEFORE_LOAD),
+    # recover
+    ("recover {tiny} --lr -1 -o {dir}/out", "--lr", BEFORE_LOAD),
+    ("recover {tiny} --lora-r 0 -o {dir}/out", "--lora-r", BEFORE_LOAD),
+    ("recover {tiny} --lora-dropout 1.5 -o {dir}/out", "--lora-dropout", BEFORE_LOAD),
+    ("recover {tiny} --val-fraction 1.0 -o {dir}/out", "--val-fraction", BEFORE_LOAD),
+    ("recover {tiny} --target-modules , -o {dir}/out", "--target-modules", BEFORE_LOAD),
+    ("recover {tiny} -o {tiny} --overwrite", "would overwrite the input", BEFORE_LOAD),
+    ("recover {tiny} --checkpoint-dir {dir}/file.txt -o {dir}/out", "not a directory", BEFORE_LOAD),
+    ("recover {tiny} --data {dir}/none.json -o {dir}/out", "not found", BEFORE_LOAD),
+    # report
+    ("report {dir}", "has neither", BEFORE_LOAD),
+    ("report {dir}/bad-run", "not valid JSON", BEFORE_LOAD),
+]
+if not torch.cuda.is_available():
+    CASES.append((PRUNE + " --keep 24 --device cuda -o {dir}/out", "no CUDA GPU", BEFORE_LOAD))
+
+
+def _digest(directory: Path) -> str:
+    h = hashlib.sha256()
+    for path in sorted(directory.rglob("*")):
+        h.update(str(path.relative_to(directory)).encode())
+        if path.is_file():
+            h.update(path.read_bytes())
+    return h.hexdigest()
+
+
+@pytest.fixture(scope="module")
+def gpt2_dir(tmp_path_factory, tiny_dir):
+    """An architecture fidelprune cannot prune (a non-gated MLP), saved with a tokenizer."""
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=50))
+    path = tmp_path_factory.mktemp("gpt2") / "gpt2"
+    model.save_pretrained(path)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        if (tiny_dir / name).is_file():
+            shutil.copy(tiny_dir / name, path / name)
+    return path
+
+
+def _scratch(directory: Path) -> dict[str, Path]:
+    """The files the cases point at: scores of other shapes, a damaged file, a short text, a folder without a
+    config, a previous run that a re-prune reads from, a plain file."""
+    save_file({"layer.0": torch.rand(64), "layer.1": torch.rand(64)}, str(directory / "wide.safetensors"))
+    save_file({f"layer.{i}": torch.rand(48) for i in range(3)}, str(directory / "deep.safetensors"))
+    (directory / "corrupt.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    (directory / "short.txt").write_text("too short")
+    (directory / "file.txt").write_text("a plain file")
+    (directory / "no-config").mkdir()
+    (directory / "no-config" / "model.safetensors").write_bytes(b"")
+    (directory / "no-tokenizer").mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(directory.parent.parent / "tiny-copy" / name, directory / "no-tokenizer" / name)
+    (directory / "latin1.txt").write_bytes("caf\xe9 ".encode("latin-1") * 400)
+    (directory / "broken.jsonl").write_text('{"text": "fine"}\n{"text": broken\n')
+    (directory / "untexted.jsonl").write_text('{"content": "no text field here"}\n' * 40)
+    (directory / "bad-run").mkdir()
+    (directory / "bad-run" / "pruning.json").write_text("{not json")
+    (directory / "run").mkdir()
+    save_file({"layer.0": torch.rand(48), "layer.1": torch.rand(48)}, str(directory / "run" / "scores.safetensors"))
+    return {p.name: p for p in directory.iterdir()}
+
+
+@pytest.mark.parametrize("argv,message,before_load", CASES, ids=[c[0].replace(PRUNE, "prune").replace("{", "").replace("}", "") for c in CASES])
+def test_bad_input_is_one_line_writes_nothing_and_leaves_the_input(argv, message, before_load, tiny_dir, gpt2_dir,
+                                                                     tmp_path, capsys, monkeypatch):
+    scratch = tmp_path / "work" / "scratch"
+    scratch.mkdir(parents=True)
+    shutil.copytree(tiny_dir, tmp_path / "tiny-copy")
+    before = _scratch(scratch)
+    link = tmp_path / "link"
+    link.symlink_to(tiny_dir, target_is_directory=True)
+    tiny_before = _digest(tiny_dir)
+    scratch_before = _digest(scratch)
+    if before_load:
+        def no_weights(*args, **kwargs):
+            raise AssertionError("the weights were loaded before this bad input was refused")
+
+        monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", no_weights)
+    args = argv.format(tiny=tiny_dir, models=tiny_dir.parent, dir=scratch, link=link / "sub", gpt2=gpt2_dir).split()
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err and err[-1].startswith("error: ") and message in err[-1], err[-3:]
+    assert "Traceback" not in "\n".join(err)
+    assert _digest(tiny_dir) == tiny_before
+    assert _digest(scratch) == scratch_before and {p.name for p in scratch.iterdir()} == set(before)
+    assert not any(p.name.startswith(".") for p in scratch.iterdir())  # no temporary folder left either
+
+
+# ------------------------------------------------------------------------------------------------- Python API
+API_CASES = [
+    (dict(method="hfprune", ratio="0.2"), "--ratio must be a finite number"),
+    (dict(method="hfprune", ratio=0.2, calibration_ids=torch.arange(12)), "[N, L] tensor of token ids"),
+    (dict(method="hfprune", ratio=0.2, calibration_ids=torch.rand(4, 12)), "[N, L] tensor of token ids"),
+    (dict(method="hfprune", ratio=0.2, calibration_ids=torch.full((2, 12), 10_000)), "outside the model's vocabulary"),
+    (dict(method="magnitude", keep=24, scores={0: torch.rand(64), 1: torch.rand(64)}), "come from another model"),
+    (dict(method="magnitude", keep=24, reconstruct="sideways"), "unknown reconstruction mode"),
+    (dict(method="nope", ratio=0.2), "unknown method"),
+]
+
+
+@pytest.mark.parametrize("kwargs,message", API_CASES, ids=[m for _, m in API_CASES])
+def test_bad_python_input_raises_fidelprunes_own_error(kwargs, message):
+    model = tiny_model("llama")
+    with pytest.raises(FidelpruneError) as caught:
+        prune(model, None, progress=False, **kwargs)
+    assert message in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_a_killed_runs_temporary_folder_is_removed_by_the_next_run(tmp_path, caplog):
+    """A run killed while saving leaves `.OUT.tmp-PID-*`; the next run to the same output removes it and says so,
+    and leaves alone the temporary folder of a run that is still alive."""
+    output = tmp_path / "out"
+    stale = tmp_path / ".out.tmp-999999999-abcd"
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"half")
+    alive = temporary_sibling(output)  # this process: alive
+    model = tiny_model("llama")
+    pruned, report = prune(model, None, "magnitude", keep=24, progress=False)
+    from fidelprune import save
+
+    with caplog.at_level("WARNING"):
+        save(pruned, None, report, output)
+    assert not stale.exists() and alive.exists() and (output / "pruning.json").is_file()
+    assert "interrupted runs" in caplog.text
+    shutil.rmtree(alive)
+    assert remove_stale_siblings(output) == []
+
+
+def test_windows_are_not_touched_by_validation():
+    """The checks on given token ids read them; they never change them."""
+    windows = tiny_windows()
+    copy = windows.clone()
+    prune(tiny_model("llama"), None, "minitron", keep=24, calibration_ids=windows, progress=False)
+    assert torch.equal(windows, copy)
