@@ -23,6 +23,30 @@ log = logging.getLogger(__name__)
 MANIFEST = "pruning.json"
 SCORES_FILE = "scores.safetensors"
 CALIBRATION_FILE = "calibration.safetensors"
+# Side files live in this subfolder, out of the top-level *.safetensors glob that engines (vLLM) load as weights.
+# Outputs of fidelprune before 0.2 kept them at the top level; readers look in both places.
+SIDE_DIR = "fidelprune"
+# transformers 5 writes this tokenizer class name, which transformers 4 (llama.cpp's converter, older vLLM) cannot
+# import; both versions read the same tokenizer.json as this class.
+PORTABLE_TOKENIZER_CLASS = {"TokenizersBackend": "PreTrainedTokenizerFast"}
+
+
+def side_file(directory: str | Path, name: str) -> Path:
+    """Where an output's side file (scores, calibration ids) is: SIDE_DIR/NAME, or NAME in older outputs."""
+    directory = Path(directory)
+    new, old = directory / SIDE_DIR / name, directory / name
+    return old if old.is_file() and not new.is_file() else new
+
+
+def save_tokenizer(tokenizer, directory: Path) -> None:
+    """Save the tokenizer so that transformers 4 and 5 readers both load it (see PORTABLE_TOKENIZER_CLASS)."""
+    tokenizer.save_pretrained(directory)
+    config_path = directory / "tokenizer_config.json"
+    if config_path.is_file():
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+        if config.get("tokenizer_class") in PORTABLE_TOKENIZER_CLASS:
+            config["tokenizer_class"] = PORTABLE_TOKENIZER_CLASS[config["tokenizer_class"]]
+            config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 class OutputExistsError(FidelpruneError, FileExistsError):
@@ -149,7 +173,7 @@ class ScoresError(FidelpruneError, ValueError):
 def _scores_path(path: str | Path) -> Path:
     path = Path(path)
     if path.is_dir():
-        path = path / SCORES_FILE
+        path = side_file(path, SCORES_FILE)
     if not path.is_file():
         raise ScoresError(f"scores file not found: {path} (give a scores.safetensors from an earlier run)")
     return path
@@ -217,12 +241,13 @@ def save_pruned(
     def write(tmp: Path) -> None:
         model.save_pretrained(tmp)
         if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        save_scores(scores, tmp / SCORES_FILE, extra_scores)
+            save_tokenizer(tokenizer, tmp)
+        (tmp / SIDE_DIR).mkdir()
+        save_scores(scores, tmp / SIDE_DIR / SCORES_FILE, extra_scores)
         windows = {"input_ids": calibration_ids, "reconstruction_ids": reconstruction_ids}  # the latter: separate windows
         windows = {name: ids.contiguous() for name, ids in windows.items() if ids is not None}
         if windows:
-            save_file(windows, str(tmp / CALIBRATION_FILE))
+            save_file(windows, str(tmp / SIDE_DIR / CALIBRATION_FILE))
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
 
     return atomic_directory_write(output, write, overwrite, inputs)

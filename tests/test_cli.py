@@ -21,7 +21,7 @@ def test_prune_cli_end_to_end(tiny_dir, tmp_path, capsys):
     assert AutoTokenizer.from_pretrained(out)("hello")["input_ids"]
     # re-prune at another ratio from the saved scores, without calibration
     again = tmp_path / "again"
-    assert main(["prune", str(tiny_dir), "--method", "sdmprune", "--keep", "24", "--scores", str(out / "scores.safetensors"),
+    assert main(["prune", str(tiny_dir), "--method", "sdmprune", "--keep", "24", "--scores", str(out / "fidelprune" / "scores.safetensors"),
                  "--seq-len", "32", "--output", str(again)]) == 0
     assert set(json.loads((again / "pruning.json").read_text())["kept_neurons"]["0"]) <= set(manifest["kept_neurons"]["0"])
 

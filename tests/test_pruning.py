@@ -21,7 +21,7 @@ def test_manifest_records_everything_needed_to_reproduce(tmp_path):
     assert alloc["params_before"] > alloc["params_after"]
     assert all(len(v) == alloc["width_after"] for v in manifest["kept_neurons"].values())
     assert {"torch", "transformers", "fidelprune"} <= manifest["versions"].keys()
-    assert torch.equal(load_file(str(out / "calibration.safetensors"))["input_ids"], windows)
+    assert torch.equal(load_file(str(out / "fidelprune" / "calibration.safetensors"))["input_ids"], windows)
     assert set(load_scores(out)) == {0, 1}
     assert (out / "model.safetensors").is_file() and (out / "config.json").is_file()
     assert not list(tmp_path.glob(".run.tmp-*"))
@@ -32,7 +32,7 @@ def test_reprune_from_saved_scores_matches_scoring_afresh(tmp_path):
     pruned, report = prune(model, None, "llm-pruner", keep=40, calibration_ids=windows, progress=False)
     save(pruned, None, report, tmp_path / "a")
     _, fresh = prune(model, None, "llm-pruner", keep=24, calibration_ids=windows, progress=False)
-    _, reused = prune(model, None, "llm-pruner", keep=24, scores=tmp_path / "a" / "scores.safetensors", progress=False)
+    _, reused = prune(model, None, "llm-pruner", keep=24, scores=tmp_path / "a" / "fidelprune" / "scores.safetensors", progress=False)
     assert fresh.manifest["kept_neurons"] == reused.manifest["kept_neurons"]
 
 
@@ -117,3 +117,36 @@ def test_prune_resolves_the_model_family_once(monkeypatch):
     monkeypatch.setattr(adapters, "get_adapter", lambda model: calls.append(model) or lookup(model))
     prune(tiny_model("llama"), None, "flap", 0.1, calibration_ids=tiny_windows(), reconstruct="sequential", progress=False)
     assert len(calls) == 1
+
+
+def test_output_top_level_holds_only_what_engines_load(tmp_path):
+    """vLLM loads every top-level *.safetensors as weights, and llama.cpp's converter reads the tokenizer with
+    transformers 4: side files go to fidelprune/, the tokenizer class is one both transformers read."""
+    from transformers import AutoTokenizer
+
+    from conftest import tiny_model
+    from fidelprune.models import packaged_gguf
+
+    gguf = packaged_gguf()
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = tiny_model("llama", vocab_size=len(tokenizer))
+    pruned, report = prune(model, tokenizer, "hfprune", keep=24, samples=2, seq_len=16, progress=False)
+    out = save(pruned, tokenizer, report, tmp_path / "run")
+    assert [p.name for p in out.glob("*.safetensors")] == ["model.safetensors"]
+    assert {p.name for p in (out / "fidelprune").iterdir()} == {"scores.safetensors", "calibration.safetensors"}
+    config = json.loads((out / "tokenizer_config.json").read_text())
+    assert config["tokenizer_class"] == "PreTrainedTokenizerFast"
+    text = "Pruned models, <|im_start|>user\nhello<|im_end|>"
+    assert AutoTokenizer.from_pretrained(out)(text)["input_ids"] == tokenizer(text)["input_ids"]
+
+
+def test_outputs_of_the_old_layout_are_still_read(tmp_path):
+    """Before side files moved to fidelprune/, scores.safetensors sat at the top level; --scores DIR finds both."""
+    model = tiny_model("llama")
+    pruned, report = prune(model, None, "magnitude", keep=40, progress=False)
+    out = save(pruned, None, report, tmp_path / "run")
+    (out / "fidelprune" / "scores.safetensors").rename(out / "scores.safetensors")
+    (out / "fidelprune").rmdir()
+    _, again = prune(model, None, "magnitude", keep=24, scores=out, progress=False)
+    _, fresh = prune(model, None, "magnitude", keep=24, progress=False)
+    assert again.manifest["kept_neurons"] == fresh.manifest["kept_neurons"]

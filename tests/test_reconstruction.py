@@ -157,7 +157,7 @@ def test_save_reload_gives_the_same_logits(family, tmp_path):
     assert recon["mode"] == "sequential" and recon["lambda"] == 1e-2 and recon["tokens"] == windows.numel()
     assert recon["bias_refit"] == (family == "llama-bias")
     assert {"layer", "error_before", "error_after", "lambda_used"} <= recon["layers"][0].keys()
-    assert list(load_file(str(out / "calibration.safetensors"))) == ["input_ids"]  # the scoring windows, reused
+    assert list(load_file(str(out / "fidelprune" / "calibration.safetensors"))) == ["input_ids"]  # the scoring windows, reused
 
 
 def test_separate_windows_are_used_and_saved(tmp_path):
@@ -171,7 +171,7 @@ def test_separate_windows_are_used_and_saved(tmp_path):
     same, _ = prune(model, None, "wanda-sp", keep=32, calibration_ids=windows, reconstruct="parallel", progress=False)
     assert not torch.equal(mlp_views(same)[0].down.weight, mlp_views(pruned)[0].down.weight)
     out = save(pruned, None, report, tmp_path / "out")
-    saved = load_file(str(out / "calibration.safetensors"))
+    saved = load_file(str(out / "fidelprune" / "calibration.safetensors"))
     assert torch.equal(saved["input_ids"], windows) and torch.equal(saved["reconstruction_ids"], other)
 
 
@@ -256,7 +256,7 @@ def test_cli_reconstructs_by_default_and_takes_the_options(tiny_dir, tmp_path, c
     recon = json.loads((tmp_path / "separate" / "pruning.json").read_text())["reconstruction"]
     assert recon["mode"] == "parallel" and recon["lambda"] == 0.01
     assert recon["windows"]["samples"] == 6 and recon["windows"]["seed"] == 1 and not recon["windows"]["same_as_scoring"]
-    assert load_file(str(tmp_path / "separate" / "calibration.safetensors"))["reconstruction_ids"].shape == (6, 32)
+    assert load_file(str(tmp_path / "separate" / "fidelprune" / "calibration.safetensors"))["reconstruction_ids"].shape == (6, 32)
     assert main([*common, "--reconstruct", "none", "--output", str(tmp_path / "none")]) == 0
     assert json.loads((tmp_path / "none" / "pruning.json").read_text())["reconstruction"] == {"mode": "none"}
     capsys.readouterr()

@@ -39,7 +39,7 @@ def add_parser(sub) -> None:
     p.add_argument("--min-keep", type=int, default=None, help="global allocation: neurons every layer keeps at least (default: --round-to)")
     p.add_argument("--protect-first", type=int, default=0, help="first N layers keep every neuron (others prune harder)")
     p.add_argument("--protect-last", type=int, default=0, help="last M layers keep every neuron")
-    p.add_argument("--scores", default=None, help="re-prune from an earlier run's scores.safetensors (no calibration)")
+    p.add_argument("--scores", default=None, help="re-prune from an earlier run's scores (its folder, or the scores.safetensors file): no calibration")
     p.add_argument("--reconstruct", choices=MODES, default=DEFAULT_MODE,
                    help=f"refit each pruned MLP's down_proj by least squares on calibration activations (default {DEFAULT_MODE})")
     p.add_argument("--reconstruct-lambda", type=float, default=DEFAULT_LAMBDA,

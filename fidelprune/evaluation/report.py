@@ -270,12 +270,12 @@ def run_summary(run_dir: str | Path) -> list[dict]:
     earlier stage, left out)."""
     import torch
 
-    from ..checkpoint import SCORES_FILE, load_scores, read_manifest
+    from ..checkpoint import SCORES_FILE, load_scores, read_manifest, side_file
 
     manifest = read_manifest(run_dir)
     kept = {int(k): v for k, v in manifest["kept_neurons"].items()}
     before = manifest["allocation"].get("layer_widths_before") or [manifest["allocation"]["width_before"]] * len(kept)
-    scores = load_scores(run_dir) if (Path(run_dir) / SCORES_FILE).is_file() else {}
+    scores = load_scores(run_dir) if side_file(run_dir, SCORES_FILE).is_file() else {}
     layers = []
     for i in sorted(kept):
         row = {"layer": i, "width_before": before[i], "kept": len(kept[i]), "scores": None, "threshold": None}

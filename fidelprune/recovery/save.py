@@ -7,7 +7,7 @@ from pathlib import Path
 
 from torch import nn
 
-from ..checkpoint import MANIFEST, atomic_directory_write
+from ..checkpoint import MANIFEST, atomic_directory_write, save_tokenizer
 from .train import RecoveryReport
 
 RECOVERY_FILE = "recovery.json"
@@ -26,7 +26,7 @@ def save_recovered(model: nn.Module, tokenizer, report: RecoveryReport, output: 
     def write(tmp: Path) -> None:
         model.save_pretrained(tmp)
         if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
+            save_tokenizer(tokenizer, tmp)
         (tmp / RECOVERY_FILE).write_text(json.dumps(report.record, indent=2, default=str) + "\n")
         if report.pruning_manifest is not None:
             r = report.record
