@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import FidelpruneError
+from .errors import ConfigError, FidelpruneError
 from .utils import file_sha256
 
 # Any of these makes a directory's tokenizer loadable (fast tokenizer, sentencepiece, or BPE vocab + config).
@@ -63,7 +63,7 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
     names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
              "float16": torch.float16, "fp16": torch.float16}
     if dtype not in names:
-        raise ValueError(f"unknown dtype {dtype!r}: choose one of {', '.join(names)}")
+        raise ConfigError(f"unknown dtype {dtype!r}: choose one of {', '.join(names)}")
     return names[dtype]
 
 

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .errors import ConfigError
+
 
 # The softmaxes below run over a few rows of the logits at a time, each upcast to fp32 on its own: the
 # full-vocabulary fp32 intermediates of one chunk are about this many values (16 MiB), whatever the batch,
@@ -160,4 +162,4 @@ def get_objective(name: str, alpha: float = 0.4, temperature: float = 0.2):
         return entropy
     if name == "kd":
         return KD(alpha, temperature)
-    raise ValueError(f"unknown objective {name!r}: choose one of {', '.join(OBJECTIVES)}")
+    raise ConfigError(f"unknown objective {name!r}: choose one of {', '.join(OBJECTIVES)}")

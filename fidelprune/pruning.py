@@ -29,7 +29,7 @@ from .reconstruction import ReconstructionConfig, ReconstructionResult, reconstr
 from .reconstruction import reconstruct as reconstruct_mlps
 from .scoring import Scores
 from .surgery import remove_neurons
-from .utils import library_versions
+from .utils import check_finite_weights, library_versions
 
 DEFAULT_RATIO = 0.2
 __all__ = ["DEFAULT_CALIBRATION", "DEFAULT_RATIO", "DEFAULT_SAMPLES", "DEFAULT_SEQ_LEN", "PruneConfig", "PruneReport",
@@ -214,7 +214,7 @@ def _windows(tokenizer, config: PruneConfig, calibration_ids: torch.Tensor | Non
     elif needs_data:
         if tokenizer is None:
             who = config.method.method if scores_need_data else "reconstruction"
-            raise ValueError(f"{who} needs a tokenizer to draw calibration windows (or pass calibration_ids)")
+            raise ConfigError(f"{who} needs a tokenizer to draw calibration windows (or pass calibration_ids)")
         calibration_ids, drawn = sample_windows(tokenizer, calib.source, calib.samples, calib.seq_len, calib.seed)
         record = record_dict(drawn)
     if recon.mode == "none":
@@ -240,8 +240,9 @@ def _run(
 ) -> tuple[nn.Module, PruneReport]:
     model, recon = adapted.model, config.reconstruction
     if recon.mode == "none" and reconstruction_ids is not None:
-        raise ValueError("separate reconstruction windows were given but reconstruct is 'none': choose parallel or sequential")
+        raise ConfigError("separate reconstruction windows were given but reconstruct is 'none': choose parallel or sequential")
     plan = plan_for(adapted, config, scores is not None)
+    check_finite_weights(model)
     method = config.method.resolved(plan.achieved_ratio)
     timings: dict[str, float] = {}
     source = source or ModelSource(getattr(model.config, "_name_or_path", "") or "in-memory", None, None, parameters_sha256(model))

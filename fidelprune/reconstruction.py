@@ -263,14 +263,14 @@ def reconstruction_windows(
     `seed` (pass a seed other than the scoring one to get windows disjoint in expectation from the same corpus)."""
     if source is None:
         if scoring_ids is None:
-            raise ValueError("reconstruction needs calibration windows: pass a tokenizer or calibration_ids")
+            raise ConfigError("reconstruction needs calibration windows: pass a tokenizer or calibration_ids")
         return scoring_ids, {"same_as_scoring": True, "samples": len(scoring_ids), "seq_len": scoring_ids.shape[1]}
     if isinstance(source, torch.Tensor):
         if source.dim() != 2 or source.dtype != torch.long:
-            raise ValueError(f"reconstruction token ids must be a [N, L] long tensor, got {tuple(source.shape)} {source.dtype}")
+            raise ConfigError(f"reconstruction token ids must be a [N, L] long tensor, got {tuple(source.shape)} {source.dtype}")
         return source, {"same_as_scoring": False, "source": "given token ids", "samples": len(source), "seq_len": source.shape[1]}
     if tokenizer is None:
-        raise ValueError("drawing separate reconstruction windows needs a tokenizer (or pass token ids)")
+        raise ConfigError("drawing separate reconstruction windows needs a tokenizer (or pass token ids)")
     ids, record = sample_windows(tokenizer, source, samples, seq_len, seed)
     return ids, {"same_as_scoring": False, **record_dict(record)}
 

@@ -26,7 +26,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .adapters import AdaptedModel, MLPView, adapt
-from .errors import FidelpruneError
+from .errors import ConfigError, FidelpruneError
 from .utils import batches, frozen_eval, registered
 
 FORMS = ("activation", "weight-element", "element1", "element2")
@@ -125,7 +125,7 @@ class MLPHooks:
 
     def __init__(self, model: nn.Module | AdaptedModel, form: str | None, mask: dict[int, torch.Tensor] | None = None) -> None:
         if form is not None and form not in FORMS:
-            raise ValueError(f"unknown score form {form!r}: choose one of {', '.join(FORMS)}")
+            raise ConfigError(f"unknown score form {form!r}: choose one of {', '.join(FORMS)}")
         self.views = adapt(model).mlps()
         self.form = form
         self.active = True

@@ -50,6 +50,16 @@ def registered(handles: list) -> Iterator[None]:
             handle.remove()
 
 
+def check_finite_weights(model: nn.Module, what: str = "the model") -> None:
+    """NaN or inf in the weights makes every score, loss and perplexity meaningless: stop with a clear error."""
+    from .errors import FidelpruneError
+
+    for name, p in model.named_parameters():
+        if not torch.isfinite(p).all():
+            raise FidelpruneError(f"{what} has NaN or inf weights ({name}): it is damaged; load the checkpoint again or "
+                                  f"use another one")
+
+
 def batches(windows: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
     for start in range(0, len(windows), batch_size):
         yield windows[start : start + batch_size]

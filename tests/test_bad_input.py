@@ -205,3 +205,27 @@ def test_windows_are_not_touched_by_validation():
     copy = windows.clone()
     prune(tiny_model("llama"), None, "minitron", keep=24, calibration_ids=windows, progress=False)
     assert torch.equal(windows, copy)
+
+
+@pytest.fixture(scope="module")
+def nan_dir(tmp_path_factory, tiny_dir):
+    """The tiny model with one NaN weight, as a damaged checkpoint is."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_dir)
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight[0, 0] = float("nan")
+    path = tmp_path_factory.mktemp("nan") / "nan"
+    model.save_pretrained(path)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tiny_dir / name, path / name)
+    return path
+
+
+@pytest.mark.parametrize("argv,message", [
+    ("prune {nan} --keep 24 --samples 4 --seq-len 32 -o {out}", "NaN or inf weights"),
+    ("recover {nan} --max-steps 1 --seq-len 32 --eval-windows 0 -o {out}", "NaN or inf weights"),
+    ("eval {nan} --tasks none --no-speed --limit-windows 2 --seq-len 32 --baseline none -o {out}", "not finite"),
+])
+def test_nan_weights_are_an_error_not_a_result(argv, message, nan_dir, tmp_path, capsys):
+    assert main(argv.format(nan=nan_dir, out=tmp_path / "out").split()) == 2
+    assert message in capsys.readouterr().err.strip().splitlines()[-1]
+    assert not (tmp_path / "out").exists()

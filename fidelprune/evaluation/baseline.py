@@ -8,6 +8,7 @@ import logging
 from collections.abc import Callable
 from pathlib import Path
 
+from ..errors import ConfigError
 from ..checkpoint import MANIFEST, read_manifest
 from .suite import EvalConfig, evaluate_model
 
@@ -35,7 +36,7 @@ def source_location(source: dict) -> str:
         return path
     if name:
         return name
-    raise ValueError("pruning.json's source_model names no loadable location; pass --baseline PATH")
+    raise ConfigError("pruning.json's source_model names no loadable location; pass --baseline PATH")
 
 
 def resolve_baseline(spec: str, model: str | Path | None) -> tuple[str | None, dict | None]:
@@ -46,7 +47,7 @@ def resolve_baseline(spec: str, model: str | Path | None) -> tuple[str | None, d
         manifest = run_manifest(model)
         if manifest is None:
             if spec == "source":
-                raise ValueError(f"--baseline source needs a pruning.json in {model}; pass --baseline PATH instead")
+                raise ConfigError(f"--baseline source needs a pruning.json in {model}; pass --baseline PATH instead")
             return None, None
         return source_location(manifest["source_model"]), manifest["source_model"]
     return spec, None

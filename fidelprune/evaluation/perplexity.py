@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..errors import FidelpruneError
+from ..errors import ConfigError, FidelpruneError
 from ..utils import bundled_path, eval_mode
 
 # Bundled perplexity corpora (see fidelprune/data/SOURCES.md); each is joined with "\n\n" as the papers do.
@@ -99,7 +99,7 @@ def perplexity(
     ids = tokenizer(load_corpus(corpus), return_tensors="pt")["input_ids"][0]
     available = len(ids) // seq_len
     if available == 0:
-        raise ValueError(f"{corpus} has {len(ids)} tokens, fewer than one window of {seq_len}")
+        raise ConfigError(f"{corpus} has {len(ids)} tokens, fewer than one window of {seq_len}")
     used = available if limit_windows is None else min(limit_windows, available)
     windows = ids[: used * seq_len].view(used, seq_len)
     with eval_mode(model):

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..errors import ConfigError
 from ..utils import eval_mode
 
 _CLEAR_REFS = Path("/proc/self/clear_refs")
@@ -142,7 +143,7 @@ def measure_speed(
     device = torch.device(device) if device is not None else home
     max_positions = getattr(model.config, "max_position_embeddings", None)
     if max_positions and prompt_len + new_tokens > max_positions:
-        raise ValueError(f"prompt_len + new_tokens = {prompt_len + new_tokens} exceeds the model's {max_positions} positions")
+        raise ConfigError(f"prompt_len + new_tokens = {prompt_len + new_tokens} exceeds the model's {max_positions} positions")
     vocab = model.config.vocab_size
     ids = torch.randint(0, vocab, (batch_size, prompt_len), generator=torch.Generator().manual_seed(seed)).to(device)
     with eval_mode(model):

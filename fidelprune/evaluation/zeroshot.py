@@ -19,6 +19,7 @@ from pathlib import Path
 
 from torch import nn
 
+from ..errors import ConfigError
 from ..utils import eval_mode
 from .tasks import TASKS_DIR
 
@@ -43,9 +44,9 @@ def parse_tasks(spec: str | list[str] | tuple[str, ...] | None, hellaswag: str |
     names = [t for t in names if t and t != "none"]
     unknown = [t for t in names if t not in TASKS]
     if unknown:
-        raise ValueError(f"unknown task(s) {', '.join(unknown)}: choose from {', '.join(TASKS)}")
+        raise ConfigError(f"unknown task(s) {', '.join(unknown)}: choose from {', '.join(TASKS)}")
     if "hellaswag" in names and not hellaswag:
-        raise ValueError("hellaswag needs the original HellaSwag jsonl: pass hellaswag=PATH (CLI: --hellaswag PATH)")
+        raise ConfigError("hellaswag needs the original HellaSwag jsonl: pass hellaswag=PATH (CLI: --hellaswag PATH)")
     return list(dict.fromkeys(names))
 
 
@@ -166,7 +167,7 @@ def zeroshot(
 
     names = parse_tasks(tasks, hellaswag)
     if not names:
-        raise ValueError("no zero-shot task selected")
+        raise ConfigError("no zero-shot task selected")
     start = time.perf_counter()
     with eval_mode(model), quiet_lm_eval(verbose):
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)

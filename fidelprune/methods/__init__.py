@@ -4,6 +4,7 @@
     get_method("hfprune").kind     # "gradient"
 """
 
+from ..errors import ConfigError
 from ..adapters import adapt
 from . import hfprune, sdmprune, llm_pruner, wanda_sp, flap, minitron, magnitude, random  # noqa: F401 - registers each
 from ..objectives import sdmprune_defaults
@@ -20,7 +21,7 @@ def run_method(adapted, windows, config: MethodConfig, plan, allocation, progres
     adapted = adapt(adapted)
     method = config.spec
     if windows is None and method.kind != "data-free":
-        raise ValueError(f"{method.name} needs calibration windows")
+        raise ConfigError(f"{method.name} needs calibration windows")
     return method.score(adapted, windows, config, plan, allocation, progress=progress)
 
 

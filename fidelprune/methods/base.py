@@ -15,8 +15,8 @@ import torch
 from ..adapters import AdaptedModel, MLPView
 from ..allocation import AllocationConfig, WidthPlan, select_neurons
 from ..errors import ConfigError, check_float, check_int
-from ..objectives import get_objective, sdmprune_defaults
-from ..scoring import ActivationStats, Scores, activation_statistics, check_finite, taylor_scores
+from ..objectives import OBJECTIVES, get_objective, sdmprune_defaults
+from ..scoring import FORMS, ActivationStats, Scores, activation_statistics, check_finite, taylor_scores
 
 KINDS = ("gradient", "forward", "data-free")  # needs backward passes / one forward pass / no data at all
 AGGREGATIONS = ("mean", "l2")  # how the minitron method aggregates |a| over tokens
@@ -75,6 +75,10 @@ class MethodConfig:
             check_float("--temperature", self.temperature, 0, low_open=True)
         if METHOD_REGISTRY[self.method].kind != "gradient" and (self.objective or self.form):
             raise ConfigError(f"{self.method} takes no gradients; --objective/--form apply to the Taylor methods only")
+        if self.objective is not None and self.objective not in OBJECTIVES:
+            raise ConfigError(f"unknown objective {self.objective!r}: choose one of {', '.join(OBJECTIVES)}")
+        if self.form is not None and self.form not in FORMS:
+            raise ConfigError(f"unknown score form {self.form!r}: choose one of {', '.join(FORMS)}")
         if self.aggregation not in AGGREGATIONS:
             raise ConfigError(f"unknown aggregation {self.aggregation!r}: choose one of {', '.join(AGGREGATIONS)}")
 

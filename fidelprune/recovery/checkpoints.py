@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..errors import ConfigError
 from ..checkpoint import remove_stale_siblings, temporary_sibling
 from .modes import trainable_parameters
 
@@ -92,7 +93,7 @@ def load_checkpoint(checkpoint: Path, model: nn.Module, optimizer, scheduler, ac
     params = trainable_parameters(model)
     if set(weights) != set(params):
         missing, extra = sorted(set(params) - set(weights)), sorted(set(weights) - set(params))
-        raise ValueError(f"checkpoint {checkpoint} does not match the model's trainable weights (missing {missing[:3]}, unexpected {extra[:3]})")
+        raise ConfigError(f"checkpoint {checkpoint} does not match the model's trainable weights (missing {missing[:3]}, unexpected {extra[:3]})")
     with torch.no_grad():
         for name, p in params.items():
             p.copy_(weights[name])
@@ -100,7 +101,7 @@ def load_checkpoint(checkpoint: Path, model: nn.Module, optimizer, scheduler, ac
     scheduler.load_state_dict(torch.load(checkpoint / "scheduler.pt", map_location="cpu", weights_only=True))
     rng = checkpoint / f"rng-rank{accelerator.process_index}.pt"
     if not rng.is_file():
-        raise ValueError(f"checkpoint {checkpoint} has no RNG state for process {accelerator.process_index}: was it written with another number of processes?")
+        raise ConfigError(f"checkpoint {checkpoint} has no RNG state for process {accelerator.process_index}: was it written with another number of processes?")
     _set_rng_state(torch.load(rng, map_location="cpu", weights_only=True))
     return read_state(checkpoint)
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from ..errors import ConfigError
 from ..calibration import BUNDLED_TEXTS, read_documents
 from ..utils import bundled_path, file_sha256
 
@@ -58,7 +59,7 @@ def _read_records(path: Path) -> list:
         if path.suffix == ".json":
             records = json.load(f)
             if not isinstance(records, list):
-                raise ValueError(f"{path}: expected a JSON list of records")
+                raise ConfigError(f"{path}: expected a JSON list of records")
             return records
         return [json.loads(line) for line in f if line.strip()]
 
@@ -72,14 +73,14 @@ def _kind_of(records: list, where: str) -> str:
     if isinstance(first, dict) and "text" in first:
         return "text"
     keys = sorted(first) if isinstance(first, dict) else type(first).__name__
-    raise ValueError(f"{where}: records need 'instruction' + 'output' (Alpaca) or 'text' fields, found {keys}")
+    raise ConfigError(f"{where}: records need 'instruction' + 'output' (Alpaca) or 'text' fields, found {keys}")
 
 
 def load_records(data, data_format: str = "auto") -> tuple[str, list, dict]:
     """(kind, records, provenance) of a data source: a bundled name ('alpaca', 'c4'), a .json/.jsonl/.parquet
     file of Alpaca or {"text"} records, a .txt file (one document), or an in-memory list of dicts / strings."""
     if data_format not in FORMATS:
-        raise ValueError(f"unknown data format {data_format!r}: choose one of {', '.join(FORMATS)}")
+        raise ConfigError(f"unknown data format {data_format!r}: choose one of {', '.join(FORMATS)}")
     if isinstance(data, (list, tuple)):
         records, provenance = list(data), {"source": "in-memory", "sha256": None}
         where = "data"
@@ -88,18 +89,18 @@ def load_records(data, data_format: str = "auto") -> tuple[str, list, dict]:
         if not path.is_file():
             raise FileNotFoundError(f"data file not found: {data} (give a .json/.jsonl/.parquet/.txt file, 'alpaca' or 'c4')")
         if path.suffix not in {".json", ".jsonl", ".parquet", ".txt"}:
-            raise ValueError(f"unsupported data file type {path.suffix!r}: use .json, .jsonl, .parquet or .txt")
+            raise ConfigError(f"unsupported data file type {path.suffix!r}: use .json, .jsonl, .parquet or .txt")
         records = read_documents(path) if path.suffix == ".txt" else _read_records(path)
         provenance = {"source": str(data), "path": str(path), "sha256": file_sha256(path)}
         where = str(path)
     if not records:
-        raise ValueError(f"{where} holds no records")
+        raise ConfigError(f"{where} holds no records")
     kind = _kind_of(records, where) if data_format == "auto" else data_format
     if kind == "text":
         records = [r if isinstance(r, str) else r.get("text") for r in records]
         records = [r for r in records if r]
     elif not all(isinstance(r, dict) and "instruction" in r and "output" in r for r in records):
-        raise ValueError(f"{where}: every Alpaca record needs 'instruction' and 'output' fields")
+        raise ConfigError(f"{where}: every Alpaca record needs 'instruction' and 'output' fields")
     return kind, records, provenance
 
 
@@ -122,7 +123,7 @@ class TokenStats:
 
 def _eos_id(tokenizer) -> int:
     if tokenizer.eos_token_id is None:
-        raise ValueError("the tokenizer has no EOS token, which recovery appends to every example")
+        raise ConfigError("the tokenizer has no EOS token, which recovery appends to every example")
     return tokenizer.eos_token_id
 
 
@@ -202,7 +203,7 @@ def pack(examples: list[Example], seq_len: int, pad_id: int) -> Packed:
     current, used = [], 0
     for ex in examples:
         if len(ex.ids) > seq_len:
-            raise ValueError(f"example of {len(ex.ids)} tokens is longer than seq_len {seq_len}")
+            raise ConfigError(f"example of {len(ex.ids)} tokens is longer than seq_len {seq_len}")
         if used + len(ex.ids) > seq_len and current:
             rows.append(current)
             current, used = [], 0
@@ -251,9 +252,9 @@ def build_data(
     """Read, shuffle the records (seeded), keep the first `max_examples`, hold out a validation slice of whole
     records (so no chunk of a held-out document is trained on), then tokenize and pack both parts."""
     if seq_len < 2:
-        raise ValueError(f"seq_len must be at least 2, got {seq_len}")
+        raise ConfigError(f"seq_len must be at least 2, got {seq_len}")
     if not 0 <= val_fraction < 1:
-        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        raise ConfigError(f"val_fraction must be in [0, 1), got {val_fraction}")
     kind, records, provenance = load_records(data, data_format)
     order = torch.randperm(len(records), generator=torch.Generator().manual_seed(seed)).tolist()
     records = [records[i] for i in order[:max_examples]]
@@ -265,7 +266,7 @@ def build_data(
     val_examples = tokenize(tokenizer, records[:n_val], seq_len, stats) if n_val else []
     train_examples = tokenize(tokenizer, records[n_val:], seq_len, stats)
     if not train_examples:
-        raise ValueError(f"{provenance['source']}: no training example has a target token within seq_len {seq_len}")
+        raise ConfigError(f"{provenance['source']}: no training example has a target token within seq_len {seq_len}")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else _eos_id(tokenizer)
     train = pack(train_examples, seq_len, pad_id)
     val = pack(val_examples, seq_len, pad_id) if val_examples else None

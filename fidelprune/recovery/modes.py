@@ -6,6 +6,8 @@ import warnings
 
 from torch import nn
 
+from ..errors import ConfigError
+
 DEFAULT_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 
 # Short names -> module names, first match wins (Phi-3 fuses q/k/v and gate/up into one linear each).
@@ -28,7 +30,7 @@ def resolve_target_modules(model: nn.Module, targets: tuple[str, ...] | list[str
         candidates = SHORT_NAMES.get(target, (target,))
         found = next((c for c in candidates if c in linear_names), None)
         if found is None:
-            raise ValueError(f"LoRA target {target!r} matches no linear layer; the model has {', '.join(sorted(linear_names))}")
+            raise ConfigError(f"LoRA target {target!r} matches no linear layer; the model has {', '.join(sorted(linear_names))}")
         if found not in resolved:
             resolved.append(found)
     return resolved
@@ -39,7 +41,7 @@ def apply_lora(model: nn.Module, r: int, alpha: float, dropout: float, targets: 
     from peft import LoraConfig, get_peft_model
 
     if r < 1:
-        raise ValueError(f"LoRA rank must be at least 1, got {r}")
+        raise ConfigError(f"LoRA rank must be at least 1, got {r}")
     config = LoraConfig(
         r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=resolve_target_modules(model, targets),
         bias="none", task_type="CAUSAL_LM",

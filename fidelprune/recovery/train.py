@@ -27,7 +27,7 @@ from .._version import __version__
 from ..checkpoint import MANIFEST, read_manifest
 from ..models import load_model, parameters_sha256
 from ..errors import ConfigError, check_float, check_int
-from ..utils import eval_mode
+from ..utils import check_finite_weights, eval_mode
 from .checkpoints import complete_checkpoints, latest_checkpoint, load_checkpoint, save_checkpoint
 from .data import Packed, RecoveryData, build_data
 from .losses import teacher_log_probs, token_loss_sums
@@ -80,29 +80,29 @@ class RecoveryConfig:
     def resolved(self) -> RecoveryConfig:
         """Fill defaults that depend on other settings and reject impossible values with a one-line message."""
         if self.mode not in MODES:
-            raise ValueError(f"unknown mode {self.mode!r}: choose one of {', '.join(MODES)}")
+            raise ConfigError(f"unknown mode {self.mode!r}: choose one of {', '.join(MODES)}")
         if self.loss not in LOSSES:
-            raise ValueError(f"unknown loss {self.loss!r}: choose one of {', '.join(LOSSES)}")
+            raise ConfigError(f"unknown loss {self.loss!r}: choose one of {', '.join(LOSSES)}")
         if self.precision not in PRECISIONS:
-            raise ValueError(f"unknown precision {self.precision!r}: choose one of {', '.join(PRECISIONS)}")
+            raise ConfigError(f"unknown precision {self.precision!r}: choose one of {', '.join(PRECISIONS)}")
         if self.alpha is not None and self.loss != "mix":
-            raise ValueError(f"alpha weighs CE against KL in loss='mix'; loss={self.loss!r} takes no alpha")
+            raise ConfigError(f"alpha weighs CE against KL in loss='mix'; loss={self.loss!r} takes no alpha")
         alpha = {"ce": 0.0, "kd": 1.0}.get(self.loss, 0.5 if self.alpha is None else self.alpha)
         if not 0 <= alpha <= 1:
-            raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+            raise ConfigError(f"alpha must be in [0, 1], got {alpha}")
         if self.temperature <= 0:
-            raise ValueError(f"temperature must be positive, got {self.temperature}")
+            raise ConfigError(f"temperature must be positive, got {self.temperature}")
         for name in ("seq_len", "batch_size", "grad_accum", "eval_every", "save_every"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.keep_last < 0:
-            raise ValueError(f"keep_last must be 0 (keep all) or more, got {self.keep_last}")
+            raise ConfigError(f"keep_last must be 0 (keep all) or more, got {self.keep_last}")
         if self.max_steps is not None and self.max_steps < 1:
-            raise ValueError(f"max_steps must be at least 1, got {self.max_steps}")
+            raise ConfigError(f"max_steps must be at least 1, got {self.max_steps}")
         if self.epochs <= 0:
-            raise ValueError(f"epochs must be positive, got {self.epochs}")
+            raise ConfigError(f"epochs must be positive, got {self.epochs}")
         if not 0 <= self.warmup_ratio < 1:
-            raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+            raise ConfigError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if self.lr is not None:
             check_float("--lr", self.lr, 0, low_open=True)
         check_int("--lora-r", self.lora_r, 1)
@@ -182,7 +182,7 @@ def check_packing(model: nn.Module) -> float:
     scale = max(1.0, alone.abs().max().item())
     tolerance = (1e-4 if next(model.parameters()).dtype in (torch.float32, torch.float64) else 3e-2) * scale
     if not diff <= tolerance:
-        raise ValueError(f"{type(model).__name__} does not keep packed examples apart (logits differ by {diff:.3g}); "
+        raise ConfigError(f"{type(model).__name__} does not keep packed examples apart (logits differ by {diff:.3g}); "
                          "recovery cannot pack sequences for this model")
     return diff
 
@@ -261,7 +261,7 @@ def _resolve_teacher(teacher, config: RecoveryConfig, manifest: dict | None, dev
     from_manifest = teacher is None
     if from_manifest:
         if manifest is None:
-            raise ValueError("distillation needs a teacher: pass one (--teacher), or recover a fidelprune output "
+            raise ConfigError("distillation needs a teacher: pass one (--teacher), or recover a fidelprune output "
                              "directory whose pruning.json names its source model")
         teacher = manifest["source_model"]["name"]
     if not isinstance(teacher, (str, Path)):
@@ -278,7 +278,7 @@ def _resolve_teacher(teacher, config: RecoveryConfig, manifest: dict | None, dev
 def _check_same_vocab(student: nn.Module, teacher: nn.Module) -> None:
     vs, vt = (m.get_output_embeddings().weight.shape[0] for m in (student, teacher))
     if vs != vt:
-        raise ValueError(f"teacher vocabulary ({vt}) differs from the student's ({vs}): distillation needs the same tokenizer")
+        raise ConfigError(f"teacher vocabulary ({vt}) differs from the student's ({vs}): distillation needs the same tokenizer")
 
 
 def _prepare_checkpoint_dir(checkpoint_dir: Path | None, resume: bool | str | Path, overwrite: bool) -> Path | None:
@@ -287,7 +287,7 @@ def _prepare_checkpoint_dir(checkpoint_dir: Path | None, resume: bool | str | Pa
         if resume is not True and Path(resume).is_dir() and (Path(resume) / "state.json").is_file():
             return Path(resume)
         if checkpoint_dir is None:
-            raise ValueError("resume needs a checkpoint directory")
+            raise ConfigError("resume needs a checkpoint directory")
         found = latest_checkpoint(checkpoint_dir)
         if found is None:
             raise FileNotFoundError(f"no complete checkpoint in {checkpoint_dir} to resume from")
@@ -306,7 +306,7 @@ def _check_fingerprint(saved: dict, current: dict, checkpoint: Path) -> None:
     changed = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
     if changed:
         details = "; ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in changed[:4])
-        raise ValueError(f"cannot resume from {checkpoint}: the run differs ({details})")
+        raise ConfigError(f"cannot resume from {checkpoint}: the run differs ({details})")
 
 
 # ---------------------------------------------------------------------------------------------------- recover
@@ -357,8 +357,11 @@ def recover(
         inplace = True  # freshly loaded: nobody else holds it
         manifest = read_manifest(source_dir) if (source_dir / MANIFEST).is_file() else None
     if tokenizer is None:
-        raise ValueError("recovery needs the tokenizer to read its data (tokenizer=...)")
+        raise ConfigError("recovery needs the tokenizer to read its data (tokenizer=...)")
     teacher, teacher_record = _resolve_teacher(teacher, config, manifest, device)
+    check_finite_weights(model, "the model to recover")
+    if teacher is not None:
+        check_finite_weights(teacher, "the teacher")
     timings["load"] = time.perf_counter() - start
 
     start = time.perf_counter()
@@ -367,7 +370,7 @@ def recover(
     schedule = _Schedule(len(data_.train), config.batch_size, config.grad_accum, accelerator.num_processes,
                          accelerator.process_index, config.seed)
     if schedule.steps_per_epoch == 0:
-        raise ValueError(f"the data packs into {len(data_.train)} rows of {config.seq_len} tokens, fewer than one step's "
+        raise ConfigError(f"the data packs into {len(data_.train)} rows of {config.seq_len} tokens, fewer than one step's "
                          f"batch_size x grad_accum x processes = {schedule.global_rows}: lower them or add data")
     total_steps = config.max_steps or max(1, math.ceil(config.epochs * schedule.steps_per_epoch))
     timings["data"] = time.perf_counter() - start
