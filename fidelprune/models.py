@@ -157,16 +157,30 @@ def locate(source: str | Path | None) -> ModelLocation:
     return ModelLocation(source, source, directory, None)  # a hub id
 
 
+def load_tokenizer(source: str | Path | ModelLocation | None = None, trust_remote_code: bool = False):
+    """The tokenizer of a model source alone (no weights): cheap, so calibration can be checked before loading."""
+    from transformers import AutoTokenizer
+
+    where = source if isinstance(source, ModelLocation) else locate(source)
+    kwargs = {"gguf_file": where.gguf_file} if where.gguf_file else {}
+    try:
+        return AutoTokenizer.from_pretrained(where.location, trust_remote_code=trust_remote_code, **kwargs)
+    except OSError as err:
+        raise ModelLoadError(f"could not load the tokenizer of {where.name!r}: {err}") from err
+
+
 def load_model(
     source: str | Path | None = None,
     *,
     dtype: str | torch.dtype | None = None,
     device: str | None = None,
     trust_remote_code: bool = False,
+    tokenizer=None,
 ) -> tuple[nn.Module, object, ModelSource]:
     """(model, tokenizer, source record). `source`: None / "smollm2" for the packaged default, a .gguf file,
-    a local directory with safetensors weights, or a hub id (needs network or a local cache)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    a local directory with safetensors weights, or a hub id (needs network or a local cache). A `tokenizer`
+    already loaded from the same source (load_tokenizer) is used as it is."""
+    from transformers import AutoModelForCausalLM
 
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
@@ -175,7 +189,7 @@ def load_model(
     source = where.name
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
     try:
-        tokenizer = AutoTokenizer.from_pretrained(location, trust_remote_code=trust_remote_code, **kwargs)
+        tokenizer = tokenizer if tokenizer is not None else load_tokenizer(where, trust_remote_code)
         if not gguf_file and directory.exists() and _layer_widths(directory):
             model = load_pruned(directory, dtype=torch_dtype)
         else:

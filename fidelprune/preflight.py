@@ -15,7 +15,7 @@ from torch import nn
 
 from .adapters import AdaptedModel, adapt, adapter_for
 from .allocation import WidthPlan
-from .calibration import CalibrationError, check_source
+from .calibration import CalibrationError, check_source, sample_windows
 from .checkpoint import check_scores_fit, score_shapes
 from .models import ModelLoadError, ModelLocation
 from .surgery import LAYER_WIDTHS_KEY
@@ -68,3 +68,15 @@ def check_prune(where: ModelLocation, config, scores: str | Path | None = None, 
     if scores is not None:
         check_scores_fit(score_shapes(scores), shapes.widths(), str(scores))
     return plan
+
+
+def check_calibration(tokenizer, config, scores_given: bool = False) -> None:
+    """Draw the windows once with the model's tokenizer, so that a source with too little text for
+    samples x seq_len (or a file that cannot be read) fails before the weights load. The run draws them again
+    from the same seed: the same windows, for a few seconds of tokenization."""
+    calib, recon = config.calibration, config.reconstruction
+    if (not scores_given and config.method.spec.kind != "data-free") or recon.mode != "none":
+        sample_windows(tokenizer, calib.source, calib.samples, calib.seq_len, calib.seed)
+    if recon.mode != "none" and recon.separate:
+        sample_windows(tokenizer, recon.calibration or calib.source, recon.samples or calib.samples, calib.seq_len,
+                       calib.seed + 1 if recon.seed is None else recon.seed)

@@ -19,7 +19,7 @@ from fidelprune.checkpoint import remove_stale_siblings, temporary_sibling
 from fidelprune.cli import main
 from fidelprune.errors import FidelpruneError
 
-BEFORE_LOAD, AFTER_LOAD = True, False
+BEFORE_LOAD, AFTER_LOAD = True, False  # AFTER_LOAD: a case that can only fail once the weights are in memory
 
 # (argv with {tiny} = a 2-layer LLaMA of MLP width 48 and 64 positions, {dir} = a scratch folder), message fragment,
 # whether it must fail before the weights load.
@@ -51,6 +51,7 @@ CASES = [
     (PRUNE + " --keep 24 --method wanda-sp --objective ce -o {dir}/out", "takes no gradients", BEFORE_LOAD),
     ("prune {tiny} --keep 24 --reconstruct sequential --reconstruct-lambda -1 -o {dir}/out", "lambda", BEFORE_LOAD),
     ("prune {tiny} --keep 24 --reconstruct none --reconstruct-seed 3 -o {dir}/out", "reconstruct is 'none'", BEFORE_LOAD),
+    ("prune {tiny} --keep 24 --seq-len 32 --samples 4 --reconstruct-calibration {dir}/short.txt -o {dir}/out", "fewer than", BEFORE_LOAD),
     # files
     (PRUNE + " --keep 24 --calibration {dir}/none.jsonl -o {dir}/out", "not found", BEFORE_LOAD),
     (PRUNE + " --keep 24 --scores {dir}/wide.safetensors -o {dir}/out", "come from another model", BEFORE_LOAD),
@@ -59,13 +60,13 @@ CASES = [
     (PRUNE + " --keep 24 --scores {dir}/none.safetensors -o {dir}/out", "scores file not found", BEFORE_LOAD),
     ("prune {dir}/no-config --keep 24 -o {dir}/out", "no config.json", BEFORE_LOAD),
     ("prune {dir}/no-tokenizer --keep 24 -o {dir}/out", "no tokenizer files", BEFORE_LOAD),
-    (PRUNE + " --keep 24 --calibration {dir}/latin1.txt -o {dir}/out", "latin1.txt is not UTF-8", AFTER_LOAD),
-    (PRUNE + " --keep 24 --calibration {dir}/broken.jsonl -o {dir}/out", "broken.jsonl is not valid JSONL", AFTER_LOAD),
-    (PRUNE + " --keep 24 --calibration {dir}/untexted.jsonl -o {dir}/out", "no record has a non-empty 'text' field", AFTER_LOAD),
+    (PRUNE + " --keep 24 --calibration {dir}/latin1.txt -o {dir}/out", "latin1.txt is not UTF-8", BEFORE_LOAD),
+    (PRUNE + " --keep 24 --calibration {dir}/broken.jsonl -o {dir}/out", "broken.jsonl is not valid JSONL", BEFORE_LOAD),
+    (PRUNE + " --keep 24 --calibration {dir}/untexted.jsonl -o {dir}/out", "no record has a non-empty 'text' field", BEFORE_LOAD),
     ("prune {gpt2} --keep 24 -o {dir}/out", "unsupported architecture", BEFORE_LOAD),
     (PRUNE + " --keep 24 -o /proc/fidelprune-out", "cannot", BEFORE_LOAD),
     (PRUNE + " --keep 24 -o {dir}/file.txt", "is not a directory", BEFORE_LOAD),
-    (PRUNE + " --keep 24 --calibration {dir}/short.txt -o {dir}/out", "fewer than", AFTER_LOAD),
+    (PRUNE + " --keep 24 --calibration {dir}/short.txt -o {dir}/out", "fewer than", BEFORE_LOAD),
     # eval
     ("eval {tiny} --seq-len 1 -o {dir}/out", "--seq-len must be at least 2", BEFORE_LOAD),
     ("eval {tiny} --limit 0 -o {dir}/out", "--limit must be at least 1", BEFORE_LOAD),

@@ -77,8 +77,8 @@ def default_output(args, config) -> Path:
 def run(args) -> int:
     from .. import load_model, prune, save
     from ..checkpoint import check_output_dir
-    from ..models import locate, resolve_device
-    from ..preflight import check_prune
+    from ..models import load_tokenizer, locate, resolve_device
+    from ..preflight import check_calibration, check_prune
 
     # Everything that can fail without the weights fails first: settings, files, output, device, model shapes.
     config = config_from_args(args)
@@ -90,8 +90,11 @@ def run(args) -> int:
     resolve_device(args.device)
     check_prune(where, config, args.scores, args.trust_remote_code)
     start = time.perf_counter()
+    tokenizer = load_tokenizer(where, args.trust_remote_code)
+    check_calibration(tokenizer, config, scores_given=args.scores is not None)
     with console.status(f"loading {args.model or 'packaged SmolLM2-135M-Instruct'}"):
-        model, tokenizer, source = load_model(args.model, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code)
+        model, tokenizer, source = load_model(args.model, dtype=args.dtype, device=args.device,
+                                              trust_remote_code=args.trust_remote_code, tokenizer=tokenizer)
     load_s = time.perf_counter() - start
     pruned, report = prune(model, tokenizer, config, scores=args.scores, inplace=True, source=source)
     report.manifest["timings_s"]["load"] = load_s
