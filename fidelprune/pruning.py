@@ -27,7 +27,7 @@ from .models import ModelSource, parameters_sha256, source_paths
 from .reconstruction import DEFAULT_LAMBDA as RECONSTRUCT_LAMBDA
 from .reconstruction import ReconstructionConfig, ReconstructionResult, reconstruction_windows
 from .reconstruction import reconstruct as reconstruct_mlps
-from .scoring import Scores
+from .scoring import Scores, ScoringError
 from .surgery import remove_neurons
 from .utils import check_finite_weights, library_versions
 
@@ -242,7 +242,6 @@ def _run(
     if recon.mode == "none" and reconstruction_ids is not None:
         raise ConfigError("separate reconstruction windows were given but reconstruct is 'none': choose parallel or sequential")
     plan = plan_for(adapted, config, scores is not None)
-    check_finite_weights(model)
     method = config.method.resolved(plan.achieved_ratio)
     timings: dict[str, float] = {}
     source = source or ModelSource(getattr(model.config, "_name_or_path", "") or "in-memory", None, None, parameters_sha256(model))
@@ -267,7 +266,11 @@ def _run(
         result = MethodResult(loaded, select_neurons(loaded, plan, config.allocation),
                               stages=[{"name": "from saved scores", "scores": given}])
     else:
-        result = run_method(adapted, calibration_ids, method, plan, config.allocation, progress=progress)
+        try:
+            result = run_method(adapted, calibration_ids, method, plan, config.allocation, progress=progress)
+        except ScoringError:
+            check_finite_weights(model)  # damaged weights explain non-finite scores better than an overflow does
+            raise
     timings["scoring"] = time.perf_counter() - start
 
     start = time.perf_counter()
