@@ -117,10 +117,6 @@ class ModelLocation:
     directory: Path  # the local directory (of the GGUF file), or a path that does not exist for a hub id
     gguf_file: str | None
 
-    @property
-    def is_local(self) -> bool:
-        return self.directory.exists() or self.gguf_file is not None
-
     def input_paths(self) -> list[Path]:
         """The local files and folders a run reads, which no output may overwrite."""
         if self.gguf_file:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -39,6 +41,16 @@ def tiny_model(family: str = "llama", seed: int = 0, **overrides) -> torch.nn.Mo
             if name.endswith("bias"):
                 p.normal_(0, 0.02)
     return model
+
+
+def tree_digest(directory: Path) -> str:
+    """One hash of a folder's file names and contents: equal before and after means the folder was not touched."""
+    digest = hashlib.sha256()
+    for path in sorted(directory.rglob("*")):
+        digest.update(str(path.relative_to(directory)).encode())
+        if path.is_file():
+            digest.update(path.read_bytes())
+    return digest.hexdigest()
 
 
 def tiny_windows(n: int = 6, length: int = 12, seed: int = 0) -> torch.Tensor:

@@ -4,7 +4,6 @@ fail before any weight is loaded. Table-driven: add a row per new case."""
 
 from __future__ import annotations
 
-import hashlib
 import shutil
 from pathlib import Path
 
@@ -13,13 +12,13 @@ import torch
 import transformers
 from safetensors.torch import save_file
 
-from conftest import tiny_model, tiny_windows
+from conftest import tiny_model, tiny_windows, tree_digest
 from fidelprune import prune
 from fidelprune.checkpoint import remove_stale_siblings, temporary_sibling
 from fidelprune.cli import main
 from fidelprune.errors import FidelpruneError
 
-BEFORE_LOAD, AFTER_LOAD = True, False  # AFTER_LOAD: a case that can only fail once the weights are in memory
+BEFORE_LOAD = True  # the case must fail before any weight loads (False: it can only fail once they are in memory)
 
 # (argv with {tiny} = a 2-layer LLaMA of MLP width 48 and 64 positions, {dir} = a scratch folder), message fragment,
 # whether it must fail before the weights load.
@@ -90,15 +89,6 @@ if not torch.cuda.is_available():
     CASES.append((PRUNE + " --keep 24 --device cuda -o {dir}/out", "no CUDA GPU", BEFORE_LOAD))
 
 
-def _digest(directory: Path) -> str:
-    h = hashlib.sha256()
-    for path in sorted(directory.rglob("*")):
-        h.update(str(path.relative_to(directory)).encode())
-        if path.is_file():
-            h.update(path.read_bytes())
-    return h.hexdigest()
-
-
 @pytest.fixture(scope="module")
 def gpt2_dir(tmp_path_factory, tiny_dir):
     """An architecture fidelprune cannot prune (a non-gated MLP), saved with a tokenizer."""
@@ -143,8 +133,8 @@ def test_bad_input_is_one_line_writes_nothing_and_leaves_the_input(argv, message
     before = _scratch(scratch)
     link = tmp_path / "link"
     link.symlink_to(tiny_dir, target_is_directory=True)
-    tiny_before = _digest(tiny_dir)
-    scratch_before = _digest(scratch)
+    tiny_before = tree_digest(tiny_dir)
+    scratch_before = tree_digest(scratch)
     if before_load:
         def no_weights(*args, **kwargs):
             raise AssertionError("the weights were loaded before this bad input was refused")
@@ -155,8 +145,8 @@ def test_bad_input_is_one_line_writes_nothing_and_leaves_the_input(argv, message
     err = capsys.readouterr().err.strip().splitlines()
     assert err and err[-1].startswith("error: ") and message in err[-1], err[-3:]
     assert "Traceback" not in "\n".join(err)
-    assert _digest(tiny_dir) == tiny_before
-    assert _digest(scratch) == scratch_before and {p.name for p in scratch.iterdir()} == set(before)
+    assert tree_digest(tiny_dir) == tiny_before
+    assert tree_digest(scratch) == scratch_before and {p.name for p in scratch.iterdir()} == set(before)
     assert not any(p.name.startswith(".") for p in scratch.iterdir())  # no temporary folder left either
 
 

@@ -5,7 +5,6 @@ sleeps), so the kill lands there every time."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import signal
@@ -16,6 +15,8 @@ from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
+
+from conftest import tree_digest
 
 CHILD = """
 import sys, time
@@ -33,15 +34,6 @@ target.{function} = stop_here
 from fidelprune.cli import main
 sys.exit(main({argv!r}))
 """
-
-
-def _digest(directory: Path) -> str:
-    h = hashlib.sha256()
-    for path in sorted(directory.rglob("*")):
-        h.update(str(path.relative_to(directory)).encode())
-        if path.is_file():
-            h.update(path.read_bytes())
-    return h.hexdigest()
 
 
 def _kill_at(module: str, function: str, argv: list[str], marker: Path, call: int = 1) -> None:
@@ -64,11 +56,11 @@ def _kill_at(module: str, function: str, argv: list[str], marker: Path, call: in
 def test_prune_killed_leaves_nothing_and_the_next_run_is_exact(module, function, tiny_dir, tmp_path):
     from fidelprune.cli import main
 
-    before = _digest(tiny_dir)
+    before = tree_digest(tiny_dir)
     out = tmp_path / "out"
     argv = ["prune", str(tiny_dir), "--keep", "24", "--samples", "4", "--seq-len", "32", "-o", str(out)]
     _kill_at(module, function, argv, tmp_path / "marker")
-    assert not out.exists() and _digest(tiny_dir) == before
+    assert not out.exists() and tree_digest(tiny_dir) == before
     assert main(argv) == 0
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]  # the leftovers were removed
     assert main([*argv[:-1], str(tmp_path / "clean")]) == 0
@@ -84,11 +76,11 @@ def test_recover_killed_while_writing_a_checkpoint_resumes_exactly(tiny_dir, tmp
     data.write_text(" ".join(f"word{i % 37}" for i in range(3000)))
     common = ["recover", str(tiny_dir), "--data", str(data), "--max-steps", "6", "--save-every", "2", "--seq-len", "32",
               "--batch-size", "2", "--eval-windows", "0", "--lr", "1e-3"]
-    before = _digest(tiny_dir)
+    before = tree_digest(tiny_dir)
     out, ckpt = tmp_path / "out", tmp_path / "ckpt"
     argv = [*common, "-o", str(out), "--checkpoint-dir", str(ckpt)]
     _kill_at("fidelprune.recovery.checkpoints", "save_file", argv, tmp_path / "marker", call=2)  # writing step 4
-    assert not out.exists() and _digest(tiny_dir) == before
+    assert not out.exists() and tree_digest(tiny_dir) == before
     assert sorted(p.name for p in ckpt.iterdir() if not p.name.startswith(".")) == ["step-000002"]
     assert main([*argv, "--resume"]) == 0
     assert main([*common, "-o", str(tmp_path / "clean"), "--checkpoint-dir", str(tmp_path / "ckpt-clean")]) == 0

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_model
+from conftest import tiny_model, tree_digest
 
 import fidelprune
 from fidelprune.recovery import ALPACA_PROMPT, ALPACA_PROMPT_INPUT, IGNORE, build_data, check_packing, pack, recover, render_alpaca
@@ -321,13 +319,6 @@ def test_bad_settings_fail_with_one_line(tokenizer, pruned):
 
 
 # ---------------------------------------------------------------------------------------------------- CLI end to end
-def _tree_digest(directory: Path) -> str:
-    digest = hashlib.sha256()
-    for path in sorted(directory.rglob("*")):
-        digest.update(str(path.relative_to(directory)).encode())
-        if path.is_file():
-            digest.update(path.read_bytes())
-    return digest.hexdigest()
 
 
 def test_cli_recovers_a_pruned_directory_into_a_vanilla_checkpoint(tmp_path, tokenizer, teacher):
@@ -341,7 +332,7 @@ def test_cli_recovers_a_pruned_directory_into_a_vanilla_checkpoint(tmp_path, tok
     model, tok, source = fidelprune.load_model(original)
     pruned_model, report = fidelprune.prune(model, tok, "magnitude", 0.2, round_to=1, source=source)
     pruned_dir = fidelprune.save(pruned_model, tok, report, tmp_path / "pruned")
-    before = _tree_digest(pruned_dir)
+    before = tree_digest(pruned_dir)
     data = tmp_path / "data.jsonl"
     data.write_text("\n".join(json.dumps(r) for r in ALPACA))
     corpus = tmp_path / "eval.txt"
@@ -352,7 +343,7 @@ def test_cli_recovers_a_pruned_directory_into_a_vanilla_checkpoint(tmp_path, tok
             "--eval-corpus", str(corpus), "--eval-windows", "4", "--eval-seq-len", "32"]
     assert main(argv) == 0
 
-    assert _tree_digest(pruned_dir) == before  # the input is never modified
+    assert tree_digest(pruned_dir) == before  # the input is never modified
     assert not (tmp_path / "recovered.checkpoints").exists()  # removed after a successful save
     assert (output / "model.safetensors").is_file() and not list(output.glob("adapter*"))
     vanilla = AutoModelForCausalLM.from_pretrained(output)
