@@ -3,6 +3,7 @@
     model, tokenizer, source = fidelprune.load_model()            # packaged SmolLM2-135M-Instruct
     pruned, report = fidelprune.prune(model, tokenizer, method="hfprune", ratio=0.2)
     fidelprune.save(pruned, tokenizer, report, "pruned/")
+    fidelprune.export("pruned/", fidelprune.ExportConfig(to="gguf", outtype="q8_0"))   # llama.cpp; or to="vllm"
 
 The data flow and which module owns which step: docs/architecture.md.
 """
@@ -12,7 +13,9 @@ from .adapters import AdaptedModel, UnsupportedModelError, adapt, supported_fami
 from .allocation import AllocationConfig, AllocationError, plan_width
 from .calibration import CalibrationConfig, CalibrationError, sample_windows
 from .checkpoint import OutputExistsError, load_scores, read_manifest
+from .errors import ConfigError, FidelpruneError
 from .evaluation import EvalConfig, evaluate
+from .deploy import ExportConfig, ExportError, export
 from .methods import METHODS, MethodConfig, get_method, register_method
 from .models import ModelLoadError, load_model
 from .pruning import PruneConfig, PruneReport, prune, save
@@ -29,4 +32,6 @@ __all__ = [
     "supported_families",
     "RecoveryConfig", "recover", "save_recovered",
     "EvalConfig", "evaluate",
+    "ExportConfig", "ExportError", "export",
+    "ConfigError", "FidelpruneError",
 ]

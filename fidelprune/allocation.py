@@ -29,6 +29,14 @@ def count_parameters(model: nn.Module) -> int:
 ALLOCATIONS = ("uniform", "global")
 
 
+# --serve-on ENGINE: the multiple of neurons each kept width is rounded to so the engine's fast paths take every MLP
+# tensor (docs/deploy.md). Any width loads and computes correctly in all three; these grids are about speed and size.
+#   llama.cpp: 256, the k-quant super-block (Q4_K..Q6_K): an MLP width off this grid leaves ffn_down unquantized
+#   vllm: 128, the group size of GPTQ/AWQ/Marlin kernels along the input dimension (ffn_down's input is the width)
+#   transformers: 8, fidelprune's default (tensor-core friendly)
+ENGINE_GRID = {"transformers": 8, "vllm": 128, "llama.cpp": 256}
+
+
 @dataclass
 class AllocationConfig:
     """How widths are chosen: `uniform` (every prunable layer keeps the same k, a vanilla checkpoint) or `global`
@@ -36,7 +44,7 @@ class AllocationConfig:
     layer); the first `protect_first` and last `protect_last` layers keep every neuron (LLM-Pruner's habit)."""
 
     kind: str = "uniform"
-    round_to: int = 8
+    round_to: int = ENGINE_GRID["transformers"]
     protect_first: int = 0
     protect_last: int = 0
     min_keep: int | None = None  # global only; default: round_to

@@ -64,8 +64,10 @@ def read_documents(source: str | Path) -> list[str]:
         except json.JSONDecodeError as err:
             raise CalibrationError(f"{path} is not valid JSON{'L' if path.suffix == '.jsonl' else ''} "
                                    f"(line {err.lineno}: {err.msg}); give one JSON record per line with a 'text' field") from err
+    if path.is_dir():
+        raise CalibrationError(f"calibration source {path} is a directory: give a .txt, .jsonl, .json or .parquet file, or 'c4'")
     if path.exists():
-        raise CalibrationError(f"unsupported calibration file type {path.suffix!r}: use .txt, .jsonl, .json or .parquet")
+        raise CalibrationError(f"calibration file {path} has an unsupported type {path.suffix!r}: use .txt, .jsonl, .json or .parquet")
     try:  # a hub dataset, for users who are online or have it cached
         import datasets
 

@@ -69,6 +69,8 @@ def check_output_dir(output: str | Path, overwrite: bool = False, inputs: Iterab
                 f"output {output} would overwrite the input {source} (it is, contains or lies inside it); "
                 f"choose an --output outside the input"
             )
+    if output.parent.is_dir():
+        remove_stale_siblings(output)  # and put back an output a killed --overwrite had moved aside
     if output.exists() and not output.is_dir():
         raise OutputExistsError(f"output {output} exists and is not a directory; choose another --output")
     if output.is_dir() and any(output.iterdir()) and not overwrite:
@@ -99,13 +101,21 @@ def temporary_sibling(output: Path, kind: str = "tmp") -> Path:
 
 def remove_stale_siblings(output: Path) -> list[Path]:
     """Remove the temporary siblings of `output` left by runs that were killed (their process no longer exists);
-    return what was removed."""
+    return what was removed. A run killed in the middle of an --overwrite swap had moved the previous output
+    aside into `.NAME.old-PID-*` without putting the new one in place: that previous output is put back."""
     removed = []
-    for path in output.parent.glob(f".{glob.escape(output.name)}.*-*-*"):
+    for path in sorted(output.parent.glob(f".{glob.escape(output.name)}.*-*-*")):
         kind, _, rest = path.name[len(output.name) + 2 :].partition("-")
         pid = rest.split("-", 1)[0]
-        if kind in ("tmp", "old") and pid.isdigit() and path.is_dir() and not _alive(int(pid)):
-            shutil.rmtree(path, ignore_errors=True)
+        if kind in ("tmp", "old") and pid.isdigit() and not _alive(int(pid)):
+            previous = path / output.name
+            if kind == "old" and previous.exists() and not output.exists():
+                previous.rename(output)
+                log.warning("put back %s, which a run killed while replacing it had moved aside", output)
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
             removed.append(path)
     if removed:
         log.warning("removed %d temporary folder(s) left beside %s by interrupted runs: %s", len(removed), output,
@@ -126,24 +136,65 @@ def _alive(pid: int) -> bool:
 def atomic_directory_write(output: str | Path, write, overwrite: bool = False, inputs: Iterable[str | Path] = ()) -> Path:
     """Run write(tmp_dir) in a temporary sibling of `output`, then rename it into place, so an interrupted run
     never leaves a directory that looks complete (and the next run to the same output removes its leftovers)."""
-    output = check_output_dir(output, overwrite, inputs)
+    output = check_output_dir(output, overwrite, inputs)  # also clears what killed runs left beside it
     output.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_siblings(output)
     tmp = temporary_sibling(output)
     try:
         write(tmp)
         _default_permissions(tmp)
         if output.exists():
             old = temporary_sibling(output, "old")
-            output.rename(old / output.name)
-            tmp.rename(output)
+            _rename(output, old / output.name)  # a kill between these two renames: see remove_stale_siblings
+            _rename(tmp, output)
             shutil.rmtree(old)
         else:
-            tmp.rename(output)
+            _rename(tmp, output)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return output
+
+
+def check_output_file(output: str | Path, overwrite: bool = False, inputs: Iterable[str | Path] = ()) -> Path:
+    """check_output_dir for an output that is one file (an exported GGUF)."""
+    output = Path(output)
+    for source in inputs:
+        if overlaps(output, Path(source)):
+            raise OutputExistsError(f"output {output} would overwrite the input {source} (it is or lies inside it); "
+                                    f"choose an --output outside the input")
+    if output.parent.is_dir():
+        remove_stale_siblings(output)
+    if output.is_dir():
+        raise OutputExistsError(f"output {output} is a directory; give a file name (--output NAME.gguf)")
+    if output.exists() and not overwrite:
+        raise OutputExistsError(f"output {output} exists; choose another --output or pass --overwrite")
+    _check_writable(output)
+    return output
+
+
+def atomic_file_write(output: str | Path, write, overwrite: bool = False, inputs: Iterable[str | Path] = ()) -> Path:
+    """Run write(tmp_file) on a temporary sibling of `output`, then rename it into place (see
+    atomic_directory_write); write may raise to abandon the file."""
+    output = check_output_file(output, overwrite, inputs)  # also clears what killed runs left beside it
+    output.parent.mkdir(parents=True, exist_ok=True)
+    handle, name = tempfile.mkstemp(prefix=f".{output.name}.tmp-{os.getpid()}-", dir=output.parent)
+    os.close(handle)
+    tmp = Path(name)
+    try:
+        write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o666 & ~umask)
+        os.replace(tmp, output)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return output
+
+
+def _rename(source: Path, target: Path) -> None:
+    """One rename of the output swap (a function of its own so that the kill tests can stop a run between two)."""
+    source.rename(target)
 
 
 def _default_permissions(directory: Path) -> None:

@@ -135,6 +135,10 @@ def locate(source: str | Path | None) -> ModelLocation:
         gguf = Path(source)
         if not gguf.is_file():
             raise ModelLoadError(f"GGUF file not found: {gguf}")
+        with open(gguf, "rb") as f:
+            if f.read(4) != b"GGUF":
+                raise ModelLoadError(f"{gguf} is not a GGUF file (it does not start with the GGUF magic); it may be "
+                                     f"damaged or only partly downloaded")
         return ModelLocation(source, str(gguf.parent), gguf.parent, gguf.name)
     directory = Path(source)
     if directory.exists():
@@ -186,7 +190,7 @@ def load_model(
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
     try:
         tokenizer = tokenizer if tokenizer is not None else load_tokenizer(where, trust_remote_code)
-        if not gguf_file and directory.exists() and _layer_widths(directory):
+        if not gguf_file and directory.exists() and (_layer_widths(directory) or local_config(directory)):
             model = load_pruned(directory, dtype=torch_dtype)
         else:
             model = AutoModelForCausalLM.from_pretrained(
@@ -217,13 +221,43 @@ def parameters_sha256(model: nn.Module) -> str:
     return digest.hexdigest()
 
 
-def _layer_widths(directory: Path) -> list[int] | None:
+def _config_dict(directory: Path) -> dict | None:
+    """config.json as a dict; an export in the Nemotron-NAS layout (vLLM's per-layer widths) as the LLaMA it is."""
     import json
 
+    path = directory / "config.json"
+    if not path.is_file():
+        return None
+    config = json.loads(path.read_text(encoding="utf-8"))
+    if config.get("model_type") == "nemotron-nas":
+        from .deploy.vllm import llama_config
+
+        return llama_config(config)
+    return config
+
+
+def local_config(directory: Path):
+    """The transformers config of a local checkpoint directory, for the layouts AutoConfig cannot read alone
+    (Nemotron-NAS exports); None for the rest."""
+    config = _config_dict(directory)
+    if config is None or config.get("model_type") == json_model_type(directory):
+        return None
+    from transformers import LlamaConfig
+
+    return LlamaConfig.from_dict(config)
+
+
+def json_model_type(directory: Path) -> str | None:
+    import json
+
+    return json.loads((directory / "config.json").read_text(encoding="utf-8")).get("model_type")
+
+
+def _layer_widths(directory: Path) -> list[int] | None:
     from .surgery import LAYER_WIDTHS_KEY
 
-    config = directory / "config.json"
-    return json.loads(config.read_text()).get(LAYER_WIDTHS_KEY) if config.is_file() else None
+    config = _config_dict(directory)
+    return config.get(LAYER_WIDTHS_KEY) if config else None
 
 
 def load_pruned(directory: str | Path, dtype: str | torch.dtype | None = None, device: str | None = None) -> nn.Module:
@@ -242,8 +276,11 @@ def load_pruned(directory: str | Path, dtype: str | torch.dtype | None = None, d
     torch_dtype = resolve_dtype(dtype, device)
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the mismatched MLP shapes are expected and replaced below
+    config = local_config(directory)
+    kwargs = {"config": config} if config is not None else {}
     try:
-        model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch_dtype, ignore_mismatched_sizes=True, use_safetensors=True)
+        model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch_dtype, ignore_mismatched_sizes=True,
+                                                     use_safetensors=True, **kwargs)
     finally:
         hf_logging.set_verbosity(verbosity)
     if not widths:

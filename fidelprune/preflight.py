@@ -8,6 +8,7 @@ same code the real run uses, in seconds, whatever the model's size.
 from __future__ import annotations
 
 import json
+import struct
 from pathlib import Path
 
 import torch
@@ -17,7 +18,7 @@ from .adapters import AdaptedModel, adapt, adapter_for
 from .allocation import WidthPlan
 from .calibration import CalibrationError, check_source, sample_windows
 from .checkpoint import check_scores_fit, score_shapes
-from .models import ModelLoadError, ModelLocation
+from .models import ModelLoadError, ModelLocation, local_config
 from .surgery import LAYER_WIDTHS_KEY
 
 
@@ -25,10 +26,12 @@ def model_config(where: ModelLocation, trust_remote_code: bool = False):
     """The model's transformers config, from config.json or the GGUF header; no weights are read."""
     from transformers import AutoConfig
 
+    if not where.gguf_file and where.directory.is_dir() and (config := local_config(where.directory)) is not None:
+        return config
     kwargs = {"gguf_file": where.gguf_file} if where.gguf_file else {}
     try:
         return AutoConfig.from_pretrained(where.location, trust_remote_code=trust_remote_code, **kwargs)
-    except (OSError, ValueError, json.JSONDecodeError) as err:
+    except (OSError, ValueError, json.JSONDecodeError, struct.error, IndexError, KeyError) as err:  # a damaged GGUF: struct
         raise ModelLoadError(f"cannot read the config of {where.name}: {err}") from err
 
 

@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 from .adapters import AdaptedModel, MLPView, adapt
 from .calibration import record_dict, sample_windows
-from .errors import ConfigError, FidelpruneError
+from .errors import ConfigError, FidelpruneError, check_int
 from .utils import batches, frozen_eval, registered
 
 MODES = ("none", "parallel", "sequential")
@@ -75,6 +75,8 @@ class ReconstructionConfig:
 
     def __post_init__(self) -> None:
         check_options(self.mode, self.lam, self.target)
+        if self.samples is not None:
+            check_int("--reconstruct-samples", self.samples, 1)
         if self.mode == "none" and self.separate:
             raise ConfigError("separate reconstruction windows were given but reconstruct is 'none': choose parallel or sequential")
 

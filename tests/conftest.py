@@ -76,3 +76,54 @@ def tiny_dir(tmp_path_factory):
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+def template_fields(config, arch: str, tokens: list[str] | None = None) -> dict:
+    """GGUF metadata for a tiny model of `config` (what llama.cpp's converter would write for it), with a
+    placeholder vocabulary unless `tokens` are given: the template an export adds its tensors to."""
+    from gguf import GGUFValueType as T
+
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    rope = getattr(config, "rope_parameters", None) or {}
+    theta = rope.get("rope_theta") or rope.get("full_attention", {}).get("rope_theta") or 10000.0
+    fields = {
+        f"{arch}.block_count": (config.num_hidden_layers, T.UINT32, None),
+        f"{arch}.context_length": (config.max_position_embeddings, T.UINT32, None),
+        f"{arch}.embedding_length": (config.hidden_size, T.UINT32, None),
+        f"{arch}.attention.head_count": (config.num_attention_heads, T.UINT32, None),
+        f"{arch}.attention.head_count_kv": (config.num_key_value_heads, T.UINT32, None),
+        f"{arch}.attention.key_length": (head_dim, T.UINT32, None),
+        f"{arch}.attention.value_length": (head_dim, T.UINT32, None),
+        f"{arch}.rope.dimension_count": (head_dim, T.UINT32, None),
+        f"{arch}.rope.freq_base": (float(theta), T.FLOAT32, None),
+        f"{arch}.attention.layer_norm_rms_epsilon": (float(config.rms_norm_eps), T.FLOAT32, None),
+        "tokenizer.ggml.model": ("gpt2", T.STRING, None),
+        "tokenizer.ggml.tokens": (tokens or [f"t{i}" for i in range(config.vocab_size)], T.ARRAY, T.STRING),
+    }
+    if getattr(config, "sliding_window", None):
+        fields[f"{arch}.attention.sliding_window"] = (config.sliding_window, T.UINT32, None)
+    return fields
+
+
+@pytest.fixture(scope="session")
+def tiny_template(tmp_path_factory, tiny_dir):
+    """A vocabulary-only GGUF for the tiny LLaMA of tiny_dir: the packaged SmolLM2 GGUF's vocabulary and
+    tokenizer metadata with the tiny model's hyperparameters, as --template takes it."""
+    import gguf
+
+    from fidelprune.deploy.gguf import Template
+    from fidelprune.models import packaged_gguf
+
+    smollm2 = Template.read(packaged_gguf())
+    fields = {k: v for k, v in smollm2.fields.items() if not k.startswith("llama.")}
+    config = transformers.AutoConfig.from_pretrained(tiny_dir)
+    fields.update(template_fields(config, "llama", tokens=smollm2.fields["tokenizer.ggml.tokens"][0]))
+    path = tmp_path_factory.mktemp("template") / "tiny-base.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    for key, (value, kind, sub) in fields.items():
+        writer.add_key_value(key, value, kind, sub)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path

@@ -65,6 +65,16 @@ CASES = [
     ("prune {gpt2} --keep 24 -o {dir}/out", "unsupported architecture", BEFORE_LOAD),
     (PRUNE + " --keep 24 -o /proc/fidelprune-out", "cannot", BEFORE_LOAD),
     (PRUNE + " --keep 24 -o {dir}/file.txt", "is not a directory", BEFORE_LOAD),
+    (PRUNE + " --keep 24 --dtype float8 -o {dir}/out", "unknown dtype", BEFORE_LOAD),
+    (PRUNE + " --keep 24 --calibration {dir}/empty.txt -o {dir}/out", "empty.txt", BEFORE_LOAD),
+    (PRUNE + " --keep 24 --calibration {dir}/no-config -o {dir}/out", "no-config", BEFORE_LOAD),
+    ("prune {tiny} --keep 24 --samples 4 --seq-len 32 --reconstruct-samples 0 -o {dir}/out", "--reconstruct-samples", BEFORE_LOAD),
+    (PRUNE + " --keep 24 --protect-last 5 -o {dir}/out", "leaves nothing to prune", BEFORE_LOAD),
+    (PRUNE + " --keep 24 --protect-first -1 -o {dir}/out", "--protect-first", BEFORE_LOAD),
+    (PRUNE + " --keep 24 --allocation global --min-keep 0 -o {dir}/out", "--min-keep must be at least 1", BEFORE_LOAD),
+    (PRUNE + " --keep 24 --method sdmprune --alpha -0.1 -o {dir}/out", "--alpha", BEFORE_LOAD),
+    (PRUNE + " --keep 24 --method magnitude --objective kd -o {dir}/out", "magnitude", BEFORE_LOAD),
+    (PRUNE + " --keep 24 --method random --form element1 -o {dir}/out", "random", BEFORE_LOAD),
     (PRUNE + " --keep 24 --calibration {dir}/short.txt -o {dir}/out", "fewer than", BEFORE_LOAD),
     # eval
     ("eval {tiny} --seq-len 1 -o {dir}/out", "--seq-len must be at least 2", BEFORE_LOAD),
@@ -72,18 +82,85 @@ CASES = [
     ("eval {tiny} --limit-windows 0 -o {dir}/out", "--limit-windows must be at least 1", BEFORE_LOAD),
     ("eval {tiny} --batch-size 0 -o {dir}/out", "--batch-size must be at least 1", BEFORE_LOAD),
     ("eval {tiny} -o {tiny}/results", "would overwrite the input", BEFORE_LOAD),
+    ("eval {tiny} --ppl {dir}/none.txt -o {dir}/out", "--ppl", BEFORE_LOAD),
+    ("eval {tiny} --tasks nosuchtask -o {dir}/out", "unknown task", BEFORE_LOAD),
+    ("eval {tiny} --tasks hellaswag -o {dir}/out", "hellaswag needs", BEFORE_LOAD),
+    ("eval {tiny} --hellaswag {dir}/none.jsonl -o {dir}/out", "--hellaswag", BEFORE_LOAD),
+    ("eval {tiny} --seq-len 128 --baseline none -o {dir}/out", "exceeds the 64 positions", BEFORE_LOAD),
+    ("eval {tiny} --prompt-len 0 -o {dir}/out", "--prompt-len must be at least 1", BEFORE_LOAD),
+    ("eval {tiny} --new-tokens 0 -o {dir}/out", "--new-tokens must be at least 1", BEFORE_LOAD),
+    ("eval {tiny} --repeats 0 -o {dir}/out", "--repeats must be at least 1", BEFORE_LOAD),
+    ("eval {tiny} --speed-batch 0 -o {dir}/out", "--speed-batch must be at least 1", BEFORE_LOAD),
+    ("eval {tiny} --seq-len 32 --baseline {dir}/no-config -o {dir}/out", "no config.json", BEFORE_LOAD),
+    ("eval {tiny} --seq-len 32 --baseline {dir}/exists.gguf -o {dir}/out", "is not a GGUF file", BEFORE_LOAD),
+    ("eval {tiny} --baseline source -o {dir}/out", "--baseline source needs a pruning.json", BEFORE_LOAD),
+    ("eval {dir}/file.txt -o {dir}/out", "neither a model directory", BEFORE_LOAD),
+    ("eval {tiny} -o {dir}/file.txt", "is not a directory", BEFORE_LOAD),
     # recover
     ("recover {tiny} --lr -1 -o {dir}/out", "--lr", BEFORE_LOAD),
     ("recover {tiny} --lora-r 0 -o {dir}/out", "--lora-r", BEFORE_LOAD),
     ("recover {tiny} --lora-dropout 1.5 -o {dir}/out", "--lora-dropout", BEFORE_LOAD),
     ("recover {tiny} --val-fraction 1.0 -o {dir}/out", "--val-fraction", BEFORE_LOAD),
     ("recover {tiny} --target-modules , -o {dir}/out", "--target-modules", BEFORE_LOAD),
+    ("recover {tiny} --target-modules foo -o {dir}/out", "LoRA target 'foo' matches no linear layer", BEFORE_LOAD),
+    ("recover {tiny} --target-modules q,lm_head2 -o {dir}/out", "LoRA target 'lm_head2'", BEFORE_LOAD),
+    ("recover {tiny} --mode lora --lora-alpha -2 -o {dir}/out", "--lora-alpha", BEFORE_LOAD),
+    ("recover {tiny} --max-steps 0 -o {dir}/out", "--max-steps", BEFORE_LOAD),
+    ("recover {tiny} --epochs 0 -o {dir}/out", "--epochs", BEFORE_LOAD),
+    ("recover {tiny} --grad-accum 0 -o {dir}/out", "--grad-accum", BEFORE_LOAD),
+    ("recover {tiny} --seq-len 1 -o {dir}/out", "--seq-len", BEFORE_LOAD),
+    ("recover {tiny} --loss kd --alpha 2 -o {dir}/out", "--loss kd takes no --alpha", BEFORE_LOAD),
+    ("recover {tiny} --loss mix --alpha 2 -o {dir}/out", "--alpha must be in [0, 1]", BEFORE_LOAD),
+    ("recover {tiny} --loss kd --temperature 0 -o {dir}/out", "--temperature must be in (0", BEFORE_LOAD),
+    ("recover {tiny} --warmup-ratio 1 -o {dir}/out", "--warmup-ratio", BEFORE_LOAD),
+    ("recover {tiny} --keep-last -1 -o {dir}/out", "--keep-last", BEFORE_LOAD),
+    ("recover {tiny} --data {dir}/broken.jsonl -o {dir}/out", "broken.jsonl", BEFORE_LOAD),
+    ("recover {dir}/file.txt -o {dir}/out", "not found", BEFORE_LOAD),
+    ("recover {tiny} --teacher {dir}/none.gguf --loss kd -o {dir}/out", "GGUF file not found", BEFORE_LOAD),
+    ("recover {tiny} --loss kd -o {dir}/out", "distillation needs a teacher", BEFORE_LOAD),
+    ("recover {tiny} --loss mix -o {dir}/out", "distillation needs a teacher", BEFORE_LOAD),
+    ("recover {tiny} --checkpoint-dir {tiny}/ckpt -o {dir}/out", "would write into the input", BEFORE_LOAD),
+    ("recover {tiny} --resume --checkpoint-dir {dir}/run -o {dir}/out", "no complete checkpoint", BEFORE_LOAD),
     ("recover {tiny} -o {tiny} --overwrite", "would overwrite the input", BEFORE_LOAD),
     ("recover {tiny} --checkpoint-dir {dir}/file.txt -o {dir}/out", "not a directory", BEFORE_LOAD),
     ("recover {tiny} --data {dir}/none.json -o {dir}/out", "not found", BEFORE_LOAD),
+    # export
+    ("export {tiny} -o {dir}/m.gguf", "was not pruned from a GGUF", BEFORE_LOAD),
+    ("export {tiny} --template {dir}/none.gguf -o {dir}/m.gguf", "file not found", BEFORE_LOAD),
+    ("export {tiny} --template {dir}/file.txt -o {dir}/m.gguf", "not a readable GGUF", BEFORE_LOAD),
+    ("export {tiny} --llama-cpp {dir} -o {dir}/m.gguf", "no convert_hf_to_gguf.py", BEFORE_LOAD),
+    ("export {tiny} -o {tiny}/m.gguf", "would overwrite the input", BEFORE_LOAD),
+    ("export {tiny} --to vllm -o {tiny}/served", "would overwrite the input", BEFORE_LOAD),
+    ("export {tiny} -o {dir}/m.bin", "ending in .gguf", BEFORE_LOAD),
+    ("export {tiny} -o {dir}/exists.gguf", "exists; choose another --output or pass --overwrite", BEFORE_LOAD),
+    ("export {tiny} -o {dir}/run", "ending in .gguf", BEFORE_LOAD),
+    ("export {tiny} --to vllm -o {dir}/file.txt", "is not a directory", BEFORE_LOAD),
+    ("export {tiny} --to vllm -o {dir}/run", "is not empty", BEFORE_LOAD),
+    ("export {dir}/file.txt", "is not a model directory", BEFORE_LOAD),
+    ("export {dir}/exists.gguf", "is not a model directory", BEFORE_LOAD),
+    ("export {dir}/no-config", "no config.json", BEFORE_LOAD),
+    ("export {gpt2} --to vllm -o {dir}/v", "unsupported architecture", BEFORE_LOAD),
+    ("export {tiny} --check-windows 0", "--check-windows must be at least 1", BEFORE_LOAD),
+    ("export {tiny} --check-seq-len 1", "--check-seq-len must be at least 2", BEFORE_LOAD),
+    ("export {tiny} --to vllm --check-windows 0 -o {dir}/v", "--check-windows", BEFORE_LOAD),
+    # prune --serve-on
+    (PRUNE + " --keep 24 --serve-on vllm --round-to 8 -o {dir}/out", "give one of the two", BEFORE_LOAD),
+    (PRUNE + " --ratio 0.2 --serve-on llama.cpp -o {dir}/out", "--round-to 256 is not below", BEFORE_LOAD),
     # report
     ("report {dir}", "has neither", BEFORE_LOAD),
     ("report {dir}/bad-run", "not valid JSON", BEFORE_LOAD),
+    ("report {dir}/keyless-run", "is not a fidelprune pruning.json", BEFORE_LOAD),
+    ("report {dir}/list-run", "is not a fidelprune pruning.json", BEFORE_LOAD),
+    ("report {dir}/bad-results", "results.json", BEFORE_LOAD),
+    ("report {dir}/file.txt", "is not a directory", BEFORE_LOAD),
+    # model sources that are not there
+    ("prune {dir}/none.gguf --keep 24 -o {dir}/out", "GGUF file not found", BEFORE_LOAD),
+    ("prune {dir}/exists.gguf --keep 24 -o {dir}/out", "exists.gguf is not a GGUF file", BEFORE_LOAD),
+    ("prune {dir}/half.gguf --keep 24 -o {dir}/out", "cannot read the config of", BEFORE_LOAD),
+    ("prune {dir}/a/b/c --keep 24 -o {dir}/out", "model path not found", BEFORE_LOAD),
+    ("prune no-such-org/no-such-model --keep 24 -o {dir}/out", "no-such-org/no-such-model", BEFORE_LOAD),
+    ("eval {dir}/none.gguf -o {dir}/out", "GGUF file not found", BEFORE_LOAD),
+    ("eval {tiny} --seq-len 32 --baseline {dir}/none.gguf -o {dir}/out", "GGUF file not found", BEFORE_LOAD),
 ]
 if not torch.cuda.is_available():
     CASES.append((PRUNE + " --keep 24 --device cuda -o {dir}/out", "no CUDA GPU", BEFORE_LOAD))
@@ -108,7 +185,10 @@ def _scratch(directory: Path) -> dict[str, Path]:
     save_file({f"layer.{i}": torch.rand(48) for i in range(3)}, str(directory / "deep.safetensors"))
     (directory / "corrupt.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
     (directory / "short.txt").write_text("too short")
+    (directory / "empty.txt").write_text("")
     (directory / "file.txt").write_text("a plain file")
+    (directory / "exists.gguf").write_bytes(b"an earlier export")
+    (directory / "half.gguf").write_bytes(b"GGUF\x03\x00\x00\x00")  # a download cut after its first bytes
     (directory / "no-config").mkdir()
     (directory / "no-config" / "model.safetensors").write_bytes(b"")
     (directory / "no-tokenizer").mkdir()
@@ -119,6 +199,12 @@ def _scratch(directory: Path) -> dict[str, Path]:
     (directory / "untexted.jsonl").write_text('{"content": "no text field here"}\n' * 40)
     (directory / "bad-run").mkdir()
     (directory / "bad-run" / "pruning.json").write_text("{not json")
+    (directory / "keyless-run").mkdir()
+    (directory / "keyless-run" / "pruning.json").write_text('{"method": "hfprune"}')
+    (directory / "list-run").mkdir()
+    (directory / "list-run" / "pruning.json").write_text("[1, 2]")
+    (directory / "bad-results").mkdir()
+    (directory / "bad-results" / "results.json").write_text('{"model": ')
     (directory / "run").mkdir()
     save_file({"layer.0": torch.rand(48), "layer.1": torch.rand(48)}, str(directory / "run" / "scores.safetensors"))
     return {p.name: p for p in directory.iterdir()}
@@ -159,6 +245,14 @@ API_CASES = [
     (dict(method="magnitude", keep=24, scores={0: torch.rand(64), 1: torch.rand(64)}), "come from another model"),
     (dict(method="magnitude", keep=24, reconstruct="sideways"), "unknown reconstruction mode"),
     (dict(method="nope", ratio=0.2), "unknown method"),
+    (dict(method="hfprune", ratio=0.2, allocation="sideways"), "unknown allocation"),
+    (dict(method="hfprune", ratio=0.2, keep=24), "not both"),
+    (dict(method="sdmprune", ratio=0.2, alpha=3.0), "--alpha"),
+    (dict(method="magnitude", keep=0), "--keep must be at least 1"),
+    (dict(method="magnitude", keep=24, round_to=0), "--round-to must be at least 1"),
+    (dict(method="hfprune", keep=24, form="sideways"), "sideways"),
+    (dict(method="hfprune", keep=24, objective="nope"), "nope"),
+    (dict(method="hfprune", keep=24, samples=0), "samples"),
 ]
 
 

@@ -88,3 +88,24 @@ def test_recover_killed_while_writing_a_checkpoint_resumes_exactly(tiny_dir, tmp
     assert resumed.keys() == clean.keys()
     assert all((resumed[k] == clean[k]).all() for k in clean)
     assert json.loads((out / "recovery.json").read_text())["training"]["resumed_at"] == [2]
+
+
+def test_prune_killed_in_the_middle_of_an_overwrite_swap_keeps_the_previous_output(tiny_dir, tmp_path):
+    """--overwrite moves the previous output aside, then renames the new one in: killed between the two, the next
+    run to that output puts the previous one back before anything else (and then replaces it, as asked)."""
+    from fidelprune.cli import main
+
+    out = tmp_path / "out"
+    argv = ["prune", str(tiny_dir), "--keep", "24", "--samples", "4", "--seq-len", "32", "--reconstruct", "none", "-o", str(out)]
+    assert main(argv) == 0
+    previous = tree_digest(out)
+    _kill_at("fidelprune.checkpoint", "_rename", [*argv[:-2], "--keep", "16", "-o", str(out), "--overwrite"],
+             tmp_path / "marker", call=2)
+    assert not out.exists()  # moved aside, the new output not yet in: the moment the test is about
+    assert main(["report", str(out)]) == 2  # a run that writes elsewhere leaves it alone...
+    assert main([*argv[:-1], str(tmp_path / "other")]) == 0
+    assert main([*argv, "--keep", "16"]) == 2  # ...the next run to it puts it back first, and refuses to overwrite
+    assert tree_digest(out) == previous
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]
+    assert main([*argv, "--keep", "16", "--overwrite"]) == 0
+    assert json.loads((out / "pruning.json").read_text())["allocation"]["layer_widths_after"] == [16, 16]

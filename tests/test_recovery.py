@@ -308,7 +308,7 @@ def test_resume_refuses_a_different_run(tmp_path, tokenizer, pruned):
 
 
 def test_bad_settings_fail_with_one_line(tokenizer, pruned):
-    with pytest.raises(ValueError, match="takes no alpha"):
+    with pytest.raises(ValueError, match="takes no --alpha"):
         recover(pruned, None, DOCS, tokenizer, loss="kd", alpha=0.3, **FAST)
     with pytest.raises(ValueError, match="needs a teacher"):
         recover(pruned, None, DOCS, tokenizer, loss="kd", **FAST)

@@ -1,4 +1,4 @@
-"""`fidelprune prune|eval|report|recover`: one module per subcommand; each translates flags into the Python API's
+"""`fidelprune prune|eval|report|recover|export`: one module per subcommand; each translates flags into the Python API's
 config objects and calls it. Whatever the CLI can do, the Python API can do."""
 
 from __future__ import annotations
@@ -10,13 +10,14 @@ import sys
 import traceback
 
 from . import eval as eval_command
+from . import export as export_command
 from . import prune as prune_command
 from . import recover as recover_command
 from . import report as report_command
 from ..errors import FidelpruneError
 from .common import console
 
-SUBCOMMANDS = (prune_command, eval_command, report_command, recover_command)
+SUBCOMMANDS = (prune_command, eval_command, report_command, recover_command, export_command)
 __all__ = ["build_parser", "console", "main"]
 
 

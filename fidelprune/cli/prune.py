@@ -9,7 +9,7 @@ from .common import add_model_flags, add_output_flags, console, print_summary
 
 
 def add_parser(sub) -> None:
-    from ..allocation import ALLOCATIONS
+    from ..allocation import ALLOCATIONS, ENGINE_GRID
     from ..calibration import DEFAULT_SAMPLES, DEFAULT_SEQ_LEN
     from ..methods import AGGREGATIONS, ALIASES, METHODS
     from ..objectives import OBJECTIVES
@@ -22,7 +22,10 @@ def add_parser(sub) -> None:
                    help=f"scoring method (default hfprune); {', '.join(f'{old} is now {new}' for old, new in ALIASES.items())}")
     p.add_argument("--ratio", type=float, default=None, help="fraction of total parameters to remove (default 0.2)")
     p.add_argument("--keep", type=int, default=None, help="neurons to keep per layer (instead of --ratio)")
-    p.add_argument("--round-to", type=int, default=8, help="kept width is a multiple of this (default 8)")
+    p.add_argument("--round-to", type=int, default=None, help="kept width is a multiple of this (default 8, or --serve-on's grid)")
+    p.add_argument("--serve-on", choices=ENGINE_GRID, default=None,
+                   help="round widths to the grid this engine's fast kernels want: "
+                        + ", ".join(f"{engine} {grid}" for engine, grid in ENGINE_GRID.items()))
     add_output_flags(p, None, "default: pruned-<model>-<method>-<ratio>")
     p.add_argument("--calibration", default="c4", help="'c4' (bundled C4 train sample) or a .txt/.jsonl/.parquet file")
     p.add_argument("--samples", type=int, default=DEFAULT_SAMPLES, help=f"calibration windows (default {DEFAULT_SAMPLES}; seeds: 1024)")
@@ -54,10 +57,15 @@ def add_parser(sub) -> None:
 
 def config_from_args(args):
     """The PruneConfig the flags describe (every flag is one keyword of PruneConfig.from_options)."""
+    from ..allocation import ENGINE_GRID
+    from ..errors import ConfigError
     from ..pruning import PruneConfig
 
+    if args.serve_on and args.round_to is not None:
+        raise ConfigError(f"--serve-on {args.serve_on} sets --round-to {ENGINE_GRID[args.serve_on]}; give one of the two")
+    round_to = ENGINE_GRID[args.serve_on or "transformers"] if args.round_to is None else args.round_to
     return PruneConfig.from_options(
-        args.method, args.ratio, keep=args.keep, round_to=args.round_to, calibration=args.calibration,
+        args.method, args.ratio, keep=args.keep, round_to=round_to, calibration=args.calibration,
         samples=args.samples, seq_len=args.seq_len, seed=args.seed, batch_size=args.batch_size,
         objective=args.objective, form=args.form, alpha=args.alpha, temperature=args.temperature,
         aggregation=args.aggregation, allocation=args.allocation, protect_first=args.protect_first,

@@ -61,7 +61,7 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     from accelerate import PartialState
 
-    from ..checkpoint import check_output_dir
+    from ..checkpoint import OutputExistsError, check_output_dir, overlaps
     from ..recovery import recover, save_recovered
     from ..recovery.checkpoints import remove_checkpoints
     from ..recovery import RecoveryConfig
@@ -83,8 +83,12 @@ def run(args) -> int:
     checkpoint_dir = Path(args.checkpoint_dir or f"{output}.checkpoints")
     if checkpoint_dir.exists() and not checkpoint_dir.is_dir():
         raise FileExistsError(f"--checkpoint-dir {checkpoint_dir} exists and is not a directory; choose another")
-    inputs = [model_dir, *(Path(p) for p in (args.teacher, args.data) if p and Path(p).exists()), checkpoint_dir]
-    check_output_dir(output, args.overwrite, inputs)  # before any compute
+    inputs = [model_dir, *(Path(p) for p in (args.teacher, args.data) if p and Path(p).exists())]
+    for source in inputs:  # checkpoints are written into --checkpoint-dir while training
+        if overlaps(checkpoint_dir, source):
+            raise OutputExistsError(f"--checkpoint-dir {checkpoint_dir} would write into the input {source}; choose "
+                                    f"one outside it")
+    check_output_dir(output, args.overwrite, [*inputs, checkpoint_dir])  # before any compute
     model, report = recover(
         model_dir, args.teacher, args.data, checkpoint_dir=checkpoint_dir, resume=args.resume,
         overwrite_checkpoints=args.overwrite, eval_corpus=args.eval_corpus, eval_windows=args.eval_windows,

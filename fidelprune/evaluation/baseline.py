@@ -83,6 +83,21 @@ def _evaluate_location(location: str | None, config: EvalConfig, info: dict, rol
             torch.cuda.empty_cache()
 
 
+def check_evaluation(sources: list[str | None], config: EvalConfig, device: str | None, trust_remote_code: bool) -> None:
+    """Before any weight loads: every model source exists, the device does, and the perplexity window fits each
+    model's positions (so a bad baseline does not fail after the model's whole evaluation)."""
+    from ..models import locate, resolve_device
+    from ..preflight import model_config
+
+    resolve_device(device)
+    for source in sources:
+        where = locate(source)
+        positions = getattr(model_config(where, trust_remote_code), "max_position_embeddings", None)
+        if config.ppl and positions and config.seq_len > positions:
+            raise ConfigError(f"--seq-len {config.seq_len} exceeds the {positions} positions of {where.name}; "
+                              f"choose --seq-len {positions} or less")
+
+
 def evaluate_location(
     model: str | Path | None,
     config: EvalConfig,
@@ -106,6 +121,7 @@ def evaluate_location(
     model = None if model is None else str(model)
     manifest = run_manifest(model)
     location, expected = resolve_baseline(baseline, model)
+    check_evaluation([model] + ([location] if location is not None else []), config, device, trust_remote_code)
     evaluated = _evaluate_location(model, config, pruning_info(manifest), "model", load_options, progress, verbose, say)
     dense = None
     if location is not None:

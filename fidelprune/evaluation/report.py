@@ -8,6 +8,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from .paired import PairedDifference, average_difference, paired_difference
+from .perplexity import EvaluationError
 
 RESULTS_JSON = "results.json"
 RESULTS_MD = "results.md"
@@ -261,7 +262,13 @@ def read_results(path: str | Path) -> dict:
         path = path / RESULTS_JSON
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: is it a `fidelprune eval` output directory?")
-    return json.loads(path.read_text())
+    try:
+        results = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise EvaluationError(f"{path} is not valid JSON ({err}); it was damaged: evaluate again") from err
+    if not isinstance(results, dict) or "model" not in results:
+        raise EvaluationError(f"{path} is not a fidelprune results.json (no 'model' section); evaluate again")
+    return results
 
 
 # ----------------------------------------------------------------------------------------------------- plot

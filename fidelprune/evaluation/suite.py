@@ -15,9 +15,9 @@ from pathlib import Path
 
 from torch import nn
 
-from ..errors import check_int
+from ..errors import ConfigError, check_int
 
-from .perplexity import perplexity
+from .perplexity import CORPORA, perplexity
 from .speed import default_devices, measure_speed, model_size
 from .zeroshot import lm_eval_version, parse_tasks, tokenizer_adds_bos, zeroshot
 
@@ -51,6 +51,16 @@ class EvalConfig:
         for flag, value in (("--limit", self.limit), ("--limit-windows", self.limit_windows)):
             if value is not None:
                 check_int(flag, value, 1)
+        for corpus in self.ppl:  # files are checked here, not after minutes of loading and scoring
+            if corpus not in CORPORA and not Path(corpus).is_file():
+                raise ConfigError(f"--ppl {corpus}: no such file and not a bundled corpus ({', '.join(CORPORA)})")
+        if self.hellaswag and not Path(self.hellaswag).is_file():
+            raise ConfigError(f"--hellaswag {self.hellaswag}: file not found (the original hellaswag_val.jsonl)")
+        if self.speed:
+            from ..models import resolve_device
+
+            for device in self.speed_devices:
+                resolve_device(device)
 
     @classmethod
     def build(cls, ppl: str | list[str] | tuple[str, ...] | None = DEFAULT_PPL, tasks: str | list[str] | None = "all",

@@ -54,14 +54,23 @@ def _read_records(path: Path) -> list:
     if path.suffix == ".parquet":
         import pyarrow.parquet as pq
 
-        return pq.read_table(path).to_pylist()
-    with open(path, encoding="utf-8") as f:
-        if path.suffix == ".json":
-            records = json.load(f)
-            if not isinstance(records, list):
-                raise ConfigError(f"{path}: expected a JSON list of records")
-            return records
-        return [json.loads(line) for line in f if line.strip()]
+        try:
+            return pq.read_table(path).to_pylist()
+        except Exception as err:  # noqa: BLE001 - pyarrow's errors for damaged files vary
+            raise ConfigError(f"{path} is not a readable parquet file ({err})") from err
+    try:
+        with open(path, encoding="utf-8") as f:
+            if path.suffix == ".json":
+                records = json.load(f)
+                if not isinstance(records, list):
+                    raise ConfigError(f"{path}: expected a JSON list of records")
+                return records
+            return [json.loads(line) for line in f if line.strip()]
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start}); convert it to UTF-8") from err
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{path} is not valid JSON{'L' if path.suffix == '.jsonl' else ''} (line {err.lineno}: "
+                          f"{err.msg}); give one JSON record per line") from err
 
 
 def _kind_of(records: list, where: str) -> str:

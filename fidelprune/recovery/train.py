@@ -86,23 +86,18 @@ class RecoveryConfig:
         if self.precision not in PRECISIONS:
             raise ConfigError(f"unknown precision {self.precision!r}: choose one of {', '.join(PRECISIONS)}")
         if self.alpha is not None and self.loss != "mix":
-            raise ConfigError(f"alpha weighs CE against KL in loss='mix'; loss={self.loss!r} takes no alpha")
+            raise ConfigError(f"--alpha weighs CE against KL in --loss mix; --loss {self.loss} takes no --alpha")
         alpha = {"ce": 0.0, "kd": 1.0}.get(self.loss, 0.5 if self.alpha is None else self.alpha)
-        if not 0 <= alpha <= 1:
-            raise ConfigError(f"alpha must be in [0, 1], got {alpha}")
-        if self.temperature <= 0:
-            raise ConfigError(f"temperature must be positive, got {self.temperature}")
-        for name in ("seq_len", "batch_size", "grad_accum", "eval_every", "save_every"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.keep_last < 0:
-            raise ConfigError(f"keep_last must be 0 (keep all) or more, got {self.keep_last}")
-        if self.max_steps is not None and self.max_steps < 1:
-            raise ConfigError(f"max_steps must be at least 1, got {self.max_steps}")
-        if self.epochs <= 0:
-            raise ConfigError(f"epochs must be positive, got {self.epochs}")
-        if not 0 <= self.warmup_ratio < 1:
-            raise ConfigError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        check_float("--alpha", alpha, 0, 1)
+        check_float("--temperature", self.temperature, 0, low_open=True)
+        check_int("--seq-len", self.seq_len, 2)  # a next-token loss needs two tokens
+        for name in ("batch_size", "grad_accum", "eval_every", "save_every"):
+            check_int(f"--{name.replace('_', '-')}", getattr(self, name), 1)
+        check_int("--keep-last", self.keep_last, 0)
+        if self.max_steps is not None:
+            check_int("--max-steps", self.max_steps, 1)
+        check_float("--epochs", self.epochs, 0, low_open=True)
+        check_float("--warmup-ratio", self.warmup_ratio, 0, 1, high_open=True)
         if self.lr is not None:
             check_float("--lr", self.lr, 0, low_open=True)
         check_int("--lora-r", self.lora_r, 1)
@@ -254,6 +249,23 @@ class _Schedule:
         return list(mine.split(self.batch_size))
 
 
+def _check_before_load(source_dir: Path, teacher, data, config: RecoveryConfig, manifest: dict | None) -> None:
+    """What the configs and files decide, before any weight loads: LoRA targets the model has, a teacher that
+    exists, and data that parses."""
+    from ..models import locate
+    from ..preflight import model_config, shape_model
+    from .data import load_records
+
+    load_records(data, config.data_format)
+    if config.mode == "lora":
+        resolve_target_modules(shape_model(model_config(locate(source_dir))).model, config.target_modules)
+    if config.uses_teacher and teacher is None and manifest is None:
+        raise ConfigError("distillation needs a teacher: pass one (--teacher), or recover a fidelprune output "
+                          "directory whose pruning.json names its source model")
+    if config.uses_teacher and isinstance(teacher, (str, Path)):
+        locate(teacher)
+
+
 def _resolve_teacher(teacher, config: RecoveryConfig, manifest: dict | None, device):
     """(teacher module or None, record). The default teacher is the source model in pruning.json."""
     if not config.uses_teacher:
@@ -352,14 +364,17 @@ def recover(
     source_dir, manifest = None, None
     if isinstance(model, (str, Path)):
         source_dir = Path(model)
+        manifest = read_manifest(source_dir) if (source_dir / MANIFEST).is_file() else None
+        _check_before_load(source_dir, teacher, data, config, manifest)
         model, loaded_tokenizer, _ = load_model(source_dir, dtype="float32", device=str(device))
         tokenizer = tokenizer if tokenizer is not None else loaded_tokenizer
         inplace = True  # freshly loaded: nobody else holds it
-        manifest = read_manifest(source_dir) if (source_dir / MANIFEST).is_file() else None
     if tokenizer is None:
         raise ConfigError("recovery needs the tokenizer to read its data (tokenizer=...)")
     teacher, teacher_record = _resolve_teacher(teacher, config, manifest, device)
     check_finite_weights(model, "the model to recover")
+    if config.mode == "lora":
+        resolve_target_modules(model, config.target_modules)  # before the minutes of perplexity and training
     if teacher is not None:
         check_finite_weights(teacher, "the teacher")
     timings["load"] = time.perf_counter() - start
