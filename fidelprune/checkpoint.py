@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .distributed import is_main
 from .errors import FidelpruneError
 from .scoring import Scores
 
@@ -69,7 +70,7 @@ def check_output_dir(output: str | Path, overwrite: bool = False, inputs: Iterab
                 f"output {output} would overwrite the input {source} (it is, contains or lies inside it); "
                 f"choose an --output outside the input"
             )
-    if output.parent.is_dir():
+    if output.parent.is_dir() and is_main():
         remove_stale_siblings(output)  # and put back an output a killed --overwrite had moved aside
     if output.exists() and not output.is_dir():
         raise OutputExistsError(f"output {output} exists and is not a directory; choose another --output")
@@ -162,7 +163,7 @@ def check_output_file(output: str | Path, overwrite: bool = False, inputs: Itera
         if overlaps(output, Path(source)):
             raise OutputExistsError(f"output {output} would overwrite the input {source} (it is or lies inside it); "
                                     f"choose an --output outside the input")
-    if output.parent.is_dir():
+    if output.parent.is_dir() and is_main():
         remove_stale_siblings(output)
     if output.is_dir():
         raise OutputExistsError(f"output {output} is a directory; give a file name (--output NAME.gguf)")

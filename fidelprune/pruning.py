@@ -9,6 +9,7 @@ Everything that can be checked from the config and the model's shapes is checked
 
 from __future__ import annotations
 
+import hashlib
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -16,6 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from . import distributed
 from ._version import __version__
 from .adapters import AdaptedModel, UnsupportedModelError, adapt
 from .allocation import AllocationConfig, AllocationError, WidthPlan, count_parameters, params_after_widths, plan_width, select_neurons
@@ -260,6 +262,10 @@ def _run(
     calibration_ids, calibration_record, reconstruction_ids, reconstruction_record = _windows(
         tokenizer, config, calibration_ids, reconstruction_ids, scores_need_data)
     timings["calibration"] = time.perf_counter() - start
+    if distributed.world_size() > 1:  # each process scores a share of these windows: they must be the same ones
+        distributed.check_same("the model", source.sha256 or parameters_sha256(model))
+        for name, ids in (("the calibration windows", calibration_ids), ("the reconstruction windows", reconstruction_ids)):
+            distributed.check_same(name, "none" if ids is None else hashlib.sha256(ids.cpu().numpy().tobytes()).hexdigest())
 
     start = time.perf_counter()
     if scores is not None:
@@ -303,6 +309,9 @@ def _run(
         calibration_record, reconstruction_record, timings, settings,
         scored_tokens=0 if calibration_ids is None or not scores_need_data else calibration_ids.numel() * max(1, len(result.stages)),
     )
+    if distributed.world_size() > 1:
+        manifest["data_parallel"] = {"processes": distributed.world_size(),
+                                     "split": "window i scored by process i mod processes; sums reduced before selection"}
     separate = reconstruction_ids if reconstruction_record and not reconstruction_record["same_as_scoring"] else None
     return pruned.model, PruneReport(manifest, result.scores, result.extra_scores, calibration_ids, separate)
 

@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 
 from .adapters import AdaptedModel, MLPView, adapt
 from .calibration import record_dict, sample_windows
+from .distributed import is_main, shard, sum_, sum_number
 from .errors import ConfigError, FidelpruneError, check_int
 from .utils import batches, frozen_eval, registered
 
@@ -154,6 +155,12 @@ class _Gram:
             cross = (a.T @ y).double()
             self.cross = cross if self.cross is None else self.cross + cross
             self.target_norm += float(y.double().square().sum())
+
+    def reduce(self) -> None:
+        """Sum over the processes of a data-parallel run (distributed.py), before the solve."""
+        sum_(self.matrix, self.cross)
+        self.tokens = sum_number(self.tokens, self.matrix.device)
+        self.target_norm = sum_number(self.target_norm, self.matrix.device)
 
 
 def _quadratic(gram: torch.Tensor, coef: torch.Tensor) -> float:
@@ -320,10 +327,12 @@ def reconstruct(
     store = torch.device("cpu")  # the N x L x d cache lives off the accelerator; batches move over as they run
     last = max(todo)  # layers after the last pruned one need no propagation
     passes = sum((2 if mode == "sequential" and i in todo and i < last else 1) + dense_target for i in range(last + 1))
-    bar = tqdm(total=windows.numel() * passes, unit="tok", unit_scale=True, desc=f"reconstruct ({mode})", disable=not progress)
+    result.tokens = windows.numel()
+    windows = shard(windows)  # this process's share in a data-parallel run; the Grams are summed before each solve
+    bar = tqdm(total=windows.numel() * passes, unit="tok", unit_scale=True, desc=f"reconstruct ({mode})",
+               disable=not progress or not is_main())
     hidden, calls = adapted.layer_inputs(windows, batch_size, store)
     with torch.no_grad(), frozen_eval(adapted.model):
-        result.tokens = windows.numel()
         dense_hidden = [h.clone() for h in hidden] if dense_target else []
 
         def run(index: int, h: torch.Tensor) -> torch.Tensor:
@@ -361,6 +370,7 @@ def reconstruct(
                 with registered([view.down.register_forward_pre_hook(accumulate)]):
                     for h in hidden:
                         run(index, h)
+            gram.reduce()
             fit, shift = _refit(view, gram, todo[index], lam, fit_bias)
             result.layers.append(fit)
             del gram

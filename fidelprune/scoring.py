@@ -26,6 +26,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .adapters import AdaptedModel, MLPView, adapt
+from .distributed import is_main, shard, sum_, sum_number
 from .errors import ConfigError, FidelpruneError
 from .utils import batches, frozen_eval, registered
 
@@ -80,6 +81,13 @@ class _LayerState:
             self.grad[name] += per_sequence_grad.sum(dim=0)
             if self.fisher is not None:
                 self.fisher[name] += per_sequence_grad.square().sum(dim=0)
+
+    def reduce(self) -> None:
+        """Sum this layer's accumulators over the processes of a data-parallel run (distributed.py): the summed
+        gradients before |w g| is taken, for the element forms."""
+        sum_(self.score)
+        if self.form in ("element1", "element2"):
+            sum_(*self.grad.values(), *(self.fisher or {}).values())
 
     def finish(self) -> torch.Tensor:
         if self.form not in ("element1", "element2"):
@@ -208,6 +216,8 @@ class MLPHooks:
         return hook
 
     def scores(self) -> Scores:
+        for state in self.states.values():
+            state.reduce()
         return {i: state.finish().cpu() for i, state in self.states.items()}
 
 
@@ -248,7 +258,8 @@ def taylor_scores(
     batch is first run with the mask and capture off (the original model, the teacher) under no_grad."""
     adapted = adapt(model)
     model, device = adapted.model, adapted.device
-    bar = tqdm(total=windows.numel(), unit="tok", unit_scale=True, desc=description, disable=not progress)
+    windows = shard(windows)  # this process's share in a data-parallel run; MLPHooks.scores() sums the shares
+    bar = tqdm(total=windows.numel(), unit="tok", unit_scale=True, desc=description, disable=not progress or not is_main())
     with frozen_eval(model), leaf_embeddings(model), MLPHooks(adapted, form, mask) as hooks:
         for batch in batches(windows, batch_size):
             batch = batch.to(device)
@@ -280,6 +291,11 @@ class ActivationStats:
         zeros = lambda name: torch.zeros(width, dtype=torch.float64, device=device) if name in statistics else None  # noqa: E731
         self.sum, self.sum_abs, self.sum_sq, self.count = zeros("sum"), zeros("sum_abs"), zeros("sum_sq"), 0
 
+    def reduce(self) -> None:
+        """Sum over the processes of a data-parallel run."""
+        sum_(self.sum, self.sum_abs, self.sum_sq)
+        self.count = sum_number(self.count, next(t for t in (self.sum, self.sum_abs, self.sum_sq) if t is not None).device)
+
     def add(self, a: torch.Tensor) -> None:
         a = a.detach().reshape(-1, a.shape[-1]).double()
         if self.sum is not None:
@@ -310,12 +326,15 @@ def activation_statistics(
     views = adapted.mlps()
     stats = {v.index: ActivationStats(v.width, v.down.weight.device, statistics) for v in views}
     hooks = [v.down.register_forward_pre_hook(lambda m, args, i=v.index: stats[i].add(args[0])) for v in views]
-    bar = tqdm(total=windows.numel(), unit="tok", unit_scale=True, desc="activations", disable=not progress)
+    windows = shard(windows)  # this process's share in a data-parallel run, summed below
+    bar = tqdm(total=windows.numel(), unit="tok", unit_scale=True, desc="activations", disable=not progress or not is_main())
     with frozen_eval(model), registered(hooks):
         for batch in batches(windows, batch_size):
             model(input_ids=batch.to(device), use_cache=False)
             bar.update(batch.numel())
     bar.close()
+    for stat in stats.values():
+        stat.reduce()
     return stats
 
 

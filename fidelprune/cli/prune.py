@@ -83,29 +83,34 @@ def default_output(args, config) -> Path:
 
 
 def run(args) -> int:
-    from .. import load_model, prune, save
+    from .. import distributed, load_model, prune, save
     from ..checkpoint import check_output_dir
     from ..models import load_tokenizer, locate, resolve_device
     from ..preflight import check_calibration, check_prune
 
+    distributed.init_from_environment()  # under torchrun: each process scores a share
     # Everything that can fail without the weights fails first: settings, files, output, device, model shapes.
     config = config_from_args(args)
     where = locate(args.model)
     output = Path(args.output) if args.output else default_output(args, config)
     inputs = [*where.input_paths(), *([args.scores] if args.scores else []),
               *(Path(p) for p in (config.calibration.source, config.reconstruction.calibration) if p and Path(p).exists())]
-    check_output_dir(output, args.overwrite, inputs)
-    resolve_device(args.device)
+    check_output_dir(output, args.overwrite, inputs)  # rank 0 also clears what killed runs left beside the output
+    distributed.barrier()
+    device = distributed.local_device(resolve_device(args.device))
     check_prune(where, config, args.scores, args.trust_remote_code)
     start = time.perf_counter()
     tokenizer = load_tokenizer(where, args.trust_remote_code)
     check_calibration(tokenizer, config, scores_given=args.scores is not None)
     with console.status(f"loading {args.model or 'packaged SmolLM2-135M-Instruct'}"):
-        model, tokenizer, source = load_model(args.model, dtype=args.dtype, device=args.device,
+        model, tokenizer, source = load_model(args.model, dtype=args.dtype, device=device,
                                               trust_remote_code=args.trust_remote_code, tokenizer=tokenizer)
     load_s = time.perf_counter() - start
-    pruned, report = prune(model, tokenizer, config, scores=args.scores, inplace=True, source=source)
+    pruned, report = prune(model, tokenizer, config, scores=args.scores, inplace=True, source=source,
+                           progress=distributed.is_main())
     report.manifest["timings_s"]["load"] = load_s
-    path = save(pruned, tokenizer, report, output, overwrite=args.overwrite)
-    print_summary(f"fidelprune prune -> {path}", report.summary())
+    if distributed.is_main():  # every process holds the same pruned model; one writes it
+        path = save(pruned, tokenizer, report, output, overwrite=args.overwrite)
+        print_summary(f"fidelprune prune -> {path}", report.summary())
+    distributed.barrier()
     return 0
