@@ -59,6 +59,15 @@ def test_speed_script_reports_dense_and_pruned(tmp_path):
     assert [r["ratio"] for r in rows] == [0.0, 0.3] and rows[1]["param_bytes"] < rows[0]["param_bytes"]
 
 
+def test_scale_script_compares_one_process_with_two(tmp_path, tiny_dir):
+    out = tmp_path / "scale.json"
+    subprocess.run([sys.executable, str(BENCHMARKS / "scale.py"), str(tiny_dir), "--samples", "5", "--seq-len", "16",
+                    "--method", "llm-pruner", "--ratio", "0.001", "--output", str(out)], check=True, capture_output=True, text=True)
+    row = json.loads(out.read_text())["rows"][0]
+    assert row["kept_identical"] and row["max_relative_score_difference"] < 1e-5
+    assert row["data_parallel"]["processes"] == 2 and "| 2 | yes |" in out.with_suffix(".md").read_text()
+
+
 def report_module():
     sys.path.insert(0, str(BENCHMARKS))
     try:
