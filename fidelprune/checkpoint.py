@@ -63,7 +63,18 @@ def overlaps(output: Path, source: Path) -> bool:
 def check_output_dir(output: str | Path, overwrite: bool = False, inputs: Iterable[str | Path] = ()) -> Path:
     """Refuse an output that is, holds or sits inside any of `inputs` (whatever `overwrite` says), a non-empty
     output unless overwrite, and one that cannot be written; call before any compute."""
-    output = Path(output)
+    output = _refuse_inputs_and_tidy(Path(output), inputs)
+    if output.exists() and not output.is_dir():
+        raise OutputExistsError(f"output {output} exists and is not a directory; choose another --output")
+    if output.is_dir() and any(output.iterdir()) and not overwrite:
+        raise OutputExistsError(f"output directory {output} is not empty; choose another --output or pass --overwrite")
+    _check_writable(output)
+    return output
+
+
+def _refuse_inputs_and_tidy(output: Path, inputs: Iterable[str | Path]) -> Path:
+    """What every output check starts with: refuse an output that is, holds or lies inside an input; then clear
+    (on rank 0 of a data-parallel run) what killed runs left beside it, putting back a moved-aside output."""
     for source in inputs:
         if overlaps(output, Path(source)):
             raise OutputExistsError(
@@ -71,12 +82,7 @@ def check_output_dir(output: str | Path, overwrite: bool = False, inputs: Iterab
                 f"choose an --output outside the input"
             )
     if output.parent.is_dir() and is_main():
-        remove_stale_siblings(output)  # and put back an output a killed --overwrite had moved aside
-    if output.exists() and not output.is_dir():
-        raise OutputExistsError(f"output {output} exists and is not a directory; choose another --output")
-    if output.is_dir() and any(output.iterdir()) and not overwrite:
-        raise OutputExistsError(f"output directory {output} is not empty; choose another --output or pass --overwrite")
-    _check_writable(output)
+        remove_stale_siblings(output)
     return output
 
 
@@ -119,7 +125,7 @@ def remove_stale_siblings(output: Path) -> list[Path]:
                 path.unlink(missing_ok=True)
             removed.append(path)
     if removed:
-        log.warning("removed %d temporary folder(s) left beside %s by interrupted runs: %s", len(removed), output,
+        log.warning("removed %d temporary file(s) or folder(s) left beside %s by interrupted runs: %s", len(removed), output,
                     ", ".join(p.name for p in removed))
     return removed
 
@@ -158,13 +164,7 @@ def atomic_directory_write(output: str | Path, write, overwrite: bool = False, i
 
 def check_output_file(output: str | Path, overwrite: bool = False, inputs: Iterable[str | Path] = ()) -> Path:
     """check_output_dir for an output that is one file (an exported GGUF)."""
-    output = Path(output)
-    for source in inputs:
-        if overlaps(output, Path(source)):
-            raise OutputExistsError(f"output {output} would overwrite the input {source} (it is or lies inside it); "
-                                    f"choose an --output outside the input")
-    if output.parent.is_dir() and is_main():
-        remove_stale_siblings(output)
+    output = _refuse_inputs_and_tidy(Path(output), inputs)
     if output.is_dir():
         raise OutputExistsError(f"output {output} is a directory; give a file name (--output NAME.gguf)")
     if output.exists() and not overwrite:
@@ -183,9 +183,7 @@ def atomic_file_write(output: str | Path, write, overwrite: bool = False, inputs
     tmp = Path(name)
     try:
         write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        tmp.chmod(0o666 & ~umask)
+        tmp.chmod(0o666 & ~_umask())
         os.replace(tmp, output)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -198,10 +196,15 @@ def _rename(source: Path, target: Path) -> None:
     source.rename(target)
 
 
-def _default_permissions(directory: Path) -> None:
-    """mkdtemp (and safetensors) create owner-only files; give the output the permissions of any new file."""
+def _umask() -> int:
     umask = os.umask(0)
     os.umask(umask)
+    return umask
+
+
+def _default_permissions(directory: Path) -> None:
+    """mkdtemp (and safetensors) create owner-only files; give the output the permissions of any new file."""
+    umask = _umask()
     directory.chmod(0o777 & ~umask)
     for path in directory.rglob("*"):
         path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)

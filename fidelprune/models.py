@@ -221,42 +221,33 @@ def parameters_sha256(model: nn.Module) -> str:
     return digest.hexdigest()
 
 
-def _config_dict(directory: Path) -> dict | None:
-    """config.json as a dict; an export in the Nemotron-NAS layout (vLLM's per-layer widths) as the LLaMA it is."""
+def _read_config(directory: Path) -> dict | None:
     import json
 
     path = directory / "config.json"
-    if not path.is_file():
-        return None
-    config = json.loads(path.read_text(encoding="utf-8"))
-    if config.get("model_type") == "nemotron-nas":
-        from .deploy.vllm import llama_config
-
-        return llama_config(config)
-    return config
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
 
 
 def local_config(directory: Path):
-    """The transformers config of a local checkpoint directory, for the layouts AutoConfig cannot read alone
-    (Nemotron-NAS exports); None for the rest."""
-    config = _config_dict(directory)
-    if config is None or config.get("model_type") == json_model_type(directory):
+    """The transformers config of a checkpoint AutoConfig cannot read alone: a Nemotron-NAS export (vLLM's
+    per-layer widths, deploy/vllm.py), read as the LLaMA with per-layer widths it is. None for the rest."""
+    config = _read_config(directory)
+    if config is None or config.get("model_type") != "nemotron-nas":
         return None
     from transformers import LlamaConfig
 
-    return LlamaConfig.from_dict(config)
+    from .deploy.vllm import llama_config
 
-
-def json_model_type(directory: Path) -> str | None:
-    import json
-
-    return json.loads((directory / "config.json").read_text(encoding="utf-8")).get("model_type")
+    return LlamaConfig.from_dict(llama_config(config))
 
 
 def _layer_widths(directory: Path) -> list[int] | None:
     from .surgery import LAYER_WIDTHS_KEY
 
-    config = _config_dict(directory)
+    config = local_config(directory)
+    if config is not None:
+        return getattr(config, LAYER_WIDTHS_KEY, None)
+    config = _read_config(directory)
     return config.get(LAYER_WIDTHS_KEY) if config else None
 
 
