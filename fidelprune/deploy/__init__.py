@@ -164,7 +164,7 @@ def export(directory: str | Path, config: ExportConfig | None = None, *, output:
         if config.to == "gguf":
             from .gguf import write_gguf
 
-            report["written"] = write_gguf(model, plan.template, path, config.outtype, plan.widths)
+            report["written"] = write_gguf(model, plan.template, path, config.outtype, plan.widths, progress=progress)
             check = check_gguf if config.check else None
         else:
             from .vllm import write_vllm

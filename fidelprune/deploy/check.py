@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..utils import eval_mode
+from .gguf import ExportError, read_gguf_state
 
 TOLERANCES = {
     "f32": {"top1_agreement": 0.999, "ppl_ratio": 1e-3},
@@ -73,15 +74,11 @@ def gguf_reader_model(path: Path, model: nn.Module, arch: str) -> tuple[nn.Modul
 
         loaded = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
         return loaded, "transformers GGUF loader"
-    from .gguf import read_gguf_state
-
     candidate = copy.deepcopy(model)
     state = read_gguf_state(path, model)
     missing, unexpected = candidate.load_state_dict(state, strict=False)
     missing = [name for name in missing if name != "lm_head.weight"]  # tied: llama.cpp reuses token_embd
     if missing or unexpected:
-        from .gguf import ExportError
-
         raise ExportError(f"{path}: tensors missing {missing[:3]} / unexpected {unexpected[:3]} on reading back")
     if getattr(model.config, "tie_word_embeddings", False):
         candidate.tie_weights()

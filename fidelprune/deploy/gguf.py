@@ -187,8 +187,10 @@ def _encode(array: np.ndarray, outtype: str):
     return array.astype(np.float16), None
 
 
-def write_gguf(model: nn.Module, template: Template, path: str | Path, outtype: str = "f16", widths: list[int] | None = None) -> dict:
-    """Write `model` to `path` with the template's metadata and vocabulary; returns what was written."""
+def write_gguf(model: nn.Module, template: Template, path: str | Path, outtype: str = "f16", widths: list[int] | None = None,
+               progress: bool = False) -> dict:
+    """Write `model` to `path` with the template's metadata and vocabulary; returns what was written.
+    `progress` shows the tensor write (minutes for a large model)."""
     gguf = gguf_module()
     if outtype not in OUTTYPES:
         raise ExportError(f"unknown GGUF --outtype {outtype!r}: choose one of {', '.join(OUTTYPES)}")
@@ -222,7 +224,7 @@ def write_gguf(model: nn.Module, template: Template, path: str | Path, outtype: 
         types[gguf_name] = (raw_type.name if raw_type is not None else {np.float32: "F32", np.float16: "F16"}[data.dtype.type])
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
+    writer.write_tensors_to_file(progress=progress)
     writer.close()
     counts = {}
     for kind in types.values():
