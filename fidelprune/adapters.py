@@ -137,10 +137,13 @@ class AdaptedModel:
     def __init__(self, model: nn.Module, adapter: Adapter | None = None) -> None:
         self.model = model
         self.adapter = adapter or get_adapter(model)
+        self.home: torch.device | None = None  # streamed (--offload): where the decoder layers live between runs
 
     def copy(self) -> AdaptedModel:
-        """A deep copy of the model, adapted without looking the family up again."""
-        return AdaptedModel(copy.deepcopy(self.model), self.adapter)
+        """A deep copy of the model, adapted without looking the family up again (and streamed like this one)."""
+        copied = AdaptedModel(copy.deepcopy(self.model), self.adapter)
+        copied.home = self.home
+        return copied
 
     # ------------------------------------------------------------------------------------------- structure
     @property
@@ -149,7 +152,8 @@ class AdaptedModel:
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        """Where the model computes: the device of the embeddings (and, unless streamed, of every layer)."""
+        return self.model.get_input_embeddings().weight.device
 
     @property
     def layers(self) -> nn.ModuleList:
@@ -162,15 +166,16 @@ class AdaptedModel:
     def num_layers(self) -> int:
         return len(self.layers)
 
-    def mlps(self) -> list[MLPView]:
-        """A view of every decoder layer's MLP (made afresh: slicing replaces the linears)."""
+    def mlp(self, index: int) -> MLPView:
+        """A view of decoder layer `index`'s MLP (made afresh: slicing replaces the linears)."""
         a = self.adapter
-        views = []
-        for i, layer in enumerate(self.layers):
-            mlp = getattr(layer, a.mlp)
-            get = lambda name: getattr(mlp, name) if name else None  # noqa: E731
-            views.append(MLPView(i, mlp, get(a.down), get(a.gate), get(a.up), get(a.gate_up)))
-        return views
+        mlp = getattr(self.layers[index], a.mlp)
+        get = lambda name: getattr(mlp, name) if name else None  # noqa: E731
+        return MLPView(index, mlp, get(a.down), get(a.gate), get(a.up), get(a.gate_up))
+
+    def mlps(self) -> list[MLPView]:
+        """A view of every decoder layer's MLP."""
+        return [self.mlp(index) for index in range(self.num_layers)]
 
     def widths(self) -> list[int]:
         return [view.width for view in self.mlps()]
@@ -270,6 +275,77 @@ class AdaptedModel:
                 except StopForward:
                     pass
         return hidden, calls
+
+    # ------------------------------------------------------------------------------ streaming (--offload)
+    def stream(self, device: str | torch.device) -> AdaptedModel:
+        """Compute on `device` one decoder layer at a time, the layers' weights staying where they are now (host
+        memory) between their turns: everything but the layers (embeddings, final norm, head, rotary buffers)
+        moves to `device` until `unstream()`. Peak device memory is then one layer's weights, the embeddings and
+        head, and one batch's activations, whatever the depth. Scoring and reconstruction check `streamed` and run
+        their passes layer by layer (`run_layers`, `on_device`); the results are those of the whole model."""
+        self.home = next(self.layers.parameters()).device
+        self._move_all_but_layers(torch.device(device))
+        return self
+
+    def unstream(self) -> None:
+        """Back to one device: the embeddings and head return to the layers' home (nothing happens when not streamed)."""
+        if self.home is not None:
+            self._move_all_but_layers(self.home)
+            self.home = None
+
+    def _move_all_but_layers(self, device: torch.device) -> None:
+        in_layers = {id(m) for m in self.layers.modules()}
+        for module in self.model.modules():
+            if id(module) in in_layers:
+                continue
+            for param in module.parameters(recurse=False):
+                param.data = param.data.to(device)
+            for name, buffer in module.named_buffers(recurse=False):
+                module._buffers[name] = buffer.to(device)
+
+    @property
+    def streamed(self) -> bool:
+        return self.home is not None
+
+    @contextmanager
+    def on_device(self, index: int) -> Iterator[None]:
+        """Decoder layer `index` on the compute device for the block (streamed), and back home after it."""
+        if not self.streamed or self.home == self.device:
+            yield
+            return
+        layer = self.layers[index]
+        layer.to(self.device)
+        try:
+            yield
+        finally:
+            layer.to(self.home)
+
+    def run_layers(self, hidden: torch.Tensor, call: list[LayerCall], keep: bool = True) -> list[torch.Tensor]:
+        """Every decoder layer in turn from the first layer's input: [input of layer 0, ..., output of the last]
+        (only the last when not `keep`). Gradients flow only if the caller enables them."""
+        states = [hidden]
+        for index in range(self.num_layers):
+            with self.on_device(index):
+                out = self.run_layer(index, states[-1], call[index])
+            states = [*states, out] if keep else [out]
+        return states
+
+    def head_logits(self, input_ids: torch.Tensor, last_hidden: torch.Tensor) -> torch.Tensor:
+        """The logits for the last decoder layer's output `last_hidden`, by the model's own forward with every layer
+        replaced by a pass-through (the last one returns `last_hidden`): the family's final norm, head and any logit
+        soft-capping apply exactly as in a whole-model forward, at the cost of an embedding lookup."""
+        layers, last = self.layers, self.num_layers - 1
+
+        def stub(index: int):
+            return lambda hidden_states, *args, **kwargs: last_hidden if index == last else hidden_states
+
+        for index, layer in enumerate(layers):
+            layer.forward = stub(index)
+        try:
+            return self.model(input_ids=input_ids.to(self.device), use_cache=False).logits
+        finally:
+            for layer in layers:
+                vars(layer).pop("forward", None)
 
     def run_layer(self, index: int, hidden: torch.Tensor, call: LayerCall) -> torch.Tensor:
         """Decoder layer `index` on stored hidden states, with the call arguments recorded for their shape."""

@@ -63,19 +63,28 @@ def shard(windows: torch.Tensor) -> torch.Tensor:
     return windows[rank() :: world_size()] if world_size() > 1 else windows
 
 
+def _all_reduce(tensor: torch.Tensor) -> None:
+    if tensor.device.type == "cpu" and dist.get_backend() == "nccl":  # streamed runs keep accumulators in host memory
+        on_gpu = tensor.to(f"cuda:{torch.cuda.current_device()}")
+        dist.all_reduce(on_gpu)
+        tensor.copy_(on_gpu)
+    else:
+        dist.all_reduce(tensor)
+
+
 def sum_(*tensors: torch.Tensor | None) -> None:
     """Sum each tensor over the processes, in place (None entries are skipped)."""
     if world_size() > 1:
         for tensor in tensors:
             if tensor is not None:
-                dist.all_reduce(tensor)
+                _all_reduce(tensor)
 
 
 def sum_number(value: float | int, device: torch.device | str = "cpu") -> float | int:
     if world_size() == 1:
         return value
     tensor = torch.tensor([value], dtype=torch.float64, device=device)
-    dist.all_reduce(tensor)
+    _all_reduce(tensor)
     return type(value)(tensor.item())
 
 

@@ -15,7 +15,6 @@ import torch
 from torch import nn
 
 from .adapters import AdaptedModel, adapt, adapter_for
-from .allocation import WidthPlan
 from .calibration import CalibrationError, check_source, sample_windows
 from .checkpoint import check_scores_fit, score_shapes
 from .models import ModelLoadError, ModelLocation, local_config
@@ -51,10 +50,11 @@ def shape_model(config) -> AdaptedModel:
     return adapted
 
 
-def check_prune(where: ModelLocation, config, scores: str | Path | None = None, trust_remote_code: bool = False) -> WidthPlan:
+def check_prune(where: ModelLocation, config, scores: str | Path | None = None, trust_remote_code: bool = False) -> AdaptedModel:
     """Everything `prune` will require of this model and config, decided before loading it: the family, the
     width plan (ratio or keep, round-to, protected layers, FLAP's bias), the window length against the model's
-    positions, and a scores file's layers and widths. Returns the plan."""
+    positions, and a scores file's layers and widths. Returns the model's shapes (on the meta device) for the
+    memory planner."""
     from .pruning import plan_for
 
     check_source(config.calibration.source)
@@ -62,7 +62,7 @@ def check_prune(where: ModelLocation, config, scores: str | Path | None = None, 
         check_source(config.reconstruction.calibration)
     model_cfg = model_config(where, trust_remote_code)
     shapes = shape_model(model_cfg)
-    plan = plan_for(shapes, config, scores_given=scores is not None)
+    plan_for(shapes, config, scores_given=scores is not None)
     max_positions = getattr(model_cfg, "max_position_embeddings", None)
     draws_windows = (scores is None and config.method.spec.kind != "data-free") or config.reconstruction.mode != "none"
     if draws_windows and max_positions and config.calibration.seq_len > max_positions:
@@ -70,7 +70,7 @@ def check_prune(where: ModelLocation, config, scores: str | Path | None = None, 
                                f"choose --seq-len {max_positions} or less")
     if scores is not None:
         check_scores_fit(score_shapes(scores), shapes.widths(), str(scores))
-    return plan
+    return shapes
 
 
 def check_calibration(tokenizer, config, scores_given: bool = False) -> None:

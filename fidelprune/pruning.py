@@ -144,6 +144,7 @@ def prune(
     inplace: bool = False,
     progress: bool = True,
     source: ModelSource | None = None,
+    stream_on: str | torch.device | None = None,
     **options,
 ) -> tuple[nn.Module, PruneReport]:
     """Prune the model's MLP neurons and return (pruned model, report); the input model is left untouched
@@ -156,7 +157,11 @@ def prune(
 
     Data, not settings: `calibration_ids` [N, L] replace the drawn calibration windows; `scores` (a dict or an
     earlier run's scores.safetensors) skip scoring entirely; `reconstruct_calibration` may be token ids [N, L]
-    for the refit (docs/reconstruction.md). `source` records where the model came from."""
+    for the refit (docs/reconstruction.md). `source` records where the model came from.
+
+    `stream_on` (a device) runs scoring and reconstruction one decoder layer at a time on that device while the
+    layers' weights stay where the model is (CLI: --offload cpu): the same scores, for one layer's weights and one
+    batch's activations of device memory (docs/scale.md). The returned model is where the input model was."""
     if isinstance(method, PruneConfig):
         config, method = method, None
     reconstruction_ids = None
@@ -167,8 +172,14 @@ def prune(
         if isinstance(options.get("reconstruct_calibration"), torch.Tensor):
             reconstruction_ids = options.pop("reconstruct_calibration")
         config = PruneConfig.from_options(method, ratio, **options)
-    return _run(adapt(model), tokenizer, config, calibration_ids=calibration_ids, reconstruction_ids=reconstruction_ids,
-                scores=scores, inplace=inplace, progress=progress, source=source)
+    adapted = adapt(model)
+    if stream_on is not None:
+        adapted.stream(stream_on)
+    try:
+        return _run(adapted, tokenizer, config, calibration_ids=calibration_ids, reconstruction_ids=reconstruction_ids,
+                    scores=scores, inplace=inplace, progress=progress, source=source)
+    finally:
+        adapted.unstream()
 
 
 def plan_for(adapted: AdaptedModel, config: PruneConfig, scores_given: bool = False) -> WidthPlan:
@@ -309,6 +320,9 @@ def _run(
         calibration_record, reconstruction_record, timings, settings,
         scored_tokens=0 if calibration_ids is None or not scores_need_data else calibration_ids.numel() * max(1, len(result.stages)),
     )
+    if adapted.streamed:
+        manifest["execution"] = {"mode": "streamed", "device": str(adapted.device), "weights_on": str(adapted.home)}
+    pruned.unstream()
     if distributed.world_size() > 1:
         manifest["data_parallel"] = {"processes": distributed.world_size(),
                                      "split": "window i scored by process i mod processes; sums reduced before selection"}

@@ -349,37 +349,38 @@ def reconstruct(
             gram.add(args[0])
 
         for index in range(last + 1):
-            if index not in todo:
-                propagate(index)
+            with adapted.on_device(index):  # streamed (--offload): this layer's turn on the device
+                if index not in todo:
+                    propagate(index)
+                    if dense_target:
+                        propagate(index, cache=dense_hidden)
+                    continue
+                view = views[index]
+                gram = _Gram(view.width, device)
                 if dense_target:
-                    propagate(index, cache=dense_hidden)
-                continue
-            view = views[index]
-            gram = _Gram(view.width, device)
-            if dense_target:
-                for b, h in enumerate(hidden):
-                    # The dense model's MLP output on its own inputs is the target for this batch's tokens.
-                    y: list[torch.Tensor] = []
-                    with registered([view.down.register_forward_hook(lambda m, args, out: y.append(out))]):
-                        dense_hidden[b] = run(index, dense_hidden[b]).to(store)
-                    with registered([view.down.register_forward_pre_hook(lambda m, args: gram.add(args[0], y[0]))]):
-                        run(index, h)
-            elif mode == "parallel" and index < last:
-                propagate(index, [view.down.register_forward_pre_hook(accumulate)])  # dense outputs feed the next layer
-            else:
-                with registered([view.down.register_forward_pre_hook(accumulate)]):
-                    for h in hidden:
-                        run(index, h)
-            gram.reduce()
-            fit, shift = _refit(view, gram, todo[index], lam, fit_bias)
-            result.layers.append(fit)
-            del gram
-            if shift is not None:
-                result.bias_shift[index] = shift
-            if mode == "sequential" and index < last:
-                # The refit layer's outputs feed the next layer, with the fitted intercept the surgery will add.
-                add = [] if shift is None else [view.down.register_forward_hook(lambda m, args, out, s=shift.to(device): out + s.to(out.dtype))]
-                propagate(index, add)
+                    for b, h in enumerate(hidden):
+                        # The dense model's MLP output on its own inputs is the target for this batch's tokens.
+                        y: list[torch.Tensor] = []
+                        with registered([view.down.register_forward_hook(lambda m, args, out: y.append(out))]):
+                            dense_hidden[b] = run(index, dense_hidden[b]).to(store)
+                        with registered([view.down.register_forward_pre_hook(lambda m, args: gram.add(args[0], y[0]))]):
+                            run(index, h)
+                elif mode == "parallel" and index < last:
+                    propagate(index, [view.down.register_forward_pre_hook(accumulate)])  # dense outputs feed the next layer
+                else:
+                    with registered([view.down.register_forward_pre_hook(accumulate)]):
+                        for h in hidden:
+                            run(index, h)
+                gram.reduce()
+                fit, shift = _refit(view, gram, todo[index], lam, fit_bias)
+                result.layers.append(fit)
+                del gram
+                if shift is not None:
+                    result.bias_shift[index] = shift
+                if mode == "sequential" and index < last:
+                    # The refit layer's outputs feed the next layer, with the fitted intercept the surgery will add.
+                    add = [] if shift is None else [view.down.register_forward_hook(lambda m, args, out, s=shift.to(device): out + s.to(out.dtype))]
+                    propagate(index, add)
     bar.close()
     result.seconds = time.perf_counter() - start
     return result

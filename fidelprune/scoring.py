@@ -51,7 +51,8 @@ class _LayerState:
         self.form = form
         width, hidden = view.width, view.hidden_size
         self.score = torch.zeros(width, dtype=torch.float32, device=view.down.weight.device)
-        self.x = self.a = None
+        self.x = self.a = None  # the MLP's input and down_proj's input, from a layer's forward until its backward
+        self.x_uses = 0
         self.pending: torch.Tensor | None = None  # weight-element: sum of the P terms seen so far, [B, I, d]
         self.terms_seen = 0
         if form in ("element1", "element2"):
@@ -75,12 +76,14 @@ class _LayerState:
             self.pending = term if self.pending is None else self.pending + term
             self.terms_seen += 1
             if self.terms_seen == 3:
-                self.score += self.pending.abs().mean(dim=2).sum(dim=0)
+                self.score += self.pending.abs().mean(dim=2).sum(dim=0).to(self.score.device)
                 self.pending, self.terms_seen = None, 0
         else:
-            self.grad[name] += per_sequence_grad.sum(dim=0)
+            # Accumulators stay with the layer's weights: in host memory when streamed (a 70B model's element
+            # sums are ~3x its MLP weights in fp32), on the device otherwise.
+            self.grad[name] += per_sequence_grad.sum(dim=0).to(self.score.device)
             if self.fisher is not None:
-                self.fisher[name] += per_sequence_grad.square().sum(dim=0)
+                self.fisher[name] += per_sequence_grad.square().sum(dim=0).to(self.score.device)
 
     def reduce(self) -> None:
         """Sum this layer's accumulators over the processes of a data-parallel run (distributed.py): the summed
@@ -172,24 +175,27 @@ class MLPHooks:
             a = args[0]
             mask = self.mask.get(index)
             if mask is not None:
+                mask = mask.to(a.device)  # streamed: the mask lives with the layer's weights in host memory
                 a = a * mask
             if self.form == "activation" and a.requires_grad:
                 state, values = self.states[index], _activation_values(args[0], mask)
 
                 def on_grad(g: torch.Tensor) -> None:  # |a * dL/da|, summed over sequences and positions
-                    state.score.add_((values().float() * g.float()).abs().sum(dim=(0, 1)))
+                    state.score.add_((values().float() * g.float()).abs().sum(dim=(0, 1)).to(state.score.device))
 
                 a.register_hook(on_grad)
-            elif self.form is not None and self.form != "activation":
-                self.states[index].a = a.detach()
+            elif self.form is not None and self.form != "activation" and a.requires_grad:
+                self.states[index].a = a.detach()  # for this layer's backward (a pass without gradients has none)
             return (a,) + args[1:]
 
         return hook
 
     def _mlp_input(self, state: _LayerState):
         def hook(module, args, kwargs):
-            if self.active:
-                state.x = _first_arg(args, kwargs).detach()
+            x = _first_arg(args, kwargs)
+            if self.active and x.requires_grad:
+                state.x = x.detach()
+                state.x_uses = 1 if state.view.gate_up is not None else 2  # gate and up each need it once
 
         return hook
 
@@ -201,9 +207,13 @@ class MLPHooks:
             g = g.float()
             if name == "down":  # G^down_n = sum_t gy_t (x) a_t   -> [B, d, I]
                 grad = torch.einsum(f"btj,bti->{b}ji", g, state.a.float())
+                state.a = None  # let go once used: a layer-by-layer backward then holds one layer's, not all
                 state.add_weight_grad("down", grad if b else grad[None])
                 return
             x = state.x.float()
+            state.x_uses -= 1
+            if state.x_uses == 0:
+                state.x = None
             parts = {"gate": g[..., : state.view.width], "up": g[..., state.view.width :]} if name == "gate_up" else {name: g}
             for part, grad_out in parts.items():  # G^{gate,up}_n = sum_t g_t (x) x_t   -> [B, I, d]
                 grad = torch.einsum(f"bti,btj->{b}ij", grad_out, x)
@@ -263,19 +273,51 @@ def taylor_scores(
     with frozen_eval(model), leaf_embeddings(model), MLPHooks(adapted, form, mask) as hooks:
         for batch in batches(windows, batch_size):
             batch = batch.to(device)
-            teacher_logits = None
-            if needs_teacher:
-                hooks.active = False
-                with torch.no_grad():
-                    teacher_logits = model(input_ids=batch, use_cache=False).logits
-                hooks.active = True
-            logits = model(input_ids=batch, use_cache=False).logits
-            loss = objective(logits, batch, teacher_logits).sum()
-            del logits, teacher_logits
-            loss.backward()
+            if adapted.streamed:
+                _streamed_backward(adapted, batch, objective, hooks, needs_teacher)
+            else:
+                teacher_logits = None
+                if needs_teacher:
+                    hooks.active = False
+                    with torch.no_grad():
+                        teacher_logits = model(input_ids=batch, use_cache=False).logits
+                    hooks.active = True
+                logits = model(input_ids=batch, use_cache=False).logits
+                loss = objective(logits, batch, teacher_logits).sum()
+                del logits, teacher_logits
+                loss.backward()
             bar.update(batch.numel())
         bar.close()
         return check_finite(hooks.scores())
+
+
+def _streamed_backward(adapted: AdaptedModel, batch: torch.Tensor, objective: Objective, hooks: MLPHooks,
+                       needs_teacher: bool) -> None:
+    """One batch's loss and backward pass, one decoder layer at a time (--offload): a forward without gradients
+    keeps each layer's input, the loss's gradient reaches the last layer's output through the model's own head,
+    then from the last layer down each layer runs again from its kept input with gradients on and passes the
+    gradient of its input to the layer below. The recomputed forward is the same arithmetic on the same input,
+    so the hooks see the activations and gradients of a whole-model backward; only the order in which autograd
+    adds a few gradient terms may differ (float rounding, tested to 1e-5)."""
+    (first,), calls = adapted.layer_inputs(batch, len(batch), adapted.device)
+    call = calls[tuple(first.shape)]
+    teacher_logits = None
+    with torch.no_grad():
+        if needs_teacher:
+            hooks.active = False
+            teacher_logits = adapted.head_logits(batch, adapted.run_layers(first, call, keep=False)[0])
+            hooks.active = True
+        inputs = adapted.run_layers(first, call)  # the input of every layer, then the last layer's output
+    last = inputs.pop().requires_grad_(True)
+    loss = objective(adapted.head_logits(batch, last), batch, teacher_logits).sum()
+    del teacher_logits
+    loss.backward()
+    grad = last.grad
+    for index in reversed(range(adapted.num_layers)):
+        hidden = inputs.pop().requires_grad_(True)
+        with adapted.on_device(index):
+            adapted.run_layer(index, hidden, call[index]).backward(grad)
+        grad = hidden.grad
 
 
 # ------------------------------------------------------------------------ activation statistics (forward only)
@@ -324,13 +366,18 @@ def activation_statistics(
     adapted = adapt(model)
     model, device = adapted.model, adapted.device
     views = adapted.mlps()
-    stats = {v.index: ActivationStats(v.width, v.down.weight.device, statistics) for v in views}
+    # Each layer's sums live where its activations appear: the layer's device, or the compute device when streamed.
+    stats = {v.index: ActivationStats(v.width, device if adapted.streamed else v.down.weight.device, statistics) for v in views}
     hooks = [v.down.register_forward_pre_hook(lambda m, args, i=v.index: stats[i].add(args[0])) for v in views]
     windows = shard(windows)  # this process's share in a data-parallel run, summed below
     bar = tqdm(total=windows.numel(), unit="tok", unit_scale=True, desc="activations", disable=not progress or not is_main())
     with frozen_eval(model), registered(hooks):
         for batch in batches(windows, batch_size):
-            model(input_ids=batch.to(device), use_cache=False)
+            if adapted.streamed:  # one decoder layer at a time; the head is not needed
+                (first,), calls = adapted.layer_inputs(batch, len(batch), device)
+                adapted.run_layers(first, calls[tuple(first.shape)], keep=False)
+            else:
+                model(input_ids=batch.to(device), use_cache=False)
             bar.update(batch.numel())
     bar.close()
     for stat in stats.values():

@@ -18,9 +18,10 @@ def remove_neurons(
     """Keep only neurons `kept[layer]` (sorted indices) in each layer's MLP, in place; optionally add a
     per-layer shift to the down_proj biases (FLAP's compensation)."""
     adapted = adapt(model)
-    for view in adapted.mlps():
-        if view.index in kept and len(kept[view.index]) < view.width:
-            adapted.slice_mlp(view, kept[view.index])
+    for index in range(adapted.num_layers):
+        view = adapted.mlp(index)  # one view at a time: a layer's old linears are freed once it is sliced, so
+        if index in kept and len(kept[index]) < view.width:  # surgery holds one layer's copy, not the model's
+            adapted.slice_mlp(view, kept[index])
     views = adapted.mlps()  # the linears were replaced
     for view in views:
         adapted.set_mlp_width(view)

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from conftest import tiny_model
-from fidelprune.allocation import AllocationError, count_parameters, plan_width, select_uniform, top_k
+from fidelprune.allocation import AllocationError, count_parameters, params_after_widths, plan_width, select_uniform, top_k
 
 
 @pytest.mark.parametrize("family,ratio,round_to", [
@@ -19,18 +19,28 @@ def test_achieved_ratio_is_the_closest_reachable(family, ratio, round_to):
     assert plan.params_after == total - (64 - plan.width_after) * per_unit
 
 
-def test_seed_widths_for_llama_3_2_1b_shape():
-    """methods.md: LLaMA-3.2-1B at 20/30/40 % keeps 5,677 / 4,420 / 3,163 of 8,192 (the seeds truncate k);
-    the closest-ratio solver lands within one neuron of them."""
+def test_closest_ratio_and_seed_widths_for_llama_3_2_1b_shape():
+    """methods.md: at 20/30/40 % of LLaMA-3.2-1B's parameters the closest-ratio widths are 5,678 / 4,421 / 3,163 of
+    8,192 (the exact solutions truncated: 5,677 / 4,420 / 3,163). The seeds do not solve k from the ratio: they set
+    k = int(2048 * mlp_ratio) by hand, which gives 5,613 (their scripts' mlp_ratio 2.741; a code comment's 2.774
+    gives 5,681), 4,425 and 3,170: their "20 %" removes 20.5 % (or 19.97 %), their 30 and 40 % 29.96 and 39.95 %."""
     import transformers
+
+    from fidelprune.adapters import adapt
 
     config = transformers.LlamaConfig(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
                                       num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=True)
     with torch.device("meta"):
         model = transformers.LlamaForCausalLM(config)
-    assert count_parameters(model) == 1_235_814_400
-    for ratio, seed_keep in ((0.2, 5677), (0.3, 4420), (0.4, 3163)):
-        assert abs(plan_width(model, ratio=ratio, round_to=1).width_after - seed_keep) <= 1
+    total = count_parameters(model)
+    assert total == 1_235_814_400
+    for ratio, closest in ((0.2, 5678), (0.3, 4421), (0.4, 3163)):
+        assert plan_width(model, ratio=ratio, round_to=1).width_after == closest
+    assert (int(2048 * 2.741), int(2048 * 2.774)) == (5613, 5681)
+    seeds = {5613: 0.2052, 5681: 0.1997, 4425: 0.2996, 3170: 0.3995}
+    for width, removed in seeds.items():
+        after = params_after_widths(adapt(model), {i: width for i in range(16)}, adds_mlp_bias=False)
+        assert 1 - after / total == pytest.approx(removed, abs=1e-4), width
 
 
 @pytest.mark.parametrize("ratio", [0.0, -0.1, 1.0, 0.99])

@@ -68,6 +68,21 @@ def test_scale_script_compares_one_process_with_two(tmp_path, tiny_dir):
     assert row["data_parallel"]["processes"] == 2 and "| 2 | yes |" in out.with_suffix(".md").read_text()
 
 
+def test_scale_script_compares_whole_with_streamed_and_plans_large_models(tmp_path):
+    out = tmp_path / "streaming.json"
+    subprocess.run([sys.executable, str(BENCHMARKS / "scale.py"), "tiny", "--part", "streaming",
+                    "--samples", "2", "--seq-len", "16", "--cells", "hfprune/none", "--output", str(out)],
+                   check=True, capture_output=True, text=True)
+    row = json.loads(out.read_text())["rows"][0]
+    assert row["kept_identical"] and row["max_relative_score_difference"] < 1e-5
+    assert row["streamed"]["plan"]["mode"] == "streamed" and row["whole"]["plan"]["mode"] == "whole"
+    plans = tmp_path / "plans.json"
+    subprocess.run([sys.executable, str(BENCHMARKS / "scale.py"), "--part", "plans", "--output", str(plans)],
+                   check=True, capture_output=True, text=True)
+    rows = {(r["model"], r["method"], r["mode"]): r for r in json.loads(plans.read_text())["rows"]}
+    assert not rows["Llama-3.1-70B", "hfprune", "whole"]["fits_80GB"] and rows["Llama-3.1-70B", "hfprune", "streamed"]["fits_80GB"]
+
+
 def report_module():
     sys.path.insert(0, str(BENCHMARKS))
     try:

@@ -122,6 +122,7 @@ def source_gguf(tmp_path_factory, tiny_dir, tiny_template):
     return path
 
 
+@pytest.mark.slow  # ~80 s on two cores: two GGUF tokenizer conversions of SmolLM2's 49k vocabulary
 def test_export_of_a_run_pruned_from_a_gguf_reuses_its_vocabulary(source_gguf, tmp_path, capsys):
     run = tmp_path / "run"
     assert main(PRUNE.format(src=source_gguf, out=run).split()) == 0

@@ -51,6 +51,10 @@ def add_parser(sub) -> None:
                    help="separate reconstruction windows from this source ('c4' or a file; default: the scoring windows)")
     p.add_argument("--reconstruct-samples", type=int, default=None, help="separate reconstruction windows: how many (default --samples)")
     p.add_argument("--reconstruct-seed", type=int, default=None, help="separate reconstruction windows: seed (default --seed + 1)")
+    p.add_argument("--offload", choices=("cpu",), default=None,
+                   help="keep the weights in host memory and run one decoder layer at a time on --device: the same "
+                        "scores for about one layer's device memory (models larger than the GPU)")
+    p.add_argument("--dry-run", action="store_true", help="check the settings, print the memory plan and stop")
     add_model_flags(p)
     p.set_defaults(run=run)
 
@@ -82,33 +86,52 @@ def default_output(args, config) -> Path:
     return Path(f"pruned-{name}-{config.method.method}-{amount}")
 
 
+def memory_plan(shapes, config, dtype, device: str, args):
+    """Print the planner's estimate for this run (rank 0) and stop with one line when it will not fit."""
+    from .. import distributed
+    from ..planner import available_memory, check_fits, plan_memory
+
+    plan = plan_memory(shapes, config, dtype, device, streamed=args.offload is not None,
+                       available_bytes=available_memory(device))
+    if distributed.is_main():
+        print_summary("memory plan (fidelprune prune --dry-run)" if args.dry_run else "memory plan", dict(plan.rows()))
+    check_fits(plan, shapes, config, dtype)
+    return plan
+
+
 def run(args) -> int:
     from .. import distributed, load_model, prune, save
     from ..checkpoint import check_output_dir
-    from ..models import load_tokenizer, locate, resolve_device
+    from ..models import load_tokenizer, locate, resolve_device, resolve_dtype
     from ..preflight import check_calibration, check_prune
 
     distributed.init_from_environment()  # under torchrun: each process scores a share
-    # Everything that can fail without the weights fails first: settings, files, output, device, model shapes.
+    # Everything that can fail without the weights fails first: settings, files, output, device, model shapes, memory.
     config = config_from_args(args)
     where = locate(args.model)
     output = Path(args.output) if args.output else default_output(args, config)
     inputs = [*where.input_paths(), *([args.scores] if args.scores else []),
               *(Path(p) for p in (config.calibration.source, config.reconstruction.calibration) if p and Path(p).exists())]
-    check_output_dir(output, args.overwrite, inputs)  # rank 0 also clears what killed runs left beside the output
+    if not args.dry_run:
+        check_output_dir(output, args.overwrite, inputs)  # rank 0 also clears what killed runs left beside the output
     distributed.barrier()
     device = distributed.local_device(resolve_device(args.device))
-    check_prune(where, config, args.scores, args.trust_remote_code)
+    dtype = resolve_dtype(args.dtype, device)
+    shapes = check_prune(where, config, args.scores, args.trust_remote_code)
+    plan = memory_plan(shapes, config, dtype, device, args)
+    if args.dry_run:
+        return 0
     start = time.perf_counter()
     tokenizer = load_tokenizer(where, args.trust_remote_code)
     check_calibration(tokenizer, config, scores_given=args.scores is not None)
     with console.status(f"loading {args.model or 'packaged SmolLM2-135M-Instruct'}"):
-        model, tokenizer, source = load_model(args.model, dtype=args.dtype, device=device,
+        model, tokenizer, source = load_model(args.model, dtype=dtype, device="cpu" if args.offload else device,
                                               trust_remote_code=args.trust_remote_code, tokenizer=tokenizer)
     load_s = time.perf_counter() - start
     pruned, report = prune(model, tokenizer, config, scores=args.scores, inplace=True, source=source,
-                           progress=distributed.is_main())
+                           progress=distributed.is_main(), stream_on=device if args.offload else None)
     report.manifest["timings_s"]["load"] = load_s
+    report.manifest["memory_plan"] = plan.to_dict()
     if distributed.is_main():  # every process holds the same pruned model; one writes it
         path = save(pruned, tokenizer, report, output, overwrite=args.overwrite)
         print_summary(f"fidelprune prune -> {path}", report.summary())

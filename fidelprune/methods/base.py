@@ -139,6 +139,10 @@ class GradientMethod(Method):
             temperature = default_temperature if temperature is None else temperature
         return replace(config, objective=objective, form=form, alpha=alpha, temperature=temperature)
 
+    def stage_objectives(self, config: MethodConfig) -> list[str]:
+        """The objective of each Taylor pass over the windows, in order (what the memory planner counts)."""
+        return [config.objective]
+
     def score(self, adapted, windows, config, plan, allocation, progress=True) -> MethodResult:
         """One shot: one Taylor pass with the resolved objective and form."""
         objective = get_objective(config.objective, config.alpha, config.temperature)

@@ -19,6 +19,9 @@ from .base import GradientMethod, MethodResult, register_method
 
 
 class SDMPrune(GradientMethod):
+    def stage_objectives(self, config) -> list[str]:
+        return ["ce", config.objective]  # stage 2 is skipped when stage 1 already reaches the final width
+
     def score(self, adapted, windows, config, plan, allocation, progress=True) -> MethodResult:
         common = dict(batch_size=config.batch_size, progress=progress)
         stage1_plan = replace(plan, width_after=max(plan.width_after, int(config.stage1_keep * plan.width_before)))

@@ -1,0 +1,200 @@
+"""The memory planner: a prune run's peak memory on its compute device and its scoring FLOPs, from the model's
+config and the run's settings alone (no weights), printed before any compute (`fidelprune prune --dry-run` prints
+it and stops). A run that would not fit stops with one line naming the flag that makes it fit.
+
+The estimate counts what the code below it keeps (docs/scale.md has the measured error):
+- weights: every parameter in the model's dtype; streamed (--offload), everything but the decoder layers plus one
+  layer, the rest in host memory.
+- activations a backward pass keeps, per token and decoder layer, with every weight frozen (a frozen linear keeps
+  no input): each norm's input (2 d for LLaMA, 4 d for Gemma-2/3), the attention's q, k, v and output
+  (2 q + 2 kv; eager attention also its [H, T, T] scores twice), and the gated MLP's gate, up and act(gate) (3 I);
+  the weight-element and element forms' hooks hold the MLP's input and down_proj's input too (d + I). Streamed, only one layer's, plus every layer's input (L + 1 hidden states).
+- logits: [B, T, V] in the model's dtype, with their gradient for a backward pass and the teacher's for KD.
+- score buffers: the weight-element form's per-sequence [B, I, d] fp32 products, the element forms' [I, d] fp32
+  sums per layer (on the device unless streamed), the activation form's [B, T, I] product.
+- reconstruction: one layer's fp64 Gram [(I+1)^2] and the solve's copies of it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from .adapters import AdaptedModel
+from .errors import FidelpruneError
+
+GiB = 1 << 30
+HEADROOM = 0.9  # plan to use at most this share of the free memory: allocators fragment, kernels need workspace
+
+
+class MemoryPlanError(FidelpruneError, ValueError):
+    """The run, as configured, needs more memory than the device has."""
+
+
+@dataclass
+class MemoryPlan:
+    mode: str  # "whole": the model on the device; "streamed": one decoder layer at a time (--offload cpu)
+    device: str
+    dtype: str
+    batch: tuple[int, int]  # sequences per pass, tokens per sequence
+    parts: dict[str, int] = field(default_factory=dict)  # bytes on the compute device, by what holds them
+    host_bytes: int = 0  # off a GPU: streamed weights and element sums, the refit's hidden-state cache
+    scoring_flops: float = 0.0
+    available_bytes: int | None = None  # free memory on the device now; None when unknown
+
+    @property
+    def peak_bytes(self) -> int:
+        """Weights plus the larger of the scoring and the reconstruction working sets (they never coexist)."""
+        scoring = sum(v for k, v in self.parts.items() if k not in ("weights", "reconstruction"))
+        return self.parts["weights"] + max(scoring, self.parts.get("reconstruction", 0))
+
+    def fits(self) -> bool:
+        return self.available_bytes is None or self.peak_bytes <= HEADROOM * self.available_bytes
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "peak_bytes": self.peak_bytes}
+
+    def rows(self) -> list[tuple[str, str]]:
+        """(what, how much) lines for people."""
+        rows = [("mode", f"{self.mode} on {self.device}, {self.dtype}, batch {self.batch[0]} x {self.batch[1]} tokens")]
+        rows += [(f"  {name}", gib(value)) for name, value in self.parts.items() if value]
+        rows.append(("peak on the device", gib(self.peak_bytes)))
+        if self.host_bytes:
+            rows.append(("host memory (weights, sums, refit cache)", gib(self.host_bytes)))
+        rows.append(("free on the device", "unknown" if self.available_bytes is None else gib(self.available_bytes)))
+        rows.append(("scoring compute", f"{self.scoring_flops / 1e12:,.1f} TFLOP"))
+        return rows
+
+
+def gib(n: float) -> str:
+    return f"{n / GiB:,.2f} GiB"
+
+
+def available_memory(device: str) -> int | None:
+    """Free bytes on `device` now: CUDA's own count, or the host's MemAvailable for the CPU."""
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            return None
+        free, _ = torch.cuda.mem_get_info(torch.device(device))
+        return free
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _layer_params(shapes: AdaptedModel) -> list[int]:
+    return [sum(p.numel() for p in layer.parameters()) for layer in shapes.layers]
+
+
+def plan_memory(shapes: AdaptedModel, config, dtype: torch.dtype, device: str, streamed: bool = False,
+                available_bytes: int | None = None) -> MemoryPlan:
+    """The plan for pruning the model `shapes` (on the meta device: preflight.shape_model) with `config` (a
+    PruneConfig) in `dtype` on `device`."""
+    cfg = shapes.config
+    b = torch.finfo(dtype).bits // 8
+    method = config.method.resolved(config.allocation.ratio or 0.2)
+    kind, form = method.spec.kind, method.form
+    stages = method.spec.stage_objectives(method) if kind == "gradient" else []  # sdmprune: ce, then kd
+    batch, seq = method.batch_size, config.calibration.seq_len
+    tokens = batch * seq  # per pass
+    layers, d, vocab = shapes.num_layers, cfg.hidden_size, shapes.model.get_input_embeddings().num_embeddings
+    width = max(shapes.widths())
+    head_dim = getattr(cfg, "head_dim", None) or d // cfg.num_attention_heads
+    q_dim = cfg.num_attention_heads * head_dim
+    kv_dim = getattr(cfg, "num_key_value_heads", cfg.num_attention_heads) * head_dim
+    total = sum(p.numel() for p in shapes.model.parameters())
+    per_layer = _layer_params(shapes)
+    outside = total - sum(per_layer)
+
+    plan = MemoryPlan("streamed" if streamed else "whole", device, str(dtype).replace("torch.", ""), (batch, seq))
+    on_host = device == "cpu"  # host and device memory are one: streaming saves activations, not weights
+    plan.parts["weights"] = b * (outside + max(per_layer) if streamed and not on_host else total)
+    plan.host_bytes = b * total if streamed and not on_host else 0
+    gradient = kind == "gradient"
+    uses_data = kind != "data-free"
+    # Each norm over the hidden size keeps its input (LLaMA has two per layer, Gemma-2/3 four); eager attention
+    # (Gemma-2's soft-capping) keeps its [H, T, T] scores twice (the capped scores and the softmax).
+    norms = sum(1 for m in shapes.layers[0].modules() if "Norm" in type(m).__name__ and getattr(m, "weight", None) is not None
+                and m.weight.numel() == d)
+    eager = getattr(cfg, "_attn_implementation", None) == "eager"
+    saved_per_token_layer = norms * d + 2 * q_dim + 2 * kv_dim + 3 * width + (2 * cfg.num_attention_heads * seq if eager else 0)
+    if gradient:
+        kept_layers = 1 if streamed else layers
+        # the weight forms' hooks also hold each layer's MLP input x and down_proj input a until its backward
+        held = width + d if form != "activation" else 0
+        plan.parts["activations"] = b * tokens * (saved_per_token_layer + held) * kept_layers
+        if streamed:
+            plan.parts["hidden states (streamed)"] = b * tokens * d * (layers + 1)
+        teacher = "kd" in stages
+        # KD: the student's logits, the teacher's, and at the backward's peak the KL and CE gradients and their sum
+        plan.parts["logits"] = b * tokens * vocab * (5 if teacher else 2)
+        if form == "weight-element":
+            plan.parts["score buffers"] = 3 * 4 * batch * width * d
+        elif form in ("element1", "element2"):
+            sums = 4 * 3 * width * d * (1 + (form == "element2"))
+            off_device = streamed and not on_host  # streamed onto a GPU, the sums stay in host memory
+            plan.parts["score buffers"] = 4 * batch * width * d + (0 if off_device else sums * layers)
+            plan.host_bytes += sums * layers if off_device else 0
+        else:
+            plan.parts["score buffers"] = 2 * 4 * tokens * width
+    elif uses_data:
+        # one layer's transients (nothing is kept without gradients) and the statistics' fp64 copy of its input
+        plan.parts["activations"] = b * tokens * (4 * d + 4 * width) + 8 * tokens * width
+        plan.parts["logits"] = 0 if streamed else b * tokens * vocab
+    if config.reconstruction.mode != "none":
+        plan.parts["reconstruction"] = 4 * 8 * (width + 1) ** 2 + b * tokens * saved_per_token_layer
+        samples = config.reconstruction.samples or config.calibration.samples
+        cache = b * samples * seq * d * (2 if config.reconstruction.target == "dense" else 1)  # hidden states, in host memory
+        if on_host:
+            plan.parts["reconstruction"] += cache
+        else:
+            plan.host_bytes += cache
+
+    # FLOPs: a forward pass costs 2 per weight per token, plus causal attention (2 matmuls over T/2 keys on average).
+    forward = 2 * sum(per_layer) + 2 * d * vocab + 2 * layers * seq * q_dim
+    if gradient:
+        per_token = 2 * forward  # forward + the backward's activation gradients (no weight gradients)
+        if form != "activation":
+            per_token += 6 * width * d * layers  # per-sequence weight gradients of the three MLP projections
+        if streamed:
+            per_token += forward  # each layer runs again from its kept input
+        per_token = per_token * len(stages) + stages.count("kd") * forward  # KD: a teacher forward per batch
+    else:
+        per_token = forward if uses_data else 0
+    plan.scoring_flops = float(per_token) * config.calibration.samples * seq
+    plan.available_bytes = available_bytes
+    return plan
+
+
+def check_fits(plan: MemoryPlan, shapes: AdaptedModel, config, dtype: torch.dtype) -> None:
+    """Stop with one line naming the flags that make the run fit, when it does not: first a smaller batch (the
+    scores do not depend on it), then streaming (--offload cpu: one more forward per batch), then both."""
+    if plan.fits():
+        return
+    batch, streamed = config.method.batch_size, plan.mode == "streamed"
+    tries = [(streamed, b) for b in range(batch - 1, 0, -1)]
+    if not streamed:
+        tries += [(True, b) for b in range(batch, 0, -1)]
+    where = f"this run needs about {gib(plan.peak_bytes)} on {plan.device} but {gib(plan.available_bytes or 0)} is free"
+    for stream, size in tries:
+        candidate = plan_memory(shapes, _with_batch(config, size), dtype, plan.device, stream, plan.available_bytes)
+        if candidate.fits():
+            flags = " and ".join(f for f in ("--offload cpu" if stream and not streamed else "",
+                                             f"--batch-size {size}" if size != batch else "") if f)
+            raise MemoryPlanError(f"{where}: add {flags} (about {gib(candidate.peak_bytes)}; the same scores)")
+    hint = "--offload cpu, " if not streamed else ""
+    smaller_dtype = " or --dtype bfloat16" if dtype == torch.float32 else ""
+    raise MemoryPlanError(f"{where}, even with {hint}--batch-size 1: lower --seq-len{smaller_dtype}, or use a device "
+                          f"with more memory")
+
+
+def _with_batch(config, batch_size: int):
+    from dataclasses import replace
+
+    return replace(config, method=replace(config.method, batch_size=batch_size))

@@ -1,0 +1,90 @@
+"""Layer-streamed scoring (--offload cpu, AdaptedModel.stream): the forward without gradients that keeps each
+layer's input, the loss through the model's own head, and the backward one layer at a time from the last, recomputing
+each layer, give the scores, kept neurons and refit weights of a whole-model pass, for every score form and
+objective, the forward statistics and the reconstruction, on several families."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import tiny_model, tiny_windows
+from fidelprune import prune
+from fidelprune.adapters import adapt
+from fidelprune.cli import main
+
+CASES = {
+    "hfprune (entropy, activation form) + sequential refit": dict(method="hfprune", reconstruct="sequential"),
+    "sdmprune (ce, then kd to the unmasked model)": dict(method="sdmprune"),
+    "llm-pruner element1": dict(method="llm-pruner", form="element1"),
+    "llm-pruner element2 + parallel refit": dict(method="llm-pruner", form="element2", reconstruct="parallel"),
+    "wanda-sp (forward statistics)": dict(method="wanda-sp"),
+    "minitron, global allocation + refit to the dense target": dict(
+        method="minitron", allocation="global", reconstruct="sequential", reconstruct_target="dense"),
+}
+# LLaMA; Gemma-2's logit soft-capping and alternating sliding windows (the head and per-layer masks come from the
+# model's own forward); Phi-3's fused gate_up; Qwen3's q/k norms.
+FAMILIES = ("llama", "gemma2", "phi3", "qwen3")
+
+
+def _prune(family: str, options: dict, **streaming):
+    windows = tiny_windows(5, 12)  # 5 windows at batch 2: a short last batch too
+    return prune(tiny_model(family), None, keep=24, calibration_ids=windows, batch_size=2, progress=False,
+                 **options, **streaming)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("case", list(CASES))
+def test_streamed_scores_are_the_whole_model_scores(family, case):
+    whole, whole_report = _prune(family, CASES[case])
+    streamed, streamed_report = _prune(family, CASES[case], stream_on="cpu")
+    assert streamed_report.manifest["kept_neurons"] == whole_report.manifest["kept_neurons"]
+    for layer, score in whole_report.scores.items():
+        other = streamed_report.scores[layer]
+        assert torch.allclose(other, score, rtol=1e-5, atol=1e-6 * score.abs().max()), layer
+    for key, weight in whole.state_dict().items():
+        assert torch.allclose(streamed.state_dict()[key], weight, rtol=1e-5, atol=1e-6), key
+    assert streamed_report.manifest["execution"]["mode"] == "streamed"
+    assert "execution" not in whole_report.manifest
+
+
+def test_flap_streamed_with_its_bias_shift():
+    whole, whole_report = _prune("llama-bias", {"method": "flap"})
+    streamed, streamed_report = _prune("llama-bias", {"method": "flap"}, stream_on="cpu")
+    assert streamed_report.manifest["kept_neurons"] == whole_report.manifest["kept_neurons"]
+    for key, weight in whole.state_dict().items():
+        assert torch.allclose(streamed.state_dict()[key], weight, rtol=1e-5, atol=1e-7), key
+
+
+def test_the_streamed_pass_runs_layer_by_layer_and_leaves_the_input_model_as_it_was(monkeypatch):
+    from fidelprune import scoring
+
+    model = tiny_model("llama")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ran: list[int] = []
+    original = adapt(model).run_layer.__func__
+    monkeypatch.setattr(type(adapt(model)), "run_layer", lambda self, i, h, call: ran.append(i) or original(self, i, h, call))
+    calls = []
+    monkeypatch.setattr(scoring, "_streamed_backward", lambda *a, _f=scoring._streamed_backward: calls.append(1) or _f(*a))
+    pruned, report = prune(model, None, keep=24, calibration_ids=tiny_windows(2, 12), batch_size=2, progress=False,
+                           stream_on="cpu")
+    assert calls == [1]  # one batch, through the streamed backward
+    assert ran == [0, 1, 1, 0]  # forward without gradients, then each layer again from the last
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+    assert not adapt(model).streamed and not adapt(pruned).streamed
+
+
+def test_cli_offload_cpu_and_dry_run(tiny_dir, tmp_path, capsys):
+    argv = ["prune", str(tiny_dir), "--keep", "24", "--samples", "4", "--seq-len", "16", "--method", "sdmprune"]
+    assert main([*argv, "--dry-run", "-o", str(tmp_path / "dry")]) == 0
+    plan = capsys.readouterr()
+    assert "memory plan" in plan.out + plan.err and "peak on the device" in plan.out + plan.err
+    assert not (tmp_path / "dry").exists()  # a dry run writes nothing
+    assert main([*argv, "--offload", "cpu", "-o", str(tmp_path / "streamed")]) == 0
+    assert main([*argv, "-o", str(tmp_path / "whole")]) == 0
+    streamed, whole = (json.loads((tmp_path / d / "pruning.json").read_text()) for d in ("streamed", "whole"))
+    assert streamed["kept_neurons"] == whole["kept_neurons"]
+    assert streamed["execution"] == {"mode": "streamed", "device": "cpu", "weights_on": "cpu"}
+    assert streamed["memory_plan"]["mode"] == "streamed" and whole["memory_plan"]["mode"] == "whole"
