@@ -76,6 +76,9 @@ CASES = [
     (PRUNE + " --keep 24 --method magnitude --objective kd -o {dir}/out", "magnitude", BEFORE_LOAD),
     (PRUNE + " --keep 24 --method random --form element1 -o {dir}/out", "random", BEFORE_LOAD),
     (PRUNE + " --keep 24 --calibration {dir}/short.txt -o {dir}/out", "fewer than", BEFORE_LOAD),
+    # a dry run and a streamed run validate as much as a plain one
+    (PRUNE + " --ratio 1.5 --dry-run -o {dir}/out", "ratio", BEFORE_LOAD),
+    ("prune {tiny} --seq-len 128 --keep 24 --offload cpu -o {dir}/out", "exceeds the model's 64 positions", BEFORE_LOAD),
     # eval
     ("eval {tiny} --seq-len 1 -o {dir}/out", "--seq-len must be at least 2", BEFORE_LOAD),
     ("eval {tiny} --limit 0 -o {dir}/out", "--limit must be at least 1", BEFORE_LOAD),
