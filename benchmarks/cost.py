@@ -172,7 +172,8 @@ def render(data: dict) -> str:
         table.append([
             method, fast["tokens_per_s"], floor and floor["tokens_per_s"], ref and ref["tokens_per_s"],
             floor and fast["seconds"] / floor["seconds"], ref and ref["seconds"] / fast["seconds"],
-            fast["extra_rss_bytes"] / 2**20, ref and ref["extra_rss_bytes"] / 2**20,
+            fast["extra_rss_bytes"] / 2**20, floor and floor["extra_rss_bytes"] / 2**20,
+            floor and fast["extra_rss_bytes"] / max(floor["extra_rss_bytes"], 1), ref and ref["extra_rss_bytes"] / 2**20,
             ref and fast["extra_rss_bytes"] / max(ref["extra_rss_bytes"], 1),
         ])
     p = data["protocol"]
@@ -182,7 +183,7 @@ def render(data: dict) -> str:
             f"first run, default allocator: the median of {p.get('repeats', 1)} passes in that process). sdmprune runs two "
             f"scoring passes (stage 1 and 2) over the windows.\n\n" + provenance(data) + "\n" + markdown_table(
                 ["method", "tok/s", "floor tok/s", "reference tok/s", "time / floor", "reference time / ours",
-                 "extra MiB", "reference extra MiB", "memory / reference"], table))
+                 "extra MiB", "floor extra MiB", "memory / floor", "reference extra MiB", "memory / reference"], table))
 
 
 def main() -> None:

@@ -208,15 +208,17 @@ def cost_tables(by_batch: list[tuple[dict, int]]) -> list[str]:
             floor = cells["forward+backward/floor" if method in GRADIENT_METHODS else "forward/floor"]
             rows.append([method, str(batch), number(ours["tokens_per_s"]), number(ours["seconds"] / floor["seconds"], 2),
                          number(ref["seconds"] / ours["seconds"], 2), number(ours["extra_rss_bytes"] / 2**20, 0),
+                         number(floor["extra_rss_bytes"] / 2**20, 0), number(ours["extra_rss_bytes"] / floor["extra_rss_bytes"], 2),
                          number(ref["extra_rss_bytes"] / 2**20, 0), number(ours["extra_rss_bytes"] / ref["extra_rss_bytes"], 2)])
     return ["\n**Scoring cost** ([`results/cost.md`](results/cost.md), batch 4; [`results/cost-batch1.md`](results/cost-batch1.md), "
             "batch 1): 4 x 256 C4 tokens, each cell in its own process; extra MiB = peak RSS during scoring minus RSS before it, "
             "from a second run of the cell with glibc's mmap threshold fixed (`MALLOC_MMAP_THRESHOLD_=131072`) so that freed "
             f"tensors leave RSS; tok/s from a run with the default allocator, the median of {by_batch[0][0]['protocol']['repeats']} passes; "
-            "the floor is a bare forward+backward (forward for the forward-only methods) of the same batches; the reference is "
+            "the floor is a bare forward+backward (forward for the forward-only methods) of the same batches at the same batch size, "
+            "and memory / floor compares the two peaks; the reference is "
             "`tests/reference.py`, one sequence at a time with full weight gradients.\n",
-            table(["method", "batch", "tok/s", "time / floor", "reference time / ours", "extra MiB", "reference extra MiB",
-                   "memory / reference"], rows)]
+            table(["method", "batch", "tok/s", "time / floor", "reference time / ours", "extra MiB", "floor extra MiB",
+                   "memory / floor", "reference extra MiB", "memory / reference"], rows)]
 
 
 def speed_tables(data: dict) -> list[str]:
