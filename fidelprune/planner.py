@@ -8,7 +8,8 @@ The estimate counts what the code below it keeps (docs/scale.md has the measured
 - activations a backward pass keeps, per token and decoder layer, with every weight frozen (a frozen linear keeps
   no input): each norm's input (2 d for LLaMA, 4 d for Gemma-2/3), the attention's q, k, v and output
   (2 q + 2 kv; eager attention also its [H, T, T] scores twice), and the gated MLP's gate, up and act(gate) (3 I);
-  the weight-element and element forms' hooks hold the MLP's input and down_proj's input too (d + I). Streamed, only one layer's, plus every layer's input (L + 1 hidden states).
+  the weight-element and element forms' hooks hold the MLP's input too (d). Streamed, only one layer's, plus every
+  layer's input (L + 1 hidden states).
 - logits: [B, T, V] in the model's dtype, with their gradient for a backward pass and the teacher's for KD.
 - score buffers: the weight-element form's per-sequence [B, I, d] fp32 products, the element forms' [I, d] fp32
   sums per layer (on the device unless streamed), the activation form's [B, T, I] product.
@@ -126,8 +127,9 @@ def plan_memory(shapes: AdaptedModel, config, dtype: torch.dtype, device: str, s
     saved_per_token_layer = norms * d + 2 * q_dim + 2 * kv_dim + 3 * width + (2 * cfg.num_attention_heads * seq if eager else 0)
     if gradient:
         kept_layers = 1 if streamed else layers
-        # the weight forms' hooks also hold each layer's MLP input x and down_proj input a until its backward
-        held = width + d if form != "activation" else 0
+        # the weight forms' hooks also hold each layer's MLP input x until its backward (down_proj's input a comes
+        # back from the factors autograd keeps)
+        held = d if form != "activation" else 0
         plan.parts["activations"] = b * tokens * (saved_per_token_layer + held) * kept_layers
         if streamed:
             plan.parts["hidden states (streamed)"] = b * tokens * d * (layers + 1)

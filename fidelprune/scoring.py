@@ -51,7 +51,9 @@ class _LayerState:
         self.form = form
         width, hidden = view.width, view.hidden_size
         self.score = torch.zeros(width, dtype=torch.float32, device=view.down.weight.device)
-        self.x = self.a = None  # the MLP's input and down_proj's input, from a layer's forward until its backward
+        # From a layer's forward until its backward: the MLP's input, and how to get down_proj's input back
+        self.x: torch.Tensor | None = None
+        self.a: Callable[[], torch.Tensor] | None = None
         self.x_uses = 0
         self.pending: torch.Tensor | None = None  # weight-element: sum of the P terms seen so far, [B, I, d]
         self.terms_seen = 0
@@ -106,9 +108,9 @@ class _LayerState:
 
 
 def _activation_values(a: torch.Tensor, mask: torch.Tensor | None) -> Callable[[], torch.Tensor]:
-    """What the activation-form hook uses to get the down_proj input (a, times mask when masked) back when its
-    gradient arrives, once per backward pass. With frozen weights nothing else keeps it alive (down_proj saves
-    only its weight), so holding it costs one [B, T, I] tensor per layer. A gated MLP's a = act(gate) * up is a
+    """How a hook gets the down_proj input (a, times mask when masked) back once in the backward pass: when a's
+    gradient arrives (activation form) or down_proj's output gradient does (the weight forms). With frozen weights
+    nothing else keeps it alive (down_proj saves only its weight), so holding it costs one [B, T, I] tensor per layer. A gated MLP's a = act(gate) * up is a
     product whose two factors autograd keeps anyway for the product's own backward, which runs after this
     gradient hook: holding those (the same storage) and multiplying them again gives a, bit for bit, for no
     memory. Anything else (a GELU MLP) holds a itself. Either way the references are dropped once used, so the
@@ -185,7 +187,8 @@ class MLPHooks:
 
                 a.register_hook(on_grad)
             elif self.form is not None and self.form != "activation" and a.requires_grad:
-                self.states[index].a = a.detach()  # for this layer's backward (a pass without gradients has none)
+                # for this layer's backward (a pass without gradients has none), from what autograd keeps anyway
+                self.states[index].a = _activation_values(args[0], mask)
             return (a,) + args[1:]
 
         return hook
@@ -206,7 +209,7 @@ class MLPHooks:
         def on_grad(g: torch.Tensor) -> None:
             g = g.float()
             if name == "down":  # G^down_n = sum_t gy_t (x) a_t   -> [B, d, I]
-                grad = torch.einsum(f"btj,bti->{b}ji", g, state.a.float())
+                grad = torch.einsum(f"btj,bti->{b}ji", g, state.a().float())
                 state.a = None  # let go once used: a layer-by-layer backward then holds one layer's, not all
                 state.add_weight_grad("down", grad if b else grad[None])
                 return
