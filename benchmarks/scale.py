@@ -88,11 +88,11 @@ def streaming_worker(spec: dict) -> dict:
     options = dict(method_arguments(spec["method"]), ratio=0.2, batch_size=spec["batch_size"], reconstruct=spec["reconstruct"])
     config = PruneConfig.from_options(samples=spec["samples"], seq_len=spec["seq_len"], **options)
     plan = plan_memory(adapt(model), config, torch.float32, device, streamed=streamed)
-    if not streamed:
-        model.to(device)  # streamed, the weights stay in host memory and prune() moves what the device needs
+    model.to(device)
     with torch.no_grad():  # warm-up: first-call allocations are not scoring cost
-        model.to(device)(input_ids=windows[:1].to(device), use_cache=False)
-    model.to("cpu" if streamed else device)
+        model(input_ids=windows[:1].to(device), use_cache=False)
+    if streamed:  # the weights start in host memory; prune() moves what the device needs
+        model.to("cpu")
     on_gpu = device.startswith("cuda")
     if on_gpu:  # the device's own count: what was allocated beyond what was there before
         torch.cuda.synchronize()
