@@ -17,8 +17,16 @@ the loaded model, the planner's estimate of that extra, and whether the kept neu
 
     python benchmarks/scale.py --part streaming --samples 8 --seq-len 256
 
+Part `device-map` (results/scale-device-map[-cuda].{json,md}): the same CLI run on one device and with
+`--device-map`, the model's modules split between `--device` and `--split-to` (default: the first half of the decoder
+layers, the embeddings and rotary embedding on --device, the rest and the head on --split-to): the same kept
+neurons, scores and refit weights, and the time each takes. On a GPU machine, cuda:0 + cpu is the real split:
+
+    python benchmarks/scale.py --part device-map --device cuda:0 --split-to cpu --samples 16 --seq-len 256
+
 Part `plans` (results/scale-plans.{json,md}): the planner's estimates for Llama-3.2-1B, Llama-3.1-8B and
-Llama-3.1-70B shapes (configs written here, no weights) on an 80 GB GPU, whole and streamed: docs/scale.md's table.
+Llama-3.1-70B shapes (configs written here, no weights) on an 80 GB GPU, whole and streamed, and 70B with a device
+map over four GPUs: docs/scale.md's table.
 
     python benchmarks/scale.py --part plans
 """
@@ -166,6 +174,15 @@ def run_streaming(args) -> None:
     print(markdown)
 
 
+def even_split(shapes, k: int) -> dict[str, str]:
+    """{module: cuda:i}: the decoder layers in k equal runs, the embeddings on the first GPU, the norm and head on the last."""
+    layers = shapes.num_layers
+    device_map = {"model.embed_tokens": "cuda:0", "model.rotary_emb": "cuda:0"}
+    device_map.update({f"model.layers.{i}": f"cuda:{i * k // layers}" for i in range(layers)})
+    device_map.update({"model.norm": f"cuda:{k - 1}", "lm_head": f"cuda:{k - 1}"})
+    return device_map
+
+
 def run_plans(args) -> None:
     import transformers
 
@@ -184,6 +201,14 @@ def run_plans(args) -> None:
                 plan = plan_memory(shapes, config, torch.bfloat16, "cuda", streamed=streamed, available_bytes=80 * 10**9)
                 data["rows"].append({"model": name, "method": method, "mode": plan.mode, "fits_80GB": plan.fits(),
                                      **plan.to_dict()})
+            if name == "Llama-3.1-70B":  # --device-map over four GPUs: the fullest of the four devices
+                device_map = even_split(shapes, 4)
+                plans = [plan_memory(shapes, config, torch.bfloat16, device, available_bytes=80 * 10**9, device_map=device_map)
+                         for device in dict.fromkeys(device_map.values())]
+                plan = max(plans, key=lambda p: p.peak_bytes)
+                data["rows"].append({"model": name, "method": method, "mode": f"device map, 4 GPUs (fullest: {plan.device})",
+                                     "fits_80GB": all(p.fits() for p in plans), **plan.to_dict(),
+                                     "host_bytes": plans[0].host_bytes})
     Path(output).write_text(json.dumps(data, indent=1) + "\n")
     table = [[r["model"], r["method"], r["mode"], f"{r['parts']['weights'] / GiB:.1f}", f"{r['peak_bytes'] / GiB:.1f}",
               f"{r['host_bytes'] / GiB:.1f}", "yes" if r["fits_80GB"] else "no", f"{r['scoring_flops'] / 1e15:.1f}"]
@@ -197,6 +222,66 @@ def run_plans(args) -> None:
     print(markdown)
 
 
+def half_split(model_dir: str | None, first: str, second: str) -> dict[str, str]:
+    """{module: device}: embeddings, rotary embedding and the first half of the layers on `first`; the rest on `second`."""
+    from fidelprune.adapters import adapt
+    from fidelprune.models import locate
+    from fidelprune.preflight import model_config, shape_model
+
+    shapes = shape_model(model_config(locate(model_dir)))
+    model, layers = shapes.model, shapes.num_layers
+    base = model.base_model_prefix
+    device_map = {f"{base}.{name}": first for name, _ in getattr(model, base).named_children() if name not in ("layers", "norm")}
+    device_map.update({f"{base}.layers.{i}": first if i < layers // 2 else second for i in range(layers)})
+    device_map.update({f"{base}.norm": second, "lm_head": second})
+    if model.config.tie_word_embeddings:  # a tied head stays with the embeddings
+        device_map["lm_head"] = first
+    return device_map
+
+
+def run_device_map(args) -> None:
+    first, second = args.device, args.split_to
+    suffix = "-cuda" if "cuda" in first + second else ""
+    output = args.output or RESULTS / f"scale-device-map{suffix}.json"
+    data = header({"method": args.method, "samples": args.samples, "seq_len": args.seq_len, "ratio": args.ratio,
+                   "reconstruct": args.reconstruct, "device": first, "split_to": second})
+    prune = ["prune", *([args.model] if args.model else []), "--method", args.method, "--ratio", str(args.ratio),
+             "--samples", str(args.samples), "--seq-len", str(args.seq_len), "--reconstruct", args.reconstruct,
+             "--dtype", args.dtype]
+    with tempfile.TemporaryDirectory() as tmp:
+        device_map = half_split(args.model, first, second)
+        map_file = Path(tmp) / "map.json"
+        map_file.write_text(json.dumps(device_map))
+        one, split = Path(tmp) / "one", Path(tmp) / "split"
+        wall_one = run([sys.executable, "-m", "fidelprune.cli", *prune, "--device", first, "-o", str(one)], {})
+        wall_split = run([sys.executable, "-m", "fidelprune.cli", *prune, "--device-map", str(map_file), "-o", str(split)], {})
+        manifests = [json.loads((d / "pruning.json").read_text()) for d in (one, split)]
+        scores = [load_file(str(d / "fidelprune" / "scores.safetensors")) for d in (one, split)]
+        weights = [load_file(str(d / "model.safetensors")) for d in (one, split)]
+    weight_difference = max((weights[0][k].float() - weights[1][k].float()).abs().max().item() for k in weights[0])
+    timings = [m["timings_s"] for m in manifests]
+    data["rows"].append({
+        "device_map": device_map, "layers": manifests[1]["execution"]["layers"],
+        "kept_identical": manifests[0]["kept_neurons"] == manifests[1]["kept_neurons"],
+        "max_relative_score_difference": max_relative_difference(*scores), "max_weight_difference": weight_difference,
+        "scoring_s_one": timings[0]["scoring"], "scoring_s_split": timings[1]["scoring"],
+        "reconstruction_s_one": timings[0].get("reconstruction"), "reconstruction_s_split": timings[1].get("reconstruction"),
+        "wall_s_one": wall_one, "wall_s_split": wall_split, "memory_plan_split": manifests[1]["memory_plan"],
+    })
+    Path(output).parent.mkdir(parents=True, exist_ok=True)
+    Path(output).write_text(json.dumps(data, indent=1) + "\n")
+    r = data["rows"][0]
+    table = markdown_table(
+        ["split", "kept neurons identical", "max relative score difference", "max weight difference",
+         f"scoring s ({first})", "scoring s (split)", "wall s (one)", "wall s (split)"],
+        [[r["layers"], "yes" if r["kept_identical"] else "no", f"{r['max_relative_score_difference']:.2e}",
+          f"{r['max_weight_difference']:.2e}", f"{r['scoring_s_one']:.1f}", f"{r['scoring_s_split']:.1f}",
+          f"{r['wall_s_one']:.1f}", f"{r['wall_s_split']:.1f}"]])
+    markdown = (f"# Scale: one device vs a device map ({first} + {second})\n\n" + provenance(data) + "\n" + table)
+    Path(output).with_suffix(".md").write_text(markdown)
+    print(markdown)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("model", nargs="?", default=None, help="model (default: the packaged SmolLM2-135M-Instruct)")
@@ -205,8 +290,11 @@ def main() -> None:
     p.add_argument("--samples", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--ratio", type=float, default=0.2)
-    p.add_argument("--part", choices=("processes", "streaming", "plans"), default="processes")
-    p.add_argument("--device", default="cpu", help="part streaming: cpu, or cuda (results get a -cuda suffix)")
+    p.add_argument("--part", choices=("processes", "streaming", "device-map", "plans"), default="processes")
+    p.add_argument("--device", default="cpu", help="parts streaming and device-map: cpu, or cuda (results get a -cuda suffix)")
+    p.add_argument("--split-to", default="cpu", help="part device-map: the second device of the split")
+    p.add_argument("--reconstruct", default="sequential", help="part device-map: the refit mode (default sequential)")
+    p.add_argument("--dtype", default="float32", help="part device-map: the dtype of both runs")
     p.add_argument("--cells", default=None, help="part streaming: only these METHOD/REFIT cells, comma-separated")
     p.add_argument("--output", type=Path, default=None, help="results JSON (default: results/scale[-PART].json)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
@@ -215,7 +303,7 @@ def main() -> None:
         print(json.dumps(streaming_worker(json.loads(args.worker))))
         return
     if args.part != "processes":
-        return (run_streaming if args.part == "streaming" else run_plans)(args)
+        return {"streaming": run_streaming, "device-map": run_device_map, "plans": run_plans}[args.part](args)
     args.output = args.output or RESULTS / "scale.json"
     prune = ["prune", *([args.model] if args.model else []), "--method", args.method, "--ratio", str(args.ratio),
              "--samples", str(args.samples), "--seq-len", str(args.seq_len), "--reconstruct", "none"]

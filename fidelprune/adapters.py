@@ -155,6 +155,11 @@ class AdaptedModel:
         """Where the model computes: the device of the embeddings (and, unless streamed, of every layer)."""
         return self.model.get_input_embeddings().weight.device
 
+    def layer_device(self, index: int) -> torch.device:
+        """Where decoder layer `index` computes: the compute device when streamed, else where its weights are (a
+        device map, placement.py, spreads the layers over devices; the hooks it installs move each layer's inputs)."""
+        return self.device if self.streamed else next(self.layers[index].parameters()).device
+
     @property
     def layers(self) -> nn.ModuleList:
         layers: object = self.model
@@ -255,13 +260,26 @@ class AdaptedModel:
 
             return forward
 
+        with self._layer_forwards(stub):
+            yield
+
+    @contextmanager
+    def _layer_forwards(self, stub) -> Iterator[None]:
+        """Each decoder layer's forward replaced by `stub(index)` for the block: an instance attribute shadows the
+        class's forward. What was there before is put back, so a forward that accelerate's device-map hooks
+        installed (placement.py) survives."""
+        layers = self.layers
+        before = [vars(layer).get("forward") for layer in layers]
         for index, layer in enumerate(layers):
-            layer.forward = stub(index)  # instance attribute shadows the class's forward; removed below
+            layer.forward = stub(index)
         try:
             yield
         finally:
-            for layer in layers:
-                vars(layer).pop("forward", None)
+            for layer, forward in zip(layers, before):
+                if forward is None:
+                    vars(layer).pop("forward", None)
+                else:
+                    layer.forward = forward
 
     def layer_inputs(self, windows: torch.Tensor, batch_size: int, store: torch.device) -> tuple[list[torch.Tensor], dict[tuple, list]]:
         """The first decoder layer's input for each batch of `windows` (kept on `store`), and each layer's call
@@ -334,23 +352,18 @@ class AdaptedModel:
         """The logits for the last decoder layer's output `last_hidden`, by the model's own forward with every layer
         replaced by a pass-through (the last one returns `last_hidden`): the family's final norm, head and any logit
         soft-capping apply exactly as in a whole-model forward, at the cost of an embedding lookup."""
-        layers, last = self.layers, self.num_layers - 1
+        last = self.num_layers - 1
 
         def stub(index: int):
             return lambda hidden_states, *args, **kwargs: last_hidden if index == last else hidden_states
 
-        for index, layer in enumerate(layers):
-            layer.forward = stub(index)
-        try:
+        with self._layer_forwards(stub):
             return self.model(input_ids=input_ids.to(self.device), use_cache=False).logits
-        finally:
-            for layer in layers:
-                vars(layer).pop("forward", None)
 
     def run_layer(self, index: int, hidden: torch.Tensor, call: LayerCall) -> torch.Tensor:
         """Decoder layer `index` on stored hidden states, with the call arguments recorded for their shape."""
         args, kwargs = call
-        out = self.layers[index](hidden.to(self.device), *args, **kwargs)
+        out = self.layers[index](hidden.to(self.layer_device(index)), *args, **kwargs)
         return out[0] if isinstance(out, tuple) else out
 
 

@@ -294,7 +294,14 @@ def save_pruned(
     exact calibration token ids, atomically."""
 
     def write(tmp: Path) -> None:
-        model.save_pretrained(tmp)
+        # transformers reads a device map's 'cpu' entries as accelerate-offloaded weights and takes another save
+        # path for them; fidelprune's placed modules are all in memory (placement.py), so save the plain way
+        device_map = vars(model).pop("hf_device_map", None)
+        try:
+            model.save_pretrained(tmp)
+        finally:
+            if device_map is not None:
+                model.hf_device_map = device_map
         if tokenizer is not None:
             save_tokenizer(tokenizer, tmp)
         (tmp / SIDE_DIR).mkdir()

@@ -176,10 +176,14 @@ def load_model(
     device: str | None = None,
     trust_remote_code: bool = False,
     tokenizer=None,
+    device_map: str | Path | dict | None = None,
 ) -> tuple[nn.Module, object, ModelSource]:
     """(model, tokenizer, source record). `source`: None / "smollm2" for the packaged default, a .gguf file,
     a local directory with safetensors weights, or a hub id (needs network or a local cache). A `tokenizer`
-    already loaded from the same source (load_tokenizer) is used as it is."""
+    already loaded from the same source (load_tokenizer) is used as it is.
+
+    `device_map` ("auto", "balanced", "sequential", a JSON file or a dict {module: device}) spreads the modules over
+    devices, each computing where its weights are (placement.py); `device` then only chooses the default dtype."""
     from transformers import AutoModelForCausalLM
 
     device = resolve_device(device)
@@ -191,7 +195,7 @@ def load_model(
     try:
         tokenizer = tokenizer if tokenizer is not None else load_tokenizer(where, trust_remote_code)
         if not gguf_file and directory.exists() and (_layer_widths(directory) or local_config(directory)):
-            model = load_pruned(directory, dtype=torch_dtype)
+            model = load_pruned(directory, dtype=torch_dtype, device="cpu" if device_map is not None else device)
         else:
             model = AutoModelForCausalLM.from_pretrained(
                 location, dtype=torch_dtype, trust_remote_code=trust_remote_code, use_safetensors=None if gguf_file else True, **kwargs
@@ -199,7 +203,12 @@ def load_model(
     except OSError as err:
         raise ModelLoadError(f"could not load model {source!r}: {err}") from err
     clear_quantization_markers(model)
-    model.to(device)
+    if device_map is not None:
+        from .placement import place, resolve_device_map
+
+        place(model, resolve_device_map(device_map, model, torch_dtype))
+    else:
+        model.to(device)
     model.eval()
     if gguf_file:
         sha = file_sha256(directory / gguf_file)

@@ -24,6 +24,7 @@ import torch
 
 from .adapters import AdaptedModel
 from .errors import FidelpruneError
+from .placement import DeviceMap
 
 GiB = 1 << 30
 HEADROOM = 0.9  # plan to use at most this share of the free memory: allocators fragment, kernels need workspace
@@ -35,7 +36,8 @@ class MemoryPlanError(FidelpruneError, ValueError):
 
 @dataclass
 class MemoryPlan:
-    mode: str  # "whole": the model on the device; "streamed": one decoder layer at a time (--offload cpu)
+    mode: str  # "whole": the model on the device; "streamed": one decoder layer at a time (--offload cpu);
+    # "device map": this device's share of a model spread over devices (--device-map)
     device: str
     dtype: str
     batch: tuple[int, int]  # sequences per pass, tokens per sequence
@@ -94,9 +96,11 @@ def _layer_params(shapes: AdaptedModel) -> list[int]:
 
 
 def plan_memory(shapes: AdaptedModel, config, dtype: torch.dtype, device: str, streamed: bool = False,
-                available_bytes: int | None = None) -> MemoryPlan:
+                available_bytes: int | None = None, device_map: DeviceMap | None = None) -> MemoryPlan:
     """The plan for pruning the model `shapes` (on the meta device: preflight.shape_model) with `config` (a
-    PruneConfig) in `dtype` on `device`."""
+    PruneConfig) in `dtype` on `device`. With a `device_map` (placement.py), the plan of `device`'s share: the
+    weights it holds, the activations and score sums of its decoder layers, the logits if it holds the head, and
+    one layer's transient buffers if it holds any layer (plan_device_map gives every device's)."""
     cfg = shapes.config
     b = torch.finfo(dtype).bits // 8
     method = config.method.resolved(config.allocation.ratio or 0.2)
@@ -113,9 +117,18 @@ def plan_memory(shapes: AdaptedModel, config, dtype: torch.dtype, device: str, s
     per_layer = _layer_params(shapes)
     outside = total - sum(per_layer)
 
-    plan = MemoryPlan("streamed" if streamed else "whole", device, str(dtype).replace("torch.", ""), (batch, seq))
+    mode = "device map" if device_map else "streamed" if streamed else "whole"
+    plan = MemoryPlan(mode, device, str(dtype).replace("torch.", ""), (batch, seq))
     on_host = device == "cpu"  # host and device memory are one: streaming saves activations, not weights
     plan.parts["weights"] = b * (outside + max(per_layer) if streamed and not on_host else total)
+    # this device's decoder layers, and whether the logits (the head's output) are made here
+    layers_here, head_here = layers, True
+    if device_map:
+        from .placement import device_bytes, head_device, layer_devices
+
+        layers_here = layer_devices(device_map, shapes.model).count(device)
+        head_here = head_device(device_map, shapes.model) == device
+        plan.parts["weights"] = device_bytes(device_map, shapes.model, b).get(device, 0)
     plan.host_bytes = b * total if streamed and not on_host else 0
     gradient = kind == "gradient"
     uses_data = kind != "data-free"
@@ -126,7 +139,7 @@ def plan_memory(shapes: AdaptedModel, config, dtype: torch.dtype, device: str, s
     eager = getattr(cfg, "_attn_implementation", None) == "eager"
     saved_per_token_layer = norms * d + 2 * q_dim + 2 * kv_dim + 3 * width + (2 * cfg.num_attention_heads * seq if eager else 0)
     if gradient:
-        kept_layers = 1 if streamed else layers
+        kept_layers = 1 if streamed else layers_here
         # the weight forms' hooks also hold each layer's MLP input x until its backward (down_proj's input a comes
         # back from the factors autograd keeps)
         held = d if form != "activation" else 0
@@ -135,20 +148,20 @@ def plan_memory(shapes: AdaptedModel, config, dtype: torch.dtype, device: str, s
             plan.parts["hidden states (streamed)"] = b * tokens * d * (layers + 1)
         teacher = "kd" in stages
         # KD: the student's logits, the teacher's, and at the backward's peak the KL and CE gradients and their sum
-        plan.parts["logits"] = b * tokens * vocab * (5 if teacher else 2)
+        plan.parts["logits"] = b * tokens * vocab * (5 if teacher else 2) if head_here else 0
         if form == "weight-element":
             plan.parts["score buffers"] = 3 * 4 * batch * width * d
         elif form in ("element1", "element2"):
             sums = 4 * 3 * width * d * (1 + (form == "element2"))
             off_device = streamed and not on_host  # streamed onto a GPU, the sums stay in host memory
-            plan.parts["score buffers"] = 4 * batch * width * d + (0 if off_device else sums * layers)
+            plan.parts["score buffers"] = 4 * batch * width * d + (0 if off_device else sums * layers_here)
             plan.host_bytes += sums * layers if off_device else 0
         else:
             plan.parts["score buffers"] = 2 * 4 * tokens * width
     elif uses_data:
         # one layer's transients (nothing is kept without gradients) and the statistics' fp64 copy of its input
         plan.parts["activations"] = b * tokens * (4 * d + 4 * width) + 8 * tokens * width
-        plan.parts["logits"] = 0 if streamed else b * tokens * vocab
+        plan.parts["logits"] = 0 if streamed or not head_here else b * tokens * vocab
     if config.reconstruction.mode != "none":
         plan.parts["reconstruction"] = 4 * 8 * (width + 1) ** 2 + b * tokens * saved_per_token_layer
         samples = config.reconstruction.samples or config.calibration.samples
@@ -157,6 +170,12 @@ def plan_memory(shapes: AdaptedModel, config, dtype: torch.dtype, device: str, s
             plan.parts["reconstruction"] += cache
         else:
             plan.host_bytes += cache
+
+    if device_map and not layers_here:
+        for name in ("activations", "score buffers", "reconstruction"):
+            plan.parts.pop(name, None)
+        if plan.parts.get("logits") == 0 and not gradient:
+            plan.parts.pop("logits", None)
 
     # FLOPs: a forward pass costs 2 per weight per token, plus causal attention (2 matmuls over T/2 keys on average).
     forward = 2 * sum(per_layer) + 2 * d * vocab + 2 * layers * seq * q_dim
@@ -174,6 +193,35 @@ def plan_memory(shapes: AdaptedModel, config, dtype: torch.dtype, device: str, s
     return plan
 
 
+def plan_device_map(shapes: AdaptedModel, config, dtype: torch.dtype, device_map: DeviceMap) -> list[MemoryPlan]:
+    """One plan per device of `device_map`, each with that device's free memory now. The host-side refit cache is
+    counted once, on the first device's plan."""
+    devices = list(dict.fromkeys(device_map.values()))
+    plans = [plan_memory(shapes, config, dtype, device, available_bytes=available_memory(device), device_map=device_map)
+             for device in devices]
+    for plan in plans[1:]:
+        plan.host_bytes = 0
+    return plans
+
+
+def check_device_map_fits(plans: list[MemoryPlan], shapes: AdaptedModel, config, dtype: torch.dtype,
+                          device_map: DeviceMap) -> None:
+    """Stop with one line when a device of the map would overflow: a smaller batch when that is enough, else
+    another split or --offload cpu."""
+    full = [plan for plan in plans if not plan.fits()]
+    if not full:
+        return
+    worst = full[0]
+    where = f"this run needs about {gib(worst.peak_bytes)} on {worst.device} but {gib(worst.available_bytes or 0)} is free"
+    for size in range(config.method.batch_size - 1, 0, -1):
+        smaller = _with_batch(config, size)
+        if all(p.fits() for p in (plan_memory(shapes, smaller, dtype, p.device, available_bytes=p.available_bytes,
+                                              device_map=device_map) for p in plans)):
+            raise MemoryPlanError(f"{where}: add --batch-size {size} (the same scores)")
+    raise MemoryPlanError(f"{where}, even with --batch-size 1: move layers off {worst.device} in a --device-map file, "
+                          f"use --device-map balanced, or --offload cpu instead")
+
+
 def check_fits(plan: MemoryPlan, shapes: AdaptedModel, config, dtype: torch.dtype) -> None:
     """Stop with one line naming the flags that make the run fit, when it does not: first a smaller batch (the
     scores do not depend on it), then streaming (--offload cpu: one more forward per batch), then both."""
@@ -184,6 +232,8 @@ def check_fits(plan: MemoryPlan, shapes: AdaptedModel, config, dtype: torch.dtyp
     if not streamed:
         tries += [(True, b) for b in range(batch, 0, -1)]
     where = f"this run needs about {gib(plan.peak_bytes)} on {plan.device} but {gib(plan.available_bytes or 0)} is free"
+    if not streamed and plan.device.startswith("cuda") and torch.cuda.device_count() > 1:
+        _suggest_device_map(where, shapes, config, dtype)
     for stream, size in tries:
         candidate = plan_memory(shapes, _with_batch(config, size), dtype, plan.device, stream, plan.available_bytes)
         if candidate.fits():
@@ -194,6 +244,20 @@ def check_fits(plan: MemoryPlan, shapes: AdaptedModel, config, dtype: torch.dtyp
     smaller_dtype = " or --dtype bfloat16" if dtype == torch.float32 else ""
     raise MemoryPlanError(f"{where}, even with {hint}--batch-size 1: lower --seq-len{smaller_dtype}, or use a device "
                           f"with more memory")
+
+
+def _suggest_device_map(where: str, shapes: AdaptedModel, config, dtype: torch.dtype) -> None:
+    """Several GPUs: stop naming --device-map balanced when the visible GPUs hold the run between them."""
+    from .errors import ConfigError
+    from .placement import resolve_device_map
+
+    try:
+        device_map = resolve_device_map("balanced", shapes.model, dtype)
+    except ConfigError:
+        return
+    if all(p.fits() for p in plan_device_map(shapes, config, dtype, device_map)):
+        raise MemoryPlanError(f"{where}: add --device-map balanced (the layers spread over the "
+                              f"{torch.cuda.device_count()} visible GPUs; the same scores)")
 
 
 def _with_batch(config, batch_size: int):

@@ -26,6 +26,7 @@ from .checkpoint import check_scores_fit, load_scores, save_pruned
 from .errors import ConfigError
 from .methods import MethodConfig, MethodResult, run_method
 from .models import ModelSource, parameters_sha256, source_paths
+from .placement import describe, device_map_of
 from .reconstruction import DEFAULT_LAMBDA as RECONSTRUCT_LAMBDA
 from .reconstruction import ReconstructionConfig, ReconstructionResult, reconstruction_windows
 from .reconstruction import reconstruct as reconstruct_mlps
@@ -173,6 +174,7 @@ def prune(
             reconstruction_ids = options.pop("reconstruct_calibration")
         config = PruneConfig.from_options(method, ratio, **options)
     adapted = adapt(model)
+    check_placement(model, streamed=stream_on is not None)
     if stream_on is not None:
         adapted.stream(stream_on)
     try:
@@ -180,6 +182,21 @@ def prune(
                     scores=scores, inplace=inplace, progress=progress, source=source)
     finally:
         adapted.unstream()
+
+
+def check_placement(model: nn.Module, streamed: bool) -> None:
+    """A model spread over devices (placement.py, or transformers' device_map) is scored where it is; weights that
+    accelerate offloads (meta tensors between calls) cannot be read by the score forms, surgery or the refit."""
+    from .placement import device_map_of, offloaded
+
+    missing = offloaded(model)
+    if missing:
+        raise ConfigError(f"{len(missing)} weights (e.g. {missing[0]}) are offloaded by accelerate and not in memory; load "
+                          f"the model without 'cpu'/'disk' device map entries (fidelprune.load_model(..., device_map=...)) "
+                          f"or on one device and pass stream_on")
+    if streamed and device_map_of(model) and len(set(device_map_of(model).values())) > 1:
+        raise ConfigError("stream_on (--offload) runs a model that is on one device; this one is spread over devices by a "
+                          "device map: use one or the other")
 
 
 def plan_for(adapted: AdaptedModel, config: PruneConfig, scores_given: bool = False) -> WidthPlan:
@@ -322,6 +339,9 @@ def _run(
     )
     if adapted.streamed:
         manifest["execution"] = {"mode": "streamed", "device": str(adapted.device), "weights_on": str(adapted.home)}
+    elif device_map_of(model):
+        manifest["execution"] = {"mode": "device map", "device_map": device_map_of(model),
+                                 "layers": describe(device_map_of(model), model)}
     pruned.unstream()
     if distributed.world_size() > 1:
         manifest["data_parallel"] = {"processes": distributed.world_size(),

@@ -323,7 +323,6 @@ def reconstruct(
     result.bias_refit = fit_bias or any(views[i].down.bias is not None for i in todo)
     if fit_bias:
         result.bias_shift = {i: torch.zeros(v.hidden_size) for i, v in views.items()}
-    device = adapted.device
     store = torch.device("cpu")  # the N x L x d cache lives off the accelerator; batches move over as they run
     last = max(todo)  # layers after the last pruned one need no propagation
     passes = sum((2 if mode == "sequential" and i in todo and i < last else 1) + dense_target for i in range(last + 1))
@@ -356,7 +355,7 @@ def reconstruct(
                         propagate(index, cache=dense_hidden)
                     continue
                 view = views[index]
-                gram = _Gram(view.width, device)
+                gram = _Gram(view.width, adapted.layer_device(index))
                 if dense_target:
                     for b, h in enumerate(hidden):
                         # The dense model's MLP output on its own inputs is the target for this batch's tokens.
@@ -379,7 +378,7 @@ def reconstruct(
                     result.bias_shift[index] = shift
                 if mode == "sequential" and index < last:
                     # The refit layer's outputs feed the next layer, with the fitted intercept the surgery will add.
-                    add = [] if shift is None else [view.down.register_forward_hook(lambda m, args, out, s=shift.to(device): out + s.to(out.dtype))]
+                    add = [] if shift is None else [view.down.register_forward_hook(lambda m, args, out, s=shift: out + s.to(out.device, out.dtype))]
                     propagate(index, add)
     bar.close()
     result.seconds = time.perf_counter() - start

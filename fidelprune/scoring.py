@@ -286,7 +286,8 @@ def taylor_scores(
                         teacher_logits = model(input_ids=batch, use_cache=False).logits
                     hooks.active = True
                 logits = model(input_ids=batch, use_cache=False).logits
-                loss = objective(logits, batch, teacher_logits).sum()
+                # under a device map the head may sit on another device than the embeddings
+                loss = objective(logits, batch.to(logits.device), teacher_logits).sum()
                 del logits, teacher_logits
                 loss.backward()
             bar.update(batch.numel())

@@ -4,6 +4,7 @@ fail before any weight is loaded. Table-driven: add a row per new case."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -79,6 +80,22 @@ CASES = [
     # a dry run and a streamed run validate as much as a plain one
     (PRUNE + " --ratio 1.5 --dry-run -o {dir}/out", "ratio", BEFORE_LOAD),
     ("prune {tiny} --seq-len 128 --keep 24 --offload cpu -o {dir}/out", "exceeds the model's 64 positions", BEFORE_LOAD),
+    # device maps (--device-map): the file, its modules and devices, and the flags it excludes
+    (PRUNE + " --keep 24 --device-map {dir}/none.json -o {dir}/out", "no such file", BEFORE_LOAD),
+    (PRUNE + " --keep 24 --device-map {dir}/broken-map.json -o {dir}/out", "cannot read it as JSON", BEFORE_LOAD),
+    (PRUNE + " --keep 24 --device-map {dir}/list-map.json -o {dir}/out", "expected a JSON object", BEFORE_LOAD),
+    (PRUNE + " --keep 24 --device-map {dir}/gpu-map.json -o {dir}/out", "'cuda:3' does not exist", BEFORE_LOAD),
+    (PRUNE + " --keep 24 --device-map {dir}/disk-map.json -o {dir}/out", "use --offload cpu instead", BEFORE_LOAD),
+    (PRUNE + " --keep 24 --device-map {dir}/partial-map.json -o {dir}/out", "lm_head.weight", BEFORE_LOAD),
+    (PRUNE + " --keep 24 --device-map {dir}/stranger-map.json -o {dir}/out", "'model.layers.7' is not a module", BEFORE_LOAD),
+    (PRUNE + " --keep 24 --device-map {dir}/twice-map.json -o {dir}/out", "placed twice", BEFORE_LOAD),
+    (PRUNE + " --keep 24 --device-map auto --offload cpu -o {dir}/out", "choose one", BEFORE_LOAD),
+    (PRUNE + " --keep 24 --device-map auto --device cpu -o {dir}/out", "drop --device", BEFORE_LOAD),
+    (PRUNE + " --keep 24 --device-map {dir}/gpu-map.json --dry-run -o {dir}/out", "'cuda:3' does not exist", BEFORE_LOAD),
+    ("eval {tiny} --seq-len 32 --no-speed --device-map {dir}/gpu-map.json -o {dir}/out", "'cuda:3' does not exist", BEFORE_LOAD),
+    ("eval {tiny} --seq-len 32 --device-map auto --speed-devices cpu -o {dir}/out", "drop --speed-devices", BEFORE_LOAD),
+    ("eval {tiny} --seq-len 32 --device-map auto --device cpu -o {dir}/out", "drop --device", BEFORE_LOAD),
+    ("eval {tiny} --seq-len 32 --baseline none -o {dir}/out", "--prompt-len + --new-tokens = 160 exceeds", BEFORE_LOAD),
     # eval
     ("eval {tiny} --seq-len 1 -o {dir}/out", "--seq-len must be at least 2", BEFORE_LOAD),
     ("eval {tiny} --limit 0 -o {dir}/out", "--limit must be at least 1", BEFORE_LOAD),
@@ -208,6 +225,15 @@ def _scratch(directory: Path) -> dict[str, Path]:
     (directory / "list-run" / "pruning.json").write_text("[1, 2]")
     (directory / "bad-results").mkdir()
     (directory / "bad-results" / "results.json").write_text('{"model": ')
+    layers = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "cpu", "model.norm": "cpu",
+              "model.rotary_emb": "cpu"}
+    maps = {"gpu": {**layers, "lm_head": "cuda:3"}, "disk": {**layers, "lm_head": "disk"}, "partial": layers,
+            "stranger": {**layers, "lm_head": "cpu", "model.layers.7": "cpu"},
+            "twice": {**layers, "lm_head": "cpu", "model.layers.0.mlp": "cpu"}}
+    for name, device_map in maps.items():
+        (directory / f"{name}-map.json").write_text(json.dumps(device_map))
+    (directory / "broken-map.json").write_text('{"lm_head": ')
+    (directory / "list-map.json").write_text('["cpu"]')
     (directory / "run").mkdir()
     save_file({"layer.0": torch.rand(48), "layer.1": torch.rand(48)}, str(directory / "run" / "scores.safetensors"))
     return {p.name: p for p in directory.iterdir()}

@@ -68,6 +68,15 @@ def test_scale_script_compares_one_process_with_two(tmp_path, tiny_dir):
     assert row["data_parallel"]["processes"] == 2 and "| 2 | yes |" in out.with_suffix(".md").read_text()
 
 
+def test_scale_script_compares_one_device_with_a_device_map(tmp_path, tiny_dir):
+    out = tmp_path / "device-map.json"
+    subprocess.run([sys.executable, str(BENCHMARKS / "scale.py"), str(tiny_dir), "--part", "device-map", "--samples", "4",
+                    "--seq-len", "16", "--ratio", "0.001", "--output", str(out)], check=True, capture_output=True, text=True)
+    row = json.loads(out.read_text())["rows"][0]
+    assert row["kept_identical"] and row["max_relative_score_difference"] < 1e-5 and row["max_weight_difference"] < 1e-5
+    assert row["layers"] == "layers 0-1 on cpu" and row["device_map"]["lm_head"] == "cpu"
+
+
 def test_scale_script_compares_whole_with_streamed_and_plans_large_models(tmp_path):
     out = tmp_path / "streaming.json"
     subprocess.run([sys.executable, str(BENCHMARKS / "scale.py"), "tiny", "--part", "streaming",

@@ -4,13 +4,18 @@ hfprune cases again, on purpose, when the entropy gradient moved to fp64 for acc
 move code, never change a score, a kept neuron or a pruned weight.
 
 Re-record only on purpose (a deliberate change of results, or a new torch): `python tests/test_score_digests.py`.
-Bitwise float results hold for one torch build on one kind of CPU; the test skips, saying so, on another torch.
+Bitwise float results hold for one torch build on one kind of CPU (its kernels differ by instruction set and
+vendor), so the file keeps one record per (torch, CPU) and the test checks against this machine's; on a machine
+with no record it skips, saying so. A new machine's record must be made from the code before a change (a clean
+checkout of the previous commit: `PYTHONPATH=. python tests/test_score_digests.py` there), then the change is
+checked against it.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import platform
 import sys
 from pathlib import Path
 
@@ -47,13 +52,28 @@ def _digest(tensors: dict) -> str:
     return h.hexdigest()
 
 
+def cpu_kind() -> str:
+    """What decides which float kernels torch runs here: the architecture, the vector extension torch uses, the CPU."""
+    model = "unknown CPU"
+    try:
+        model = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{platform.machine()} {torch.backends.cpu.get_cpu_capability()} {model}"
+
+
+def records() -> list[dict]:
+    data = json.loads(DIGESTS.read_text())
+    return data["records"] if "records" in data else [{**data, "cpu": None}]  # the first file had one record, CPU unrecorded
+
+
 def compute() -> dict:
     import fidelprune
     from fidelprune.calibration import sample_windows
 
     model, tokenizer, _ = fidelprune.load_model("smollm2", dtype="float32", device="cpu")
     windows, _ = sample_windows(tokenizer, "c4", SAMPLES, SEQ_LEN, SEED)
-    out = {"torch": torch.__version__, "calibration_ids": _digest({"ids": windows}), "cases": {}}
+    out = {"torch": torch.__version__, "cpu": cpu_kind(), "calibration_ids": _digest({"ids": windows}), "cases": {}}
     for label, kwargs in CASES.items():
         kwargs = {"ratio": 0.2, "calibration_ids": windows, "progress": False, **kwargs}
         method = kwargs.pop("method")
@@ -69,10 +89,10 @@ def compute() -> dict:
 
 
 def test_scores_kept_neurons_and_weights_are_bitwise_unchanged():
-    recorded = json.loads(DIGESTS.read_text())
-    if recorded["torch"] != torch.__version__:
-        pytest.skip(f"digests were recorded with torch {recorded['torch']}, this is {torch.__version__}")
-    now = compute()
+    here = [r for r in records() if r["torch"] == torch.__version__ and r["cpu"] == cpu_kind()]
+    if not here:
+        pytest.skip(f"no digests recorded for torch {torch.__version__} on {cpu_kind()} (see this file's docstring)")
+    recorded, now = here[0], compute()
     assert now["calibration_ids"] == recorded["calibration_ids"]
     changed = {label: [k for k in digests if now["cases"][label][k] != digests[k]]
                for label, digests in recorded["cases"].items()}
@@ -81,5 +101,7 @@ def test_scores_kept_neurons_and_weights_are_bitwise_unchanged():
 
 if __name__ == "__main__":
     DIGESTS.parent.mkdir(exist_ok=True)
-    DIGESTS.write_text(json.dumps(compute(), indent=2) + "\n")
-    print(f"wrote {DIGESTS}", file=sys.stderr)
+    now = compute()
+    kept = [r for r in (records() if DIGESTS.exists() else []) if (r["torch"], r["cpu"]) != (now["torch"], now["cpu"])]
+    DIGESTS.write_text(json.dumps({"records": [*kept, now]}, indent=2) + "\n")
+    print(f"wrote {DIGESTS} (torch {now['torch']} on {now['cpu']})", file=sys.stderr)

@@ -16,6 +16,13 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub (off by default)")
 
 
+def add_device_map_flag(parser: argparse.ArgumentParser) -> None:
+    """Model parallelism: where each module lives and runs (placement.py)."""
+    parser.add_argument("--device-map", default=None, metavar="auto|balanced|sequential|FILE.json",
+                        help="spread the decoder layers over several GPUs (and the CPU), each running where it lives: "
+                             "accelerate's split, or a JSON file {module name: device}")
+
+
 def add_output_flags(parser: argparse.ArgumentParser, default: str | None, what: str) -> None:
     """Where the output goes, and whether a non-empty one may be replaced."""
     parser.add_argument("--output", "-o", default=default, help=f"output directory ({what})")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .common import add_model_flags, add_output_flags, console
+from .common import add_device_map_flag, add_model_flags, add_output_flags, console
 
 
 def add_parser(sub) -> None:
@@ -41,16 +41,20 @@ def add_parser(sub) -> None:
     add_output_flags(p, "results", "results.json and results.md; default results")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="hide fidelprune's progress bars")
     add_model_flags(p)
+    add_device_map_flag(p)
     p.set_defaults(run=run)
 
 
 
 def run(args) -> int:
     from ..checkpoint import check_output_dir
+    from ..errors import ConfigError
     from ..evaluation import EvalConfig, evaluate_location
     from ..evaluation.baseline import run_manifest
     from ..evaluation.report import rich_table, write_results
 
+    if args.device_map and args.speed_devices:
+        raise ConfigError("--device-map: speed is measured on the device map; drop --speed-devices")
     inputs = [Path(p) for p in (args.model, args.baseline) if p and Path(p).exists()]
     output = check_output_dir(args.output, args.overwrite, inputs)  # before any compute
     config = EvalConfig.build(args.ppl, args.tasks, args.hellaswag, args.speed_devices, seq_len=args.seq_len,
@@ -58,7 +62,7 @@ def run(args) -> int:
                               speed=args.speed, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
                               speed_batch=args.speed_batch, repeats=args.repeats, seed=args.seed)
     results = evaluate_location(args.model, config, baseline=args.baseline, dtype=args.dtype, device=args.device,
-                                trust_remote_code=args.trust_remote_code, progress=args.progress,
+                                device_map=args.device_map, trust_remote_code=args.trust_remote_code, progress=args.progress,
                                 verbose=args.verbose, say=console.print)
     results["cli_args"] = {key: value for key, value in vars(args).items() if key != "run"}
     run_dir = args.model if run_manifest(args.model) else None

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from .common import add_model_flags, add_output_flags, console, print_summary
+from .common import add_device_map_flag, add_model_flags, add_output_flags, console, print_summary
 
 
 def add_parser(sub) -> None:
@@ -54,6 +54,7 @@ def add_parser(sub) -> None:
     p.add_argument("--offload", choices=("cpu",), default=None,
                    help="keep the weights in host memory and run one decoder layer at a time on --device: the same "
                         "scores for about one layer's device memory (models larger than the GPU)")
+    add_device_map_flag(p)
     p.add_argument("--dry-run", action="store_true", help="check the settings, print the memory plan and stop")
     add_model_flags(p)
     p.set_defaults(run=run)
@@ -86,27 +87,56 @@ def default_output(args, config) -> Path:
     return Path(f"pruned-{name}-{config.method.method}-{amount}")
 
 
-def memory_plan(shapes, config, dtype, device: str, args):
-    """Print the planner's estimate for this run (rank 0) and stop with one line when it will not fit."""
+def memory_plan(shapes, config, dtype, device: str, args, device_map=None) -> list:
+    """Print the planner's estimate for this run (rank 0; one table per device of a device map) and stop with one
+    line when it will not fit."""
     from .. import distributed
-    from ..planner import available_memory, check_fits, plan_memory
+    from ..placement import describe
+    from ..planner import available_memory, check_device_map_fits, check_fits, plan_device_map, plan_memory
 
-    plan = plan_memory(shapes, config, dtype, device, streamed=args.offload is not None,
-                       available_bytes=available_memory(device))
+    if device_map:
+        plans = plan_device_map(shapes, config, dtype, device_map)
+    else:
+        plans = [plan_memory(shapes, config, dtype, device, streamed=args.offload is not None,
+                             available_bytes=available_memory(device))]
+    title = "memory plan (fidelprune prune --dry-run)" if args.dry_run else "memory plan"
     if distributed.is_main():
-        print_summary("memory plan (fidelprune prune --dry-run)" if args.dry_run else "memory plan", dict(plan.rows()))
-    check_fits(plan, shapes, config, dtype)
-    return plan
+        if device_map:
+            console.print(f"device map: {describe(device_map, shapes.model)}")
+        for plan in plans:
+            print_summary(title + (f": {plan.device}" if device_map else ""), dict(plan.rows()))
+    if device_map:
+        check_device_map_fits(plans, shapes, config, dtype, device_map)
+    else:
+        check_fits(plans[0], shapes, config, dtype)
+    return plans
+
+
+def check_execution(args) -> None:
+    """Flags that decide where the run computes and exclude each other, before anything is read."""
+    from .. import distributed
+    from ..errors import ConfigError
+
+    if args.device_map and args.offload:
+        raise ConfigError("--device-map spreads the layers over devices and --offload streams them through one; "
+                          "choose one")
+    if args.device_map and distributed.world_size() > 1:
+        raise ConfigError("--device-map under torchrun is not supported yet: each process would place the whole "
+                          "model on every GPU; use torchrun with one GPU per process, or one process with --device-map")
+    if args.device_map and args.device != "auto":
+        raise ConfigError("--device-map places every module itself; drop --device (or drop --device-map)")
 
 
 def run(args) -> int:
     from .. import distributed, load_model, prune, save
     from ..checkpoint import check_output_dir
     from ..models import load_tokenizer, locate, resolve_device, resolve_dtype
+    from ..placement import resolve_device_map
     from ..preflight import check_calibration, check_prune
 
     distributed.init_from_environment()  # under torchrun: each process scores a share
     # Everything that can fail without the weights fails first: settings, files, output, device, model shapes, memory.
+    check_execution(args)
     config = config_from_args(args)
     where = locate(args.model)
     output = Path(args.output) if args.output else default_output(args, config)
@@ -118,7 +148,8 @@ def run(args) -> int:
     device = distributed.local_device(resolve_device(args.device))
     dtype = resolve_dtype(args.dtype, device)
     shapes = check_prune(where, config, args.scores, args.trust_remote_code)
-    plan = memory_plan(shapes, config, dtype, device, args)
+    device_map = resolve_device_map(args.device_map, shapes.model, dtype) if args.device_map else None
+    plans = memory_plan(shapes, config, dtype, device, args, device_map)
     if args.dry_run:
         return 0
     start = time.perf_counter()
@@ -126,12 +157,13 @@ def run(args) -> int:
     check_calibration(tokenizer, config, scores_given=args.scores is not None)
     with console.status(f"loading {args.model or 'packaged SmolLM2-135M-Instruct'}"):
         model, tokenizer, source = load_model(args.model, dtype=dtype, device="cpu" if args.offload else device,
-                                              trust_remote_code=args.trust_remote_code, tokenizer=tokenizer)
+                                              trust_remote_code=args.trust_remote_code, tokenizer=tokenizer,
+                                              device_map=device_map)
     load_s = time.perf_counter() - start
     pruned, report = prune(model, tokenizer, config, scores=args.scores, inplace=True, source=source,
                            progress=distributed.is_main(), stream_on=device if args.offload else None)
     report.manifest["timings_s"]["load"] = load_s
-    report.manifest["memory_plan"] = plan.to_dict()
+    report.manifest["memory_plan"] = plans[0].to_dict() if len(plans) == 1 else [plan.to_dict() for plan in plans]
     if distributed.is_main():  # every process holds the same pruned model; one writes it
         path = save(pruned, tokenizer, report, output, overwrite=args.overwrite)
         print_summary(f"fidelprune prune -> {path}", report.summary())

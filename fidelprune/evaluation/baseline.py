@@ -8,6 +8,8 @@ import logging
 from collections.abc import Callable
 from pathlib import Path
 
+import torch
+
 from ..errors import ConfigError
 from ..checkpoint import MANIFEST, read_manifest
 from .suite import EvalConfig, evaluate_model
@@ -83,19 +85,29 @@ def _evaluate_location(location: str | None, config: EvalConfig, info: dict, rol
             torch.cuda.empty_cache()
 
 
-def check_evaluation(sources: list[str | None], config: EvalConfig, device: str | None, trust_remote_code: bool) -> None:
-    """Before any weight loads: every model source exists, the device does, and the perplexity window fits each
-    model's positions (so a bad baseline does not fail after the model's whole evaluation)."""
+def check_evaluation(sources: list[str | None], config: EvalConfig, device: str | None, trust_remote_code: bool,
+                     device_map: str | Path | dict | None = None) -> None:
+    """Before any weight loads: every model source exists, the device does, a device map fits each model's modules,
+    and the perplexity window fits each model's positions (so a bad baseline does not fail after the model's whole
+    evaluation)."""
     from ..models import locate, resolve_device
-    from ..preflight import model_config
+    from ..placement import resolve_device_map
+    from ..preflight import model_config, shape_model
 
+    if device_map is not None and device not in (None, "auto"):
+        raise ConfigError("--device-map places every module itself; drop --device (or drop --device-map)")
     resolve_device(device)
-    for source in sources:
-        where = locate(source)
-        positions = getattr(model_config(where, trust_remote_code), "max_position_embeddings", None)
+    wheres = [locate(source) for source in sources]  # every source exists and is readable before any is checked
+    for where, model_cfg in [(where, model_config(where, trust_remote_code)) for where in wheres]:
+        if device_map is not None:
+            resolve_device_map(device_map, shape_model(model_cfg).model, torch.float32)
+        positions = getattr(model_cfg, "max_position_embeddings", None)
         if config.ppl and positions and config.seq_len > positions:
             raise ConfigError(f"--seq-len {config.seq_len} exceeds the {positions} positions of {where.name}; "
                               f"choose --seq-len {positions} or less")
+        if config.speed and positions and config.prompt_len + config.new_tokens > positions:
+            raise ConfigError(f"--prompt-len + --new-tokens = {config.prompt_len + config.new_tokens} exceeds the "
+                              f"{positions} positions of {where.name}; shorten them or pass --no-speed")
 
 
 def evaluate_location(
@@ -105,6 +117,7 @@ def evaluate_location(
     baseline: str = "auto",
     dtype: str | None = None,
     device: str | None = None,
+    device_map: str | Path | dict | None = None,
     trust_remote_code: bool = False,
     progress: bool = True,
     verbose: bool = False,
@@ -117,11 +130,11 @@ def evaluate_location(
     from .report import combine
 
     say = say or (lambda message: log.info(message))
-    load_options = {"dtype": dtype, "device": device, "trust_remote_code": trust_remote_code}
+    load_options = {"dtype": dtype, "device": device, "device_map": device_map, "trust_remote_code": trust_remote_code}
     model = None if model is None else str(model)
     manifest = run_manifest(model)
     location, expected = resolve_baseline(baseline, model)
-    check_evaluation([model] + ([location] if location is not None else []), config, device, trust_remote_code)
+    check_evaluation([model] + ([location] if location is not None else []), config, device, trust_remote_code, device_map)
     evaluated = _evaluate_location(model, config, pruning_info(manifest), "model", load_options, progress, verbose, say)
     dense = None
     if location is not None:

@@ -78,7 +78,8 @@ def window_nll(model: nn.Module, windows: torch.Tensor, batch_size: int = 8, pro
     for start in range(0, len(windows), batch_size):
         batch = windows[start : start + batch_size].to(device)
         logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
-        nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="none")
+        targets = batch[:, 1:].to(logits.device)  # a device map may return the logits elsewhere
+        nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
         totals.append(nll.view(len(batch), -1).double().sum(dim=1).cpu())
         bar.update(batch.numel())
     bar.close()

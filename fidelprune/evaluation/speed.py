@@ -23,6 +23,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..utils import eval_mode
+from ..placement import device_map_of
 
 _CLEAR_REFS = Path("/proc/self/clear_refs")
 _STATUS = Path("/proc/self/status")
@@ -138,16 +139,21 @@ def measure_speed(
     repeats: int = 3,
     seed: int = 0,
 ) -> SpeedResult:
-    """Prefill and decode speed of `model` on `device` (default: where it is; it is moved there and back)."""
+    """Prefill and decode speed of `model` on `device` (default: where it is; it is moved there and back). A model
+    spread over devices by a device map is timed where it is (device None); its peak memory is the first device's."""
     home = next(model.parameters()).device
     device = torch.device(device) if device is not None else home
+    placed = device_map_of(model)
+    if placed and device != home:
+        raise ConfigError("this model is spread over devices by a device map: time it where it is (device None)")
     max_positions = getattr(model.config, "max_position_embeddings", None)
     if max_positions and prompt_len + new_tokens > max_positions:
         raise ConfigError(f"prompt_len + new_tokens = {prompt_len + new_tokens} exceeds the model's {max_positions} positions")
     vocab = model.config.vocab_size
     ids = torch.randint(0, vocab, (batch_size, prompt_len), generator=torch.Generator().manual_seed(seed)).to(device)
     with eval_mode(model):
-        model.to(device)
+        if not placed:
+            model.to(device)
         peak = _PeakMemory(device)
         try:
             cache, token = _prefill(model, ids)  # warm-up: first-call allocations, kernel selection
@@ -162,10 +168,11 @@ def measure_speed(
                 del cache
             peak_bytes = peak.read()
         finally:
-            model.to(home)
+            if not placed:
+                model.to(home)
     prefill_s, decode_s = statistics.median(prefill), statistics.median(decode)
     return SpeedResult(
-        device=str(device), device_name=_device_name(device), dtype=model_size(model)["dtype"],
+        device=f"device map ({', '.join(dict.fromkeys(placed.values()))})" if placed else str(device), device_name=_device_name(device), dtype=model_size(model)["dtype"],
         threads=torch.get_num_threads() if device.type == "cpu" else None, batch_size=batch_size,
         prompt_len=prompt_len, new_tokens=new_tokens, repeats=repeats, prefill_s=prefill_s,
         prefill_tokens_per_s=batch_size * prompt_len / prefill_s, decode_s=decode_s,

@@ -16,6 +16,7 @@ from pathlib import Path
 from torch import nn
 
 from ..errors import ConfigError, check_int
+from ..placement import device_map_of
 
 from .perplexity import CORPORA, perplexity
 from .speed import default_devices, measure_speed, model_size
@@ -132,10 +133,11 @@ def evaluate_model(model: nn.Module, tokenizer, config: EvalConfig, info: dict |
                                       verbose=verbose).to_dict()
         result["timings_s"]["zeroshot"] = time.perf_counter() - start
     if config.speed:
-        for device in config.speed_devices:
+        # a model spread over devices (a device map) is timed where it is, once
+        for device in ["device map"] if device_map_of(model) else config.speed_devices:
             log(f"speed on {device}")
             start = time.perf_counter()
-            speed = measure_speed(model, device, prompt_len=config.prompt_len, new_tokens=config.new_tokens,
+            speed = measure_speed(model, None if device == "device map" else device, prompt_len=config.prompt_len, new_tokens=config.new_tokens,
                                   batch_size=config.speed_batch, repeats=config.repeats, seed=config.seed)
             result["speed"].append(speed.to_dict())
             result["timings_s"][f"speed:{device}"] = time.perf_counter() - start
