@@ -206,8 +206,8 @@ def run_plans(args) -> None:
                 plans = [plan_memory(shapes, config, torch.bfloat16, device, available_bytes=80 * 10**9, device_map=device_map)
                          for device in dict.fromkeys(device_map.values())]
                 plan = max(plans, key=lambda p: p.peak_bytes)
-                data["rows"].append({"model": name, "method": method, "mode": f"device map, 4 GPUs (fullest: {plan.device})",
-                                     "fits_80GB": all(p.fits() for p in plans), **plan.to_dict(),
+                data["rows"].append({"model": name, "method": method, "fits_80GB": all(p.fits() for p in plans),
+                                     **plan.to_dict(), "mode": f"device map, 4 GPUs (fullest: {plan.device})",
                                      "host_bytes": plans[0].host_bytes})
     Path(output).write_text(json.dumps(data, indent=1) + "\n")
     table = [[r["model"], r["method"], r["mode"], f"{r['parts']['weights'] / GiB:.1f}", f"{r['peak_bytes'] / GiB:.1f}",
