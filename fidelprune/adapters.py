@@ -123,6 +123,38 @@ def _sliced_linear(linear: nn.Linear, rows: torch.Tensor | None = None, cols: to
     return new
 
 
+class _Moved:
+    """The parameters and buffers of `modules` (each once: tied weights are one tensor) moved to `device`, until
+    `restore()` puts back the tensors they had: the originals themselves where the block left them unchanged, so
+    nothing is copied back and weights memory-mapped from their files (--offload disk) stay mapped; a copy of the
+    device tensor where it changed them in place (the refit writes down_proj), which autograd's version counter
+    tells."""
+
+    def __init__(self, modules: list[nn.Module], device: torch.device) -> None:
+        self.params: list[tuple[nn.Parameter, torch.Tensor, int]] = []
+        self.buffers: list[tuple[nn.Module, str, torch.Tensor]] = []
+        seen: set[int] = set()
+        for module in modules:
+            for param in module._parameters.values():
+                if param is None or id(param) in seen:
+                    continue
+                seen.add(id(param))
+                host = param.data
+                param.data = host.to(device)
+                self.params.append((param, host, param._version))
+            for name, buffer in module._buffers.items():
+                if buffer is not None:
+                    module._buffers[name] = buffer.to(device)
+                    self.buffers.append((module, name, buffer))
+
+    def restore(self) -> None:
+        for param, host, version in self.params:
+            param.data = host if param._version == version else param.data.to(host)
+        for module, name, buffer in self.buffers:
+            module._buffers[name] = buffer
+        self.params, self.buffers = [], []
+
+
 class StopForward(Exception):
     """Raised by the recording stubs to end a forward pass once every decoder layer's call was seen."""
 
@@ -138,6 +170,7 @@ class AdaptedModel:
         self.model = model
         self.adapter = adapter or get_adapter(model)
         self.home: torch.device | None = None  # streamed (--offload): where the decoder layers live between runs
+        self._outside: _Moved | None = None  # streamed: everything but the layers, moved to the compute device
 
     def copy(self) -> AdaptedModel:
         """A deep copy of the model, adapted without looking the family up again (and streamed like this one)."""
@@ -302,24 +335,22 @@ class AdaptedModel:
         head, and one batch's activations, whatever the depth. Scoring and reconstruction check `streamed` and run
         their passes layer by layer (`run_layers`, `on_device`); the results are those of the whole model."""
         self.home = next(self.layers.parameters()).device
-        self._move_all_but_layers(torch.device(device))
+        self._outside = _Moved(self._outside_layers(), torch.device(device))
         return self
 
     def unstream(self) -> None:
         """Back to one device: the embeddings and head return to the layers' home (nothing happens when not streamed)."""
-        if self.home is not None:
-            self._move_all_but_layers(self.home)
-            self.home = None
+        if self.home is None:
+            return
+        if self._outside is not None:
+            self._outside.restore()
+        else:  # a copy made while streamed has no home tensors of its own: its device tensors go there
+            _Moved(self._outside_layers(), self.home)
+        self.home, self._outside = None, None
 
-    def _move_all_but_layers(self, device: torch.device) -> None:
+    def _outside_layers(self) -> list[nn.Module]:
         in_layers = {id(m) for m in self.layers.modules()}
-        for module in self.model.modules():
-            if id(module) in in_layers:
-                continue
-            for param in module.parameters(recurse=False):
-                param.data = param.data.to(device)
-            for name, buffer in module.named_buffers(recurse=False):
-                module._buffers[name] = buffer.to(device)
+        return [m for m in self.model.modules() if id(m) not in in_layers]
 
     @property
     def streamed(self) -> bool:
@@ -331,12 +362,11 @@ class AdaptedModel:
         if not self.streamed or self.home == self.device:
             yield
             return
-        layer = self.layers[index]
-        layer.to(self.device)
+        moved = _Moved(list(self.layers[index].modules()), self.device)
         try:
             yield
         finally:
-            layer.to(self.home)
+            moved.restore()
 
     def run_layers(self, hidden: torch.Tensor, call: list[LayerCall], keep: bool = True) -> list[torch.Tensor]:
         """Every decoder layer in turn from the first layer's input: [input of layer 0, ..., output of the last]

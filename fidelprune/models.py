@@ -219,6 +219,55 @@ def load_model(
     return model, tokenizer, ModelSource(name=name, path=location, gguf_file=gguf_file, sha256=sha)
 
 
+_SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+def stored_dtype(where: ModelLocation) -> torch.dtype:
+    """The dtype a safetensors checkpoint's floating-point weights are stored in, from its first shard's header (a
+    hub id: its config's dtype); `--offload disk` keeps the weights in it, memory-mapped. A GGUF is refused here:
+    transformers dequantizes it into host memory, so there is nothing to map."""
+    import json
+    import struct
+
+    if where.gguf_file:
+        raise ConfigError(f"--offload disk memory-maps safetensors weights, and {where.name} is a GGUF file (loading "
+                          f"dequantizes it into host memory); use --offload cpu")
+    shards = sorted(where.directory.glob("*.safetensors")) if where.directory.is_dir() else []
+    if not shards:  # a hub id: the config says how the weights were saved
+        from .preflight import model_config
+
+        dtype = getattr(model_config(where), "dtype", None)
+        return dtype if isinstance(dtype, torch.dtype) else getattr(torch, str(dtype or "float32"))
+    with open(shards[0], "rb") as f:
+        try:
+            header = json.loads(f.read(struct.unpack("<Q", f.read(8))[0]))
+        except (struct.error, ValueError) as err:
+            raise ModelLoadError(f"{shards[0]} is not a readable safetensors file: {err}") from None
+    kinds = {entry["dtype"] for key, entry in header.items() if key != "__metadata__"} & set(_SAFETENSORS_DTYPES)
+    if len(kinds) != 1:
+        raise ConfigError(f"--offload disk: the weights of {where.name} are stored in {sorted(kinds) or 'no float dtype'}, "
+                          f"not one float dtype; use --offload cpu")
+    return _SAFETENSORS_DTYPES[kinds.pop()]
+
+
+def mapped_share(model: nn.Module) -> float:
+    """The share of the model's parameter bytes that lie in memory-mapped files (/proc/self/maps): what --offload disk
+    leaves to the page cache rather than holding in memory. 0 where /proc is not there."""
+    try:
+        with open("/proc/self/maps") as f:
+            spans = [tuple(int(x, 16) for x in line.split()[0].split("-")) for line in f
+                     if line.rstrip().endswith(".safetensors")]
+    except OSError:
+        return 0.0
+    total = mapped = 0
+    for param in model.parameters():
+        size = param.numel() * param.element_size()
+        start = param.data_ptr()
+        total += size
+        mapped += size if any(a <= start and start + size <= b for a, b in spans) else 0
+    return mapped / total if total else 0.0
+
+
 def parameters_sha256(model: nn.Module) -> str:
     """Hash of an in-memory model's parameters, for a model handed to the API rather than loaded from files."""
     import hashlib

@@ -43,6 +43,7 @@ class MemoryPlan:
     batch: tuple[int, int]  # sequences per pass, tokens per sequence
     parts: dict[str, int] = field(default_factory=dict)  # bytes on the compute device, by what holds them
     host_bytes: int = 0  # off a GPU: streamed weights and element sums, the refit's hidden-state cache
+    mapped_bytes: int = 0  # --offload disk: weights memory-mapped from their files (page cache, not held memory)
     scoring_flops: float = 0.0
     available_bytes: int | None = None  # free memory on the device now; None when unknown
 
@@ -65,6 +66,8 @@ class MemoryPlan:
         rows.append(("peak on the device", gib(self.peak_bytes)))
         if self.host_bytes:
             rows.append(("host memory (weights, sums, refit cache)", gib(self.host_bytes)))
+        if self.mapped_bytes:
+            rows.append(("memory-mapped from the weight files", gib(self.mapped_bytes)))
         rows.append(("free on the device", "unknown" if self.available_bytes is None else gib(self.available_bytes)))
         rows.append(("scoring compute", f"{self.scoring_flops / 1e12:,.1f} TFLOP"))
         return rows
@@ -96,11 +99,14 @@ def _layer_params(shapes: AdaptedModel) -> list[int]:
 
 
 def plan_memory(shapes: AdaptedModel, config, dtype: torch.dtype, device: str, streamed: bool = False,
-                available_bytes: int | None = None, device_map: DeviceMap | None = None) -> MemoryPlan:
+                available_bytes: int | None = None, device_map: DeviceMap | None = None,
+                mapped: bool = False) -> MemoryPlan:
     """The plan for pruning the model `shapes` (on the meta device: preflight.shape_model) with `config` (a
     PruneConfig) in `dtype` on `device`. With a `device_map` (placement.py), the plan of `device`'s share: the
     weights it holds, the activations and score sums of its decoder layers, the logits if it holds the head, and
-    one layer's transient buffers if it holds any layer (plan_device_map gives every device's)."""
+    one layer's transient buffers if it holds any layer (plan_device_map gives every device's). `mapped`
+    (--offload disk, streamed): the weights stay memory-mapped from their files, so host memory holds none of them
+    and, on the CPU, the working set is the embeddings, head and one layer, like a GPU's."""
     cfg = shapes.config
     b = torch.finfo(dtype).bits // 8
     method = config.method.resolved(config.allocation.ratio or 0.2)
@@ -120,7 +126,7 @@ def plan_memory(shapes: AdaptedModel, config, dtype: torch.dtype, device: str, s
     mode = "device map" if device_map else "streamed" if streamed else "whole"
     plan = MemoryPlan(mode, device, str(dtype).replace("torch.", ""), (batch, seq))
     on_host = device == "cpu"  # host and device memory are one: streaming saves activations, not weights
-    plan.parts["weights"] = b * (outside + max(per_layer) if streamed and not on_host else total)
+    plan.parts["weights"] = b * (outside + max(per_layer) if streamed and (mapped or not on_host) else total)
     # this device's decoder layers, and whether the logits (the head's output) are made here
     layers_here, head_here = layers, True
     if device_map:
@@ -129,7 +135,8 @@ def plan_memory(shapes: AdaptedModel, config, dtype: torch.dtype, device: str, s
         layers_here = layer_devices(device_map, shapes.model).count(device)
         head_here = head_device(device_map, shapes.model) == device
         plan.parts["weights"] = device_bytes(device_map, shapes.model, b).get(device, 0)
-    plan.host_bytes = b * total if streamed and not on_host else 0
+    plan.host_bytes = b * total if streamed and not on_host and not mapped else 0
+    plan.mapped_bytes = b * total if streamed and mapped else 0
     gradient = kind == "gradient"
     uses_data = kind != "data-free"
     # Each norm over the hidden size keeps its input (LLaMA has two per layer, Gemma-2/3 four); eager attention
@@ -222,28 +229,46 @@ def check_device_map_fits(plans: list[MemoryPlan], shapes: AdaptedModel, config,
                           f"use --device-map balanced, or --offload cpu instead")
 
 
-def check_fits(plan: MemoryPlan, shapes: AdaptedModel, config, dtype: torch.dtype) -> None:
+def check_fits(plan: MemoryPlan, shapes: AdaptedModel, config, dtype: torch.dtype, mappable: bool = True) -> None:
     """Stop with one line naming the flags that make the run fit, when it does not: first a smaller batch (the
-    scores do not depend on it), then streaming (--offload cpu: one more forward per batch), then both."""
+    scores do not depend on it), then streaming (--offload cpu: one more forward per batch; on the CPU also
+    --offload disk, whose weights the page cache holds), then both. A run streamed onto a GPU whose weights would
+    not fit in host memory names --offload disk. `mappable`: the weights are safetensors files (not a GGUF), which
+    --offload disk needs."""
+    offload = "disk" if plan.mapped_bytes else "cpu" if plan.mode == "streamed" else None
     if plan.fits():
+        _check_host_memory(plan, shapes, config, dtype, mappable)
         return
-    batch, streamed = config.method.batch_size, plan.mode == "streamed"
-    tries = [(streamed, b) for b in range(batch - 1, 0, -1)]
-    if not streamed:
-        tries += [(True, b) for b in range(batch, 0, -1)]
+    batch = config.method.batch_size
+    disk = ("disk",) if plan.device == "cpu" and mappable else ()
+    later = {None: ("cpu", *disk), "cpu": disk, "disk": ()}[offload]
+    tries = [(offload, b) for b in range(batch - 1, 0, -1)] + [(o, b) for o in later for b in range(batch, 0, -1)]
     where = f"this run needs about {gib(plan.peak_bytes)} on {plan.device} but {gib(plan.available_bytes or 0)} is free"
-    if not streamed and plan.device.startswith("cuda") and torch.cuda.device_count() > 1:
+    if offload is None and plan.device.startswith("cuda") and torch.cuda.device_count() > 1:
         _suggest_device_map(where, shapes, config, dtype)
-    for stream, size in tries:
-        candidate = plan_memory(shapes, _with_batch(config, size), dtype, plan.device, stream, plan.available_bytes)
+    for mode, size in tries:
+        candidate = plan_memory(shapes, _with_batch(config, size), dtype, plan.device, mode is not None,
+                                plan.available_bytes, mapped=mode == "disk")
         if candidate.fits():
-            flags = " and ".join(f for f in ("--offload cpu" if stream and not streamed else "",
+            flags = " and ".join(f for f in (f"--offload {mode}" if mode != offload else "",
                                              f"--batch-size {size}" if size != batch else "") if f)
             raise MemoryPlanError(f"{where}: add {flags} (about {gib(candidate.peak_bytes)}; the same scores)")
-    hint = "--offload cpu, " if not streamed else ""
+    hint = "".join(f"--offload {o}, " for o in later[-1:])
     smaller_dtype = " or --dtype bfloat16" if dtype == torch.float32 else ""
     raise MemoryPlanError(f"{where}, even with {hint}--batch-size 1: lower --seq-len{smaller_dtype}, or use a device "
                           f"with more memory")
+
+
+def _check_host_memory(plan: MemoryPlan, shapes: AdaptedModel, config, dtype: torch.dtype, mappable: bool) -> None:
+    """Streamed onto a GPU (--offload cpu), the host holds the weights: stop naming --offload disk when they would
+    not fit the host's free memory and the memory-mapped plan's host share would."""
+    host = available_memory("cpu")
+    if not plan.host_bytes or plan.device == "cpu" or host is None or plan.host_bytes <= HEADROOM * host:
+        return
+    mapped = plan_memory(shapes, config, dtype, plan.device, True, plan.available_bytes, mapped=True)
+    fix = ("add --offload disk instead of --offload cpu (the weights stay memory-mapped from their files)"
+           if mappable and mapped.host_bytes <= HEADROOM * host else "use a machine with more host memory")
+    raise MemoryPlanError(f"this run keeps about {gib(plan.host_bytes)} in host memory but {gib(host)} is free: {fix}")
 
 
 def _suggest_device_map(where: str, shapes: AdaptedModel, config, dtype: torch.dtype) -> None:

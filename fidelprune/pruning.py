@@ -162,7 +162,9 @@ def prune(
 
     `stream_on` (a device) runs scoring and reconstruction one decoder layer at a time on that device while the
     layers' weights stay where the model is (CLI: --offload cpu): the same scores, for one layer's weights and one
-    batch's activations of device memory (docs/scale.md). The returned model is where the input model was."""
+    batch's activations of device memory (docs/scale.md). The returned model is where the input model was. A model
+    loaded on the CPU in its checkpoint's stored dtype has its weights memory-mapped from the safetensors files by
+    transformers; streamed, they stay mapped (CLI: --offload disk)."""
     if isinstance(method, PruneConfig):
         config, method = method, None
     reconstruction_ids = None

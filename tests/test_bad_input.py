@@ -80,6 +80,9 @@ CASES = [
     # a dry run and a streamed run validate as much as a plain one
     (PRUNE + " --ratio 1.5 --dry-run -o {dir}/out", "ratio", BEFORE_LOAD),
     ("prune {tiny} --seq-len 128 --keep 24 --offload cpu -o {dir}/out", "exceeds the model's 64 positions", BEFORE_LOAD),
+    # --offload disk maps safetensors weights as they are stored
+    ("prune --offload disk --keep 24 --samples 4 --seq-len 32 -o {dir}/out", "is a GGUF file", BEFORE_LOAD),
+    (PRUNE + " --keep 24 --offload disk --dtype bfloat16 -o {dir}/out", "pass --dtype float32", BEFORE_LOAD),
     # device maps (--device-map): the file, its modules and devices, and the flags it excludes
     (PRUNE + " --keep 24 --device-map {dir}/none.json -o {dir}/out", "no such file", BEFORE_LOAD),
     (PRUNE + " --keep 24 --device-map {dir}/broken-map.json -o {dir}/out", "cannot read it as JSON", BEFORE_LOAD),

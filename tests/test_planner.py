@@ -79,7 +79,8 @@ def smollm2_shapes_dir(tmp_path_factory, tiny_dir):
 @pytest.mark.parametrize("free_gib, message", [
     (3.5, "add --batch-size 2 "),  # a smaller batch first: the scores do not depend on it
     (1.5, "add --offload cpu and --batch-size 1 "),  # then one decoder layer's activations at a time
-    (0.5, "even with --offload cpu, --batch-size 1"),
+    (0.75, "add --offload disk and --batch-size 1 "),  # on the CPU, the weights left to the page cache
+    (0.5, "even with --offload disk, --batch-size 1"),
 ])
 def test_a_run_that_will_not_fit_stops_before_loading_with_the_flag_that_fits(free_gib, message, smollm2_shapes_dir,
                                                                              tmp_path, monkeypatch, capsys):

@@ -88,3 +88,36 @@ def test_cli_offload_cpu_and_dry_run(tiny_dir, tmp_path, capsys):
     assert streamed["kept_neurons"] == whole["kept_neurons"]
     assert streamed["execution"] == {"mode": "streamed", "device": "cpu", "weights_on": "cpu"}
     assert streamed["memory_plan"]["mode"] == "streamed" and whole["memory_plan"]["mode"] == "whole"
+
+
+def test_offload_disk_keeps_the_weights_mapped_and_the_input_untouched(tiny_dir, tmp_path):
+    """--offload disk: the weights stay memory-mapped from the input's safetensors files (a private mapping: the refit
+    writing down_proj copies the pages it writes, never the file), the scores are the plain run's."""
+    from conftest import tree_digest
+
+    before = tree_digest(tiny_dir)
+    common = f"prune {tiny_dir} --keep 24 --samples 4 --seq-len 32 --reconstruct sequential"
+    assert main(f"{common} -o {tmp_path / 'plain'}".split()) == 0
+    assert main(f"{common} --offload disk -o {tmp_path / 'disk'}".split()) == 0
+    assert tree_digest(tiny_dir) == before
+    plain, disk = (json.loads((tmp_path / name / "pruning.json").read_text()) for name in ("plain", "disk"))
+    assert disk["kept_neurons"] == plain["kept_neurons"]
+    assert disk["execution"]["offload"] == "disk" and disk["execution"]["weights_mapped_share"] == 1.0
+    assert disk["memory_plan"]["mapped_bytes"] > 0 and disk["memory_plan"]["host_bytes"] == 0
+
+
+def test_a_layers_tensors_come_back_as_they_were():
+    """What on_device and stream put back: the very tensors a module had where the block left them unchanged (so
+    memory-mapped weights stay mapped and nothing is copied back), the new values where it wrote them. A dtype
+    stands in for the device (this machine has one): the move is the same `.to`."""
+    from fidelprune.adapters import _Moved
+
+    layer = torch.nn.Linear(4, 3)
+    weight, bias = layer.weight.data_ptr(), layer.bias.data_ptr()
+    moved = _Moved([layer], torch.float64)
+    assert layer.weight.dtype == torch.float64
+    with torch.no_grad():
+        layer.bias.fill_(2.0)  # as the refit writes down_proj inside on_device
+    moved.restore()
+    assert layer.weight.data_ptr() == weight  # untouched: the original tensor's memory itself
+    assert layer.bias.data_ptr() != bias and layer.bias.dtype == torch.float32 and torch.equal(layer.bias, torch.full((3,), 2.0))

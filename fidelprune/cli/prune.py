@@ -51,9 +51,10 @@ def add_parser(sub) -> None:
                    help="separate reconstruction windows from this source ('c4' or a file; default: the scoring windows)")
     p.add_argument("--reconstruct-samples", type=int, default=None, help="separate reconstruction windows: how many (default --samples)")
     p.add_argument("--reconstruct-seed", type=int, default=None, help="separate reconstruction windows: seed (default --seed + 1)")
-    p.add_argument("--offload", choices=("cpu",), default=None,
-                   help="keep the weights in host memory and run one decoder layer at a time on --device: the same "
-                        "scores for about one layer's device memory (models larger than the GPU)")
+    p.add_argument("--offload", choices=("cpu", "disk"), default=None,
+                   help="keep the weights in host memory (cpu) or memory-mapped from the safetensors files (disk) and "
+                        "run one decoder layer at a time on --device: the same scores for about one layer's device "
+                        "memory (models larger than the GPU, or than host memory)")
     add_device_map_flag(p)
     p.add_argument("--dry-run", action="store_true", help="check the settings, print the memory plan and stop")
     add_model_flags(p)
@@ -87,7 +88,7 @@ def default_output(args, config) -> Path:
     return Path(f"pruned-{name}-{config.method.method}-{amount}")
 
 
-def memory_plan(shapes, config, dtype, device: str, args, device_map=None) -> list:
+def memory_plan(shapes, config, dtype, device: str, args, device_map=None, mappable: bool = True) -> list:
     """Print the planner's estimate for this run (rank 0; one table per device of a device map) and stop with one
     line when it will not fit."""
     from .. import distributed
@@ -98,7 +99,7 @@ def memory_plan(shapes, config, dtype, device: str, args, device_map=None) -> li
         plans = plan_device_map(shapes, config, dtype, device_map)
     else:
         plans = [plan_memory(shapes, config, dtype, device, streamed=args.offload is not None,
-                             available_bytes=available_memory(device))]
+                             available_bytes=available_memory(device), mapped=args.offload == "disk")]
     title = "memory plan (fidelprune prune --dry-run)" if args.dry_run else "memory plan"
     if distributed.is_main():
         if device_map:
@@ -108,8 +109,22 @@ def memory_plan(shapes, config, dtype, device: str, args, device_map=None) -> li
     if device_map:
         check_device_map_fits(plans, shapes, config, dtype, device_map)
     else:
-        check_fits(plans[0], shapes, config, dtype)
+        check_fits(plans[0], shapes, config, dtype, mappable)
     return plans
+
+
+def disk_dtype(where, asked: str, resolved):
+    """--offload disk computes in the dtype the weights are stored in, so that they stay mapped from the files
+    (a conversion would copy them all into memory): that dtype by default, and an error for another one."""
+    from ..errors import ConfigError
+    from ..models import stored_dtype
+
+    stored = stored_dtype(where)
+    if asked not in (None, "auto") and resolved != stored:
+        name = str(stored).replace("torch.", "")
+        raise ConfigError(f"--offload disk keeps the weights as stored ({name}) so that they stay memory-mapped; "
+                          f"pass --dtype {name}, or use --offload cpu to convert them in host memory")
+    return stored
 
 
 def check_execution(args) -> None:
@@ -130,7 +145,7 @@ def check_execution(args) -> None:
 def run(args) -> int:
     from .. import distributed, load_model, prune, save
     from ..checkpoint import check_output_dir
-    from ..models import load_tokenizer, locate, resolve_device, resolve_dtype
+    from ..models import load_tokenizer, locate, mapped_share, resolve_device, resolve_dtype
     from ..placement import resolve_device_map
     from ..preflight import check_calibration, check_prune
 
@@ -147,9 +162,11 @@ def run(args) -> int:
     distributed.barrier()
     device = distributed.local_device(resolve_device(args.device))
     dtype = resolve_dtype(args.dtype, device)
+    if args.offload == "disk":
+        dtype = disk_dtype(where, args.dtype, dtype)
     shapes = check_prune(where, config, args.scores, args.trust_remote_code)
     device_map = resolve_device_map(args.device_map, shapes.model, dtype) if args.device_map else None
-    plans = memory_plan(shapes, config, dtype, device, args, device_map)
+    plans = memory_plan(shapes, config, dtype, device, args, device_map, mappable=where.gguf_file is None)
     if args.dry_run:
         return 0
     start = time.perf_counter()
@@ -160,9 +177,16 @@ def run(args) -> int:
                                               trust_remote_code=args.trust_remote_code, tokenizer=tokenizer,
                                               device_map=device_map)
     load_s = time.perf_counter() - start
+    mapped = mapped_share(model) if args.offload == "disk" else None
+    if mapped is not None and mapped < 0.9:
+        console.print(f"[yellow]warning:[/] only {mapped:.0%} of the weights are memory-mapped from their files "
+                      f"(this transformers copied the rest into memory): --offload disk saves little over --offload cpu")
     pruned, report = prune(model, tokenizer, config, scores=args.scores, inplace=True, source=source,
                            progress=distributed.is_main(), stream_on=device if args.offload else None)
     report.manifest["timings_s"]["load"] = load_s
+    if mapped is not None:
+        report.manifest["execution"].update(offload="disk", weights_on="memory-mapped from the safetensors files",
+                                            weights_mapped_share=mapped)
     report.manifest["memory_plan"] = plans[0].to_dict() if len(plans) == 1 else [plan.to_dict() for plan in plans]
     if distributed.is_main():  # every process holds the same pruned model; one writes it
         path = save(pruned, tokenizer, report, output, overwrite=args.overwrite)
