@@ -126,6 +126,8 @@ class ScoreCache:
 
     def path(self, kwargs: dict) -> Path:
         fields = ["method", "objective", "form", "alpha", "temperature", "aggregation", "samples", "seq_len", "seed"] + (["ratio"] if kwargs["method"] == "sdmprune" else [])
+        if kwargs.get("sampling", "spans") != "spans":  # caches made before the seeds' sampling existed drew spans
+            fields.append("sampling")
         name = "-".join([self.model] + [f"{kwargs[f]}" for f in fields if kwargs.get(f) is not None])
         return self.directory / f"{name}.safetensors"
 

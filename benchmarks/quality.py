@@ -66,7 +66,7 @@ def kept_digest(manifest: dict) -> str:
 
 def prune_arguments(spec: dict, calibration: dict) -> dict:
     spec = {**spec, **method_arguments(spec["method"])}
-    return {**calibration, **spec}
+    return {"sampling": "spans", **calibration, **spec}  # a calibration without "sampling" drew spans
 
 
 def protocol_metrics(protocol: dict) -> list[str]:
@@ -149,6 +149,9 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=64, help="calibration windows (C4 train)")
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--sampling", default="documents", choices=("documents", "spans"),
+                        help="calibration windows: one per document (the seeds', default) or spans (the committed "
+                             "tables' protocol, which records no sampling)")
     parser.add_argument("--ppl-limit", type=int, default=None, help="override: first N perplexity windows (smoke tests)")
     parser.add_argument("--task-limit", type=int, default=None, help="override: first N items per task (smoke tests)")
     parser.add_argument("--metrics", default=None, help="columns to fill now: ppl, tasks, or names like ppl_ptb_128,acc_piqa "
@@ -166,7 +169,10 @@ def main() -> None:
         protocol["ppl"] = [[c, min(w, args.seq_len * 2), args.ppl_limit] for c, w, _ in protocol["ppl"]]
     if args.task_limit is not None:
         protocol["task_limit"] = args.task_limit
-    calibration = {"samples": args.samples, "seq_len": args.seq_len, "seed": args.seed}
+    # The tables committed before the seeds' document sampling became the default drew spans and record no
+    # sampling: their protocol (and score-cache names) stay as they were, so they resume with --sampling spans.
+    calibration = {"samples": args.samples, "seq_len": args.seq_len, "seed": args.seed,
+                   **({"sampling": args.sampling} if args.sampling != "spans" else {})}
     protocol.update(table=args.table, model=args.model, calibration=calibration)
     metrics = chosen_metrics(protocol, "ppl" if args.no_tasks else args.metrics)
     default_ratios = "0.2,0.3" if args.table == "main" else "0.1,0.2,0.3,0.4"

@@ -23,22 +23,40 @@ class CalibrationError(FidelpruneError, ValueError):
 
 
 BUNDLED_TEXTS = {"c4": "c4/sample_c4-rp1.jsonl"}
+# How windows are drawn (docs/methods.md, "Calibration"). documents: the seeds' own procedure, one window from each
+# of the first `samples` shuffled documents longer than the window. spans: fidelprune's first sampling, documents
+# drawn with replacement (one may give two windows), kept to reproduce runs made with it and for sources of few
+# documents (a .txt file is one).
+SAMPLINGS = ("documents", "spans")
+DEFAULT_SAMPLING = "documents"
 
 
 @dataclass
 class CalibrationConfig:
     """Which windows score the neurons (the `calibration` section of a PruneConfig): `samples` windows of
     `seq_len` tokens drawn with `seed` from `source` ("c4", the bundled sample, or a .txt/.jsonl/.json/.parquet
-    file)."""
+    file) by `sampling` (SAMPLINGS)."""
 
     source: str = DEFAULT_CALIBRATION
     samples: int = DEFAULT_SAMPLES
     seq_len: int = DEFAULT_SEQ_LEN
     seed: int = 0
+    sampling: str = DEFAULT_SAMPLING
 
     def __post_init__(self) -> None:
         self.source = str(self.source)
         check_window_shape(self.samples, self.seq_len)
+        check_sampling(self.sampling)
+
+    @classmethod
+    def from_dict(cls, settings: dict) -> CalibrationConfig:
+        """From pruning.json's settings; runs recorded before `sampling` existed drew spans."""
+        return cls(**{"sampling": "spans", **settings})
+
+
+def check_sampling(sampling: str) -> None:
+    if sampling not in SAMPLINGS:
+        raise CalibrationError(f"unknown --sampling {sampling!r}: choose one of {', '.join(SAMPLINGS)}")
 
 
 def check_window_shape(samples: int, seq_len: int) -> None:
@@ -91,10 +109,15 @@ def _read_file(path: Path) -> list[str]:
             raise CalibrationError(f"{path} has no 'text' column (columns: {table.column_names})")
         return [t for t in table.column("text").to_pylist() if t]
     with open(path, encoding="utf-8") as f:
-        if path.suffix == ".json":
-            records = json.load(f)
-        else:
-            records = [json.loads(line) for line in f if line.strip()]
+        text = f.read()
+    try:
+        records = json.loads(text) if path.suffix == ".json" else None
+    except json.JSONDecodeError as err:
+        if err.msg != "Extra data":  # a .json file of JSON lines (C4's own shards are named so) reads as .jsonl
+            raise
+        records = None
+    if records is None:
+        records = [json.loads(line) for line in text.splitlines() if line.strip()]
     if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
         raise CalibrationError(f"{path}: give a list of records (objects) with a 'text' field")
     texts = [r["text"] for r in records if isinstance(r.get("text"), str) and r["text"]]
@@ -116,41 +139,56 @@ class CalibrationRecord:
     samples: int
     seq_len: int
     seed: int
-    documents_used: int
+    documents_used: int  # documents: the distinct documents the windows come from; spans: those drawn from
+    sampling: str = DEFAULT_SAMPLING
 
 
 def sample_windows(
-    tokenizer, source: str | Path, samples: int, seq_len: int, seed: int = 0
+    tokenizer, source: str | Path, samples: int, seq_len: int, seed: int = 0, sampling: str = DEFAULT_SAMPLING,
 ) -> tuple[torch.Tensor, CalibrationRecord]:
-    """`samples` windows of `seq_len` tokens, each a random span of a random document longer than seq_len
-    (as SparseGPT / LLM-Pruner / the seed methods draw from C4). No BOS is prepended: windows start mid-text.
-    Raises before any compute when the source holds too little text for samples x seq_len tokens."""
+    """`samples` windows of `seq_len` tokens from the documents of `source`, seeded. Raises before any compute when
+    the source holds too little text for them.
+
+    documents (the seed methods' procedure, docs/methods.md): shuffle the documents, walk them in order, skip
+    those of `seq_len` tokens or fewer, and cut one window from each of the next `samples`, at a uniform offset
+    in [0, len - seq_len - 1]. Documents are tokenized as the tokenizer does by default, so a tokenizer that adds a
+    BOS gives it to windows at offset 0 only. No document gives two windows.
+    spans: each window a random span, offset in [0, len - seq_len], of a random document longer than `seq_len`
+    (drawn with replacement, so one may give two), tokenized without special tokens (no BOS anywhere)."""
     check_window_shape(samples, seq_len)
+    check_sampling(sampling)
     documents = read_documents(source)
     rng = random.Random(seed)
     order = list(range(len(documents)))
     rng.shuffle(order)
-    # Tokenize in a seeded order only until there is ample text, so a huge file costs little.
+    distinct = sampling == "documents"
+    # Tokenize in the seeded order only until there is enough, so a huge file costs little.
     eligible: list[list[int]] = []
     eligible_tokens, wanted = 0, 4 * samples * seq_len
     for start in range(0, len(order), 256):
         batch = [documents[i] for i in order[start : start + 256]]
-        for ids in tokenizer(batch, add_special_tokens=False)["input_ids"]:
+        for ids in tokenizer(batch, add_special_tokens=distinct)["input_ids"]:
             if len(ids) > seq_len:
                 eligible.append(ids)
                 eligible_tokens += len(ids)
-        if eligible_tokens >= wanted:
+        if (len(eligible) >= samples) if distinct else (eligible_tokens >= wanted):
             break
-    if eligible_tokens < samples * seq_len:
+    if distinct and len(eligible) < samples:
+        raise CalibrationError(
+            f"calibration source {source} has {len(eligible)} documents longer than {seq_len} tokens, fewer than the "
+            f"{samples} windows needed (one per document, as the seed methods draw them): use a larger source, lower "
+            f"--samples / --seq-len, or --sampling spans (windows may share a document)"
+        )
+    if not distinct and eligible_tokens < samples * seq_len:
         raise CalibrationError(
             f"calibration source {source} has {eligible_tokens} tokens in documents longer than {seq_len} tokens, "
             f"fewer than the {samples} x {seq_len} = {samples * seq_len} needed: use a larger file or lower "
             f"--samples / --seq-len"
         )
     windows = []
-    for _ in range(samples):
-        ids = eligible[rng.randrange(len(eligible))]
-        begin = rng.randrange(len(ids) - seq_len + 1)
+    for index in range(samples):
+        ids = eligible[index] if distinct else eligible[rng.randrange(len(eligible))]
+        begin = rng.randint(0, len(ids) - seq_len - 1) if distinct else rng.randrange(len(ids) - seq_len + 1)
         windows.append(ids[begin : begin + seq_len])
     path = Path(source) if str(source) not in BUNDLED_TEXTS else bundled_path(BUNDLED_TEXTS[str(source)])
     record = CalibrationRecord(
@@ -159,7 +197,8 @@ def sample_windows(
         samples=samples,
         seq_len=seq_len,
         seed=seed,
-        documents_used=len(eligible),
+        documents_used=samples if distinct else len(eligible),
+        sampling=sampling,
     )
     return torch.tensor(windows, dtype=torch.long), record
 

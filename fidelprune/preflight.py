@@ -79,7 +79,7 @@ def check_calibration(tokenizer, config, scores_given: bool = False) -> None:
     from the same seed: the same windows, for a few seconds of tokenization."""
     calib, recon = config.calibration, config.reconstruction
     if (not scores_given and config.method.spec.kind != "data-free") or recon.mode != "none":
-        sample_windows(tokenizer, calib.source, calib.samples, calib.seq_len, calib.seed)
+        sample_windows(tokenizer, calib.source, calib.samples, calib.seq_len, calib.seed, calib.sampling)
     if recon.mode != "none" and recon.separate:
         sample_windows(tokenizer, recon.calibration or calib.source, recon.samples or calib.samples, calib.seq_len,
-                       calib.seed + 1 if recon.seed is None else recon.seed)
+                       calib.seed + 1 if recon.seed is None else recon.seed, calib.sampling)

@@ -21,7 +21,8 @@ from . import distributed
 from ._version import __version__
 from .adapters import AdaptedModel, UnsupportedModelError, adapt
 from .allocation import AllocationConfig, AllocationError, WidthPlan, count_parameters, params_after_widths, plan_width, select_neurons
-from .calibration import DEFAULT_CALIBRATION, DEFAULT_SAMPLES, DEFAULT_SEQ_LEN, CalibrationConfig, record_dict, sample_windows
+from .calibration import (DEFAULT_CALIBRATION, DEFAULT_SAMPLES, DEFAULT_SAMPLING, DEFAULT_SEQ_LEN, CalibrationConfig,
+                          record_dict, sample_windows)
 from .checkpoint import check_scores_fit, load_scores, save_pruned
 from .errors import ConfigError
 from .methods import MethodConfig, MethodResult, run_method
@@ -94,6 +95,7 @@ class PruneConfig:
         samples: int = DEFAULT_SAMPLES,
         seq_len: int = DEFAULT_SEQ_LEN,
         seed: int = 0,
+        sampling: str = DEFAULT_SAMPLING,
         batch_size: int = 4,
         objective: str | None = None,
         form: str | None = None,
@@ -117,7 +119,7 @@ class PruneConfig:
             ratio = DEFAULT_RATIO
         return cls(
             MethodConfig(method, objective, form, alpha, temperature, batch_size=batch_size, seed=seed, aggregation=aggregation),
-            CalibrationConfig(str(calibration), samples, seq_len, seed),
+            CalibrationConfig(str(calibration), samples, seq_len, seed, sampling),
             AllocationConfig(allocation, round_to, protect_first, protect_last, min_keep, ratio=ratio, keep=keep),
             ReconstructionConfig(reconstruct, reconstruct_lambda, reconstruct_target,
                                  None if reconstruct_calibration is None else str(reconstruct_calibration),
@@ -126,7 +128,7 @@ class PruneConfig:
 
     @classmethod
     def from_dict(cls, settings: dict) -> PruneConfig:
-        return cls(MethodConfig(**settings["method"]), CalibrationConfig(**settings["calibration"]),
+        return cls(MethodConfig(**settings["method"]), CalibrationConfig.from_dict(settings["calibration"]),
                    AllocationConfig(**settings["allocation"]), ReconstructionConfig(**settings["reconstruction"]))
 
     def to_dict(self) -> dict:
@@ -247,13 +249,14 @@ def _windows(tokenizer, config: PruneConfig, calibration_ids: torch.Tensor | Non
         if tokenizer is None:
             who = config.method.method if scores_need_data else "reconstruction"
             raise ConfigError(f"{who} needs a tokenizer to draw calibration windows (or pass calibration_ids)")
-        calibration_ids, drawn = sample_windows(tokenizer, calib.source, calib.samples, calib.seq_len, calib.seed)
+        calibration_ids, drawn = sample_windows(tokenizer, calib.source, calib.samples, calib.seq_len, calib.seed,
+                                                calib.sampling)
         record = record_dict(drawn)
     if recon.mode == "none":
         return calibration_ids, record, None, None
     ids, recon_record = reconstruction_windows(
         separate_source, calibration_ids, tokenizer, recon.samples or calib.samples, calib.seq_len,
-        calib.seed + 1 if recon.seed is None else recon.seed,
+        calib.seed + 1 if recon.seed is None else recon.seed, calib.sampling,
     )
     return calibration_ids, record, ids, recon_record
 

@@ -34,7 +34,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .adapters import AdaptedModel, MLPView, adapt
-from .calibration import record_dict, sample_windows
+from .calibration import DEFAULT_SAMPLING, record_dict, sample_windows
 from .distributed import is_main, shard, sum_, sum_number
 from .errors import ConfigError, FidelpruneError, check_int
 from .utils import batches, frozen_eval, registered
@@ -266,6 +266,7 @@ def reconstruction_windows(
     samples: int,
     seq_len: int,
     seed: int,
+    sampling: str = DEFAULT_SAMPLING,
 ) -> tuple[torch.Tensor, dict]:
     """The windows the refit uses and their record: by default (`source` None) the scoring windows themselves;
     else given token ids [N, L], or `samples` x `seq_len` windows drawn from a text source ("c4" or a file) with
@@ -280,7 +281,7 @@ def reconstruction_windows(
         return source, {"same_as_scoring": False, "source": "given token ids", "samples": len(source), "seq_len": source.shape[1]}
     if tokenizer is None:
         raise ConfigError("drawing separate reconstruction windows needs a tokenizer (or pass token ids)")
-    ids, record = sample_windows(tokenizer, source, samples, seq_len, seed)
+    ids, record = sample_windows(tokenizer, source, samples, seq_len, seed, sampling)
     return ids, {"same_as_scoring": False, **record_dict(record)}
 
 

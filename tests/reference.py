@@ -5,6 +5,7 @@ accumulators. An oracle, not part of the package: the tests pin fidelprune's fas
 
 from __future__ import annotations
 
+import random
 from contextlib import contextmanager
 
 import torch
@@ -126,3 +127,21 @@ def forward_scores(model: nn.Module, windows: torch.Tensor, method: str, aggrega
             flap = a.var(dim=0, unbiased=False) * down.square().sum(dim=0)
             scores[view.index] = (flap - flap.mean()) / flap.std()
     return scores
+
+
+def seed_calibration_windows(documents: list[list[int]], samples: int, seq_len: int, seed: int) -> list[list[int]]:
+    """The seed methods' calibration draw (their get_c4), written as they write it: shuffle the documents, walk them,
+    and from each one longer than seq_len take one window at random.randint(0, len - seq_len - 1), until `samples`."""
+    rng = random.Random(seed)
+    order = list(range(len(documents)))
+    rng.shuffle(order)
+    windows = []
+    for index in order:
+        ids = documents[index]
+        if len(ids) <= seq_len:
+            continue
+        start = rng.randint(0, len(ids) - seq_len - 1)
+        windows.append(ids[start : start + seq_len])
+        if len(windows) == samples:
+            break
+    return windows

@@ -10,7 +10,7 @@ from .common import add_device_map_flag, add_model_flags, add_output_flags, cons
 
 def add_parser(sub) -> None:
     from ..allocation import ALLOCATIONS, ENGINE_GRID
-    from ..calibration import DEFAULT_SAMPLES, DEFAULT_SEQ_LEN
+    from ..calibration import DEFAULT_SAMPLES, DEFAULT_SAMPLING, DEFAULT_SEQ_LEN, SAMPLINGS
     from ..methods import AGGREGATIONS, ALIASES, METHODS
     from ..objectives import OBJECTIVES
     from ..reconstruction import DEFAULT_LAMBDA, DEFAULT_MODE, MODES
@@ -31,6 +31,9 @@ def add_parser(sub) -> None:
     p.add_argument("--samples", type=int, default=DEFAULT_SAMPLES, help=f"calibration windows (default {DEFAULT_SAMPLES}; seeds: 1024)")
     p.add_argument("--seq-len", type=int, default=DEFAULT_SEQ_LEN, help=f"tokens per window (default {DEFAULT_SEQ_LEN}; seeds: 1024)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sampling", choices=SAMPLINGS, default=DEFAULT_SAMPLING,
+                   help="documents (default): one window per distinct document, as the seed methods draw them; "
+                        "spans: documents drawn with replacement (fidelprune 0.1's sampling; sources of few documents)")
     p.add_argument("--batch-size", type=int, default=4, help="sequences per backward (scores do not depend on it)")
     p.add_argument("--objective", choices=OBJECTIVES, default=None, help="override the method's objective")
     p.add_argument("--form", choices=FORMS, default=None, help="override the method's score form")
@@ -72,7 +75,7 @@ def config_from_args(args):
     round_to = ENGINE_GRID[args.serve_on or "transformers"] if args.round_to is None else args.round_to
     return PruneConfig.from_options(
         args.method, args.ratio, keep=args.keep, round_to=round_to, calibration=args.calibration,
-        samples=args.samples, seq_len=args.seq_len, seed=args.seed, batch_size=args.batch_size,
+        samples=args.samples, seq_len=args.seq_len, seed=args.seed, sampling=args.sampling, batch_size=args.batch_size,
         objective=args.objective, form=args.form, alpha=args.alpha, temperature=args.temperature,
         aggregation=args.aggregation, allocation=args.allocation, protect_first=args.protect_first,
         protect_last=args.protect_last, min_keep=args.min_keep, reconstruct=args.reconstruct,
