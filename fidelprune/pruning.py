@@ -102,6 +102,7 @@ class PruneConfig:
         alpha: float | None = None,
         temperature: float | None = None,
         aggregation: str = "mean",
+        steps: int = 1,
         allocation: str = "uniform",
         protect_first: int = 0,
         protect_last: int = 0,
@@ -118,7 +119,8 @@ class PruneConfig:
         if ratio is None and keep is None:
             ratio = DEFAULT_RATIO
         return cls(
-            MethodConfig(method, objective, form, alpha, temperature, batch_size=batch_size, seed=seed, aggregation=aggregation),
+            MethodConfig(method, objective, form, alpha, temperature, batch_size=batch_size, seed=seed, aggregation=aggregation,
+                         steps=steps),
             CalibrationConfig(str(calibration), samples, seq_len, seed, sampling),
             AllocationConfig(allocation, round_to, protect_first, protect_last, min_keep, ratio=ratio, keep=keep),
             ReconstructionConfig(reconstruct, reconstruct_lambda, reconstruct_target,

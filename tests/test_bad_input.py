@@ -76,6 +76,8 @@ CASES = [
     (PRUNE + " --keep 24 --method sdmprune --alpha -0.1 -o {dir}/out", "--alpha", BEFORE_LOAD),
     (PRUNE + " --keep 24 --method magnitude --objective kd -o {dir}/out", "magnitude", BEFORE_LOAD),
     (PRUNE + " --keep 24 --method random --form element1 -o {dir}/out", "random", BEFORE_LOAD),
+    (PRUNE + " --keep 24 --steps 0 -o {dir}/out", "--steps must be at least 1", BEFORE_LOAD),
+    (PRUNE + " --keep 24 --method wanda-sp --steps 2 -o {dir}/out", "takes no gradients", BEFORE_LOAD),
     (PRUNE + " --keep 24 --calibration {dir}/short.txt -o {dir}/out", "fewer than", BEFORE_LOAD),
     # a dry run and a streamed run validate as much as a plain one
     (PRUNE + " --ratio 1.5 --dry-run -o {dir}/out", "ratio", BEFORE_LOAD),

@@ -99,3 +99,74 @@ def test_collecting_only_the_needed_statistics_changes_no_score():
         assert all(torch.equal(got[i], expected[i]) for i in expected)
     shifts, expected = flap.down_bias_shift(adapt(model), only, kept), flap.down_bias_shift(adapt(model), full, kept)
     assert all(torch.equal(shifts[i], expected[i]) for i in expected)
+
+
+# ------------------------------------------------------------------------------------ iterative pruning (--steps)
+def _top(score: torch.Tensor, k: int) -> torch.Tensor:
+    return torch.topk(score, k).indices.sort().values
+
+
+def _reference_iterative(model, windows, objective, scores_of, widths):
+    """Iterative pruning written plainly: score with the reference implementation, physically remove the lowest
+    neurons (surgery), score the smaller model again, and map its neurons back to the original indices."""
+    import copy
+
+    from fidelprune.surgery import remove_neurons
+
+    current = copy.deepcopy(model)
+    original = {v.index: torch.arange(v.width) for v in mlp_views(model)}
+    for width in widths:
+        scores = scores_of(current, windows, objective)
+        keep = {i: _top(s.float(), width) for i, s in scores.items()}
+        original = {i: original[i][keep[i]] for i in keep}
+        remove_neurons(current, keep)
+    return original, scores
+
+
+@pytest.mark.parametrize("method,form,scores_of", [
+    ("hfprune", "activation", reference.activation_scores),
+    ("llm-pruner", "weight-element", reference.weight_element_scores),
+])
+def test_steps_rescore_the_pruned_model_as_a_physically_smaller_one(method, form, scores_of):
+    """--steps 3 from 48 to 24 neurons (40, 32, 24): each step scores the model with the neurons removed so far (as a
+    mask), which must rank exactly as scoring the physically smaller model does."""
+    from fidelprune.objectives import ce, entropy
+
+    model, windows = tiny_model("llama"), tiny_windows(4, 12)
+    objective = entropy if method == "hfprune" else ce
+    _, report = prune(model, None, method, keep=24, form=form, steps=3, calibration_ids=windows, batch_size=2,
+                      progress=False)
+    expected, last_scores = _reference_iterative(model, windows, objective, scores_of, [40, 32, 24])
+    assert {int(i): k for i, k in report.manifest["kept_neurons"].items()} == {i: k.tolist() for i, k in expected.items()}
+    assert [s["keep"] for s in report.manifest["stages"]] == [40, 32, 24]
+    for i, score in report.scores.items():  # the last step's scores of the survivors of step 2, -inf elsewhere
+        survivors = torch.isfinite(score)
+        assert int(survivors.sum()) == 32
+        torch.testing.assert_close(score[survivors].double(), last_scores[i], rtol=1e-4, atol=1e-9)
+    assert set(report.extra_scores) == {f"step{s}.layer.{i}" for s in (1, 2) for i in (0, 1)}
+
+
+def test_one_step_is_the_one_shot_method():
+    model, windows = tiny_model("llama"), tiny_windows(4, 12)
+    _, one_shot = prune(model, None, "hfprune", keep=24, calibration_ids=windows, progress=False)
+    _, stepped = prune(model, None, "hfprune", keep=24, steps=1, calibration_ids=windows, progress=False)
+    assert stepped.manifest["kept_neurons"] == one_shot.manifest["kept_neurons"]
+    assert all(torch.equal(stepped.scores[i], s) for i, s in one_shot.scores.items())
+
+
+def test_sdmprune_steps_run_its_stage_two_iteratively():
+    model, windows = tiny_model("llama"), tiny_windows(4, 12)
+    _, report = prune(model, None, "sdmprune", keep=24, steps=2, calibration_ids=windows, batch_size=2, progress=False)
+    assert [s["name"] for s in report.manifest["stages"]] == ["stage1", "stage2-step1", "stage2-step2"]
+    stage1 = report.manifest["stages"][0]["keep"]
+    assert [s["keep"] for s in report.manifest["stages"][1:]] == [stage1 - round((stage1 - 24) / 2), 24]
+    assert all(len(k) == 24 for k in report.manifest["kept_neurons"].values())
+
+
+def test_steps_are_for_gradient_methods():
+    from fidelprune.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="--steps"):
+        MethodConfig("wanda-sp", steps=2)
+    with pytest.raises(ConfigError, match="--steps must be at least 1"):
+        MethodConfig("hfprune", steps=0)

@@ -40,6 +40,9 @@ def add_parser(sub) -> None:
     p.add_argument("--alpha", type=float, default=None, help="kd weight (sdmprune default by ratio: 0.4 / 0.42 / 0.1)")
     p.add_argument("--temperature", type=float, default=None, help="kd teacher temperature (sdmprune default 0.2 / 0.5 / 0.2)")
     p.add_argument("--aggregation", choices=AGGREGATIONS, default="mean", help="minitron: mean |a| or L2 norm")
+    p.add_argument("--steps", type=int, default=1,
+                   help="iterative pruning: remove the neurons in K equal steps, re-scoring the pruned model after each "
+                        "(gradient methods; sdmprune: its stage 2; costs K scoring passes)")
     p.add_argument("--allocation", choices=ALLOCATIONS, default="uniform",
                    help="uniform: same width everywhere (vanilla checkpoint); global: rank all layers together (needs fidelprune.load_model)")
     p.add_argument("--min-keep", type=int, default=None, help="global allocation: neurons every layer keeps at least (default: --round-to)")
@@ -77,7 +80,7 @@ def config_from_args(args):
         args.method, args.ratio, keep=args.keep, round_to=round_to, calibration=args.calibration,
         samples=args.samples, seq_len=args.seq_len, seed=args.seed, sampling=args.sampling, batch_size=args.batch_size,
         objective=args.objective, form=args.form, alpha=args.alpha, temperature=args.temperature,
-        aggregation=args.aggregation, allocation=args.allocation, protect_first=args.protect_first,
+        aggregation=args.aggregation, steps=args.steps, allocation=args.allocation, protect_first=args.protect_first,
         protect_last=args.protect_last, min_keep=args.min_keep, reconstruct=args.reconstruct,
         reconstruct_lambda=args.reconstruct_lambda, reconstruct_calibration=args.reconstruct_calibration,
         reconstruct_samples=args.reconstruct_samples, reconstruct_seed=args.reconstruct_seed,

@@ -63,18 +63,20 @@ class MethodConfig:
     batch_size: int = 4
     seed: int = 0
     aggregation: str = "mean"  # minitron: mean |a| or l2 norm
+    steps: int = 1  # gradient methods: iterative pruning, re-scoring the pruned model K times (iterative_select)
 
     def __post_init__(self) -> None:
         self.method = canonical_name(self.method)
         check_int("--batch-size", self.batch_size, 1)
         check_int("--seed", self.seed)
+        check_int("--steps", self.steps, 1)
         check_float("stage1_keep", self.stage1_keep, 0, 1, low_open=True)
         if self.alpha is not None:
             check_float("--alpha (the kd weight)", self.alpha, 0, 1)
         if self.temperature is not None:
             check_float("--temperature", self.temperature, 0, low_open=True)
-        if METHOD_REGISTRY[self.method].kind != "gradient" and (self.objective or self.form):
-            raise ConfigError(f"{self.method} takes no gradients; --objective/--form apply to the Taylor methods only")
+        if METHOD_REGISTRY[self.method].kind != "gradient" and (self.objective or self.form or self.steps > 1):
+            raise ConfigError(f"{self.method} takes no gradients; --objective/--form/--steps apply to the Taylor methods only")
         if self.objective is not None and self.objective not in OBJECTIVES:
             raise ConfigError(f"unknown objective {self.objective!r}: choose one of {', '.join(OBJECTIVES)}")
         if self.form is not None and self.form not in FORMS:
@@ -141,15 +143,55 @@ class GradientMethod(Method):
 
     def stage_objectives(self, config: MethodConfig) -> list[str]:
         """The objective of each Taylor pass over the windows, in order (what the memory planner counts)."""
-        return [config.objective]
+        return [config.objective] * config.steps
 
     def score(self, adapted, windows, config, plan, allocation, progress=True) -> MethodResult:
-        """One shot: one Taylor pass with the resolved objective and form."""
+        """One shot (one Taylor pass with the resolved objective and form), or `config.steps` of them."""
+        if config.steps > 1:
+            return iterative_select(adapted, windows, config, plan, allocation, progress=progress)
         objective = get_objective(config.objective, config.alpha, config.temperature)
         scores = taylor_scores(adapted, windows, objective, config.form, needs_teacher=config.objective == "kd",
                                batch_size=config.batch_size, progress=progress)
         stages = [{"name": "one-shot", "objective": config.objective, "form": config.form}]
         return MethodResult(scores, select_neurons(scores, plan, allocation), stages=stages)
+
+
+def step_widths(width_before: int, width_after: int, steps: int) -> list[int]:
+    """The (mean) width after each of `steps` steps: an equal share of the neurons to remove at each, the last
+    step at the final width (LLM-Pruner's iterative schedule)."""
+    return [width_before - round(s * (width_before - width_after) / steps) for s in range(1, steps + 1)]
+
+
+def iterative_select(adapted: AdaptedModel, windows: torch.Tensor, config: MethodConfig, plan: WidthPlan,
+                     allocation: AllocationConfig, *, kept: dict[int, torch.Tensor] | None = None,
+                     width_before: int | None = None, name: str = "step", progress: bool = True) -> MethodResult:
+    """Iterative pruning (--steps K): score, remove an equal share of the neurons still to go, and score the pruned
+    model again, K times; the last step reaches `plan`. The pruned model is the original with the removed neurons
+    masked (the same function, tests/test_methods.py checks it against physically smaller models), so a KD
+    objective's teacher is the unmasked original. Each step chooses among the survivors of the one before (`kept`:
+    where to start, e.g. sdmprune's stage 1); neurons removed earlier rank -inf in the result."""
+    objective = get_objective(config.objective, config.alpha, config.temperature)
+    widths = step_widths(width_before or plan.width_before, plan.width_after, config.steps)
+    ranked: Scores = {}
+    extra: Scores = {}
+    stages = []
+    for step, width in enumerate(widths, start=1):
+        scores = taylor_scores(adapted, windows, objective, config.form, mask=kept, needs_teacher=config.objective == "kd",
+                               batch_size=config.batch_size, progress=progress,
+                               description=f"{name} {step}/{len(widths)} ({config.objective})")
+        ranked = scores if kept is None else {i: _only(score, kept[i]) for i, score in scores.items()}
+        kept = select_neurons(ranked, replace(plan, width_after=width), allocation, kept)
+        stages.append({"name": f"{name}{step}", "objective": config.objective, "form": config.form, "keep": width})
+        if step < len(widths):
+            extra.update({f"{name}{step}.layer.{i}": s for i, s in ranked.items()})
+    return MethodResult(ranked, kept, extra, stages)
+
+
+def _only(score: torch.Tensor, survivors: torch.Tensor) -> torch.Tensor:
+    """`score` with every neuron but the survivors at -inf: removed neurons rank below all the others."""
+    out = torch.full_like(score, float("-inf"))
+    out[survivors] = score[survivors]
+    return out
 
 
 class ForwardMethod(Method):

@@ -15,12 +15,13 @@ import torch
 from ..allocation import select_neurons
 from ..objectives import KD, get_objective
 from ..scoring import taylor_scores
-from .base import GradientMethod, MethodResult, register_method
+from .base import GradientMethod, MethodResult, iterative_select, register_method
 
 
 class SDMPrune(GradientMethod):
     def stage_objectives(self, config) -> list[str]:
-        return ["ce", config.objective]  # stage 2 is skipped when stage 1 already reaches the final width
+        # stage 2 (config.steps passes with --steps) is skipped when stage 1 already reaches the final width
+        return ["ce"] + [config.objective] * config.steps
 
     def score(self, adapted, windows, config, plan, allocation, progress=True) -> MethodResult:
         common = dict(batch_size=config.batch_size, progress=progress)
@@ -31,6 +32,10 @@ class SDMPrune(GradientMethod):
         extra = {f"stage1.layer.{i}": s for i, s in stage1.items()}
         if stage1_plan.width_after == plan.width_after and allocation.kind == "uniform":
             return MethodResult(stage1, survivors, extra, stages)
+        if config.steps > 1:  # stage 2 as iterative pruning, from the stage-1 width to the final one
+            result = iterative_select(adapted, windows, config, plan, allocation, kept=survivors,
+                                      width_before=stage1_plan.width_after, name="stage2-step", progress=progress)
+            return MethodResult(result.scores, result.kept, {**extra, **result.extra_scores}, stages + result.stages)
         stage2 = taylor_scores(
             adapted, windows, KD(config.alpha, config.temperature), config.form, mask=survivors, needs_teacher=True,
             description="stage 2 (kd)", **common,
