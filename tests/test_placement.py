@@ -127,17 +127,19 @@ def test_auto_maps_cover_the_model_from_its_shapes_alone():
         check_device_map(device_map, shapes)
 
 
-def test_device_values_are_normalised_and_tied_weights_stay_together():
+def test_device_values_are_normalised_and_tied_weights_stay_together(monkeypatch):
+    """accelerate's ints are CUDA indices; a tied head and the embeddings are one tensor, so one device. Two GPUs
+    are pretended here (the map is only checked, never placed)."""
     model = tiny_model("llama", tie_word_embeddings=True)
-    given = {**per_module_map(model)}
+    given = per_module_map(model)
     assert check_device_map(given, model) == given
-    if not torch.cuda.is_available():
-        with pytest.raises(ConfigError, match="does not exist"):
-            check_device_map({**given, "lm_head": 0}, model)  # accelerate's ints are CUDA indices
-    split = {**given, "lm_head": "cuda:0"}
-    if torch.cuda.is_available():
-        with pytest.raises(ConfigError, match="one tied weight"):
-            check_device_map(split, model)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert check_device_map({**given, "model.layers.1": 1}, model)["model.layers.1"] == "cuda:1"
+    with pytest.raises(ConfigError, match="'cuda:2' does not exist"):
+        check_device_map({**given, "model.layers.1": "cuda:2"}, model)
+    with pytest.raises(ConfigError, match="one tied weight"):
+        check_device_map({**given, "lm_head": "cuda:0"}, model)
 
 
 def test_layer_devices_follow_the_map():
