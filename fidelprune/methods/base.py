@@ -179,7 +179,7 @@ def iterative_select(adapted: AdaptedModel, windows: torch.Tensor, config: Metho
         scores = taylor_scores(adapted, windows, objective, config.form, mask=kept, needs_teacher=config.objective == "kd",
                                batch_size=config.batch_size, progress=progress,
                                description=f"{name} {step}/{len(widths)} ({config.objective})")
-        ranked = scores if kept is None else {i: _only(score, kept[i]) for i, score in scores.items()}
+        ranked = scores if kept is None else {i: survivors_only(score, kept[i]) for i, score in scores.items()}
         kept = select_neurons(ranked, replace(plan, width_after=width), allocation, kept)
         stages.append({"name": f"{name}{step}", "objective": config.objective, "form": config.form, "keep": width})
         if step < len(widths):
@@ -187,7 +187,7 @@ def iterative_select(adapted: AdaptedModel, windows: torch.Tensor, config: Metho
     return MethodResult(ranked, kept, extra, stages)
 
 
-def _only(score: torch.Tensor, survivors: torch.Tensor) -> torch.Tensor:
+def survivors_only(score: torch.Tensor, survivors: torch.Tensor) -> torch.Tensor:
     """`score` with every neuron but the survivors at -inf: removed neurons rank below all the others."""
     out = torch.full_like(score, float("-inf"))
     out[survivors] = score[survivors]

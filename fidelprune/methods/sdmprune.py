@@ -10,12 +10,10 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-import torch
-
 from ..allocation import select_neurons
 from ..objectives import KD, get_objective
 from ..scoring import taylor_scores
-from .base import GradientMethod, MethodResult, iterative_select, register_method
+from .base import GradientMethod, MethodResult, iterative_select, register_method, survivors_only
 
 
 class SDMPrune(GradientMethod):
@@ -40,10 +38,8 @@ class SDMPrune(GradientMethod):
             adapted, windows, KD(config.alpha, config.temperature), config.form, mask=survivors, needs_teacher=True,
             description="stage 2 (kd)", **common,
         )
-        ranked = {}
-        for i, score in stage2.items():  # neurons stage 1 removed rank below every survivor
-            ranked[i] = torch.full_like(score, float("-inf"))
-            ranked[i][survivors[i]] = score[survivors[i]]
+        # neurons stage 1 removed rank below every survivor
+        ranked = {i: survivors_only(score, survivors[i]) for i, score in stage2.items()}
         stages.append({"name": "stage2", "objective": "kd", "form": config.form, "alpha": config.alpha,
                        "temperature": config.temperature})
         return MethodResult(ranked, select_neurons(ranked, plan, allocation, survivors), extra, stages)
