@@ -174,12 +174,14 @@ def run_streaming(args) -> None:
     print(markdown)
 
 
-def even_split(shapes, k: int) -> dict[str, str]:
-    """{module: cuda:i}: the decoder layers in k equal runs, the embeddings on the first GPU, the norm and head on the last."""
-    layers = shapes.num_layers
-    device_map = {"model.embed_tokens": "cuda:0", "model.rotary_emb": "cuda:0"}
-    device_map.update({f"model.layers.{i}": f"cuda:{i * k // layers}" for i in range(layers)})
-    device_map.update({"model.norm": f"cuda:{k - 1}", "lm_head": f"cuda:{k - 1}"})
+def split_map(shapes, devices: list[str]) -> dict[str, str]:
+    """{module: device}: the decoder layers in equal runs over `devices`, the embeddings (and rotary embedding) on
+    the first, the final norm and head on the last (a tied head stays with the embeddings)."""
+    model, layers = shapes.model, shapes.num_layers
+    base = model.base_model_prefix
+    device_map = {f"{base}.{name}": devices[0] for name, _ in getattr(model, base).named_children() if name not in ("layers", "norm")}
+    device_map.update({f"{base}.layers.{i}": devices[i * len(devices) // layers] for i in range(layers)})
+    device_map.update({f"{base}.norm": devices[-1], "lm_head": devices[0] if model.config.tie_word_embeddings else devices[-1]})
     return device_map
 
 
@@ -202,7 +204,7 @@ def run_plans(args) -> None:
                 data["rows"].append({"model": name, "method": method, "mode": plan.mode, "fits_80GB": plan.fits(),
                                      **plan.to_dict()})
             if name == "Llama-3.1-70B":  # --device-map over four GPUs: the fullest of the four devices
-                device_map = even_split(shapes, 4)
+                device_map = split_map(shapes, [f"cuda:{i}" for i in range(4)])
                 plans = [plan_memory(shapes, config, torch.bfloat16, device, available_bytes=80 * 10**9, device_map=device_map)
                          for device in dict.fromkeys(device_map.values())]
                 plan = max(plans, key=lambda p: p.peak_bytes)
@@ -222,24 +224,10 @@ def run_plans(args) -> None:
     print(markdown)
 
 
-def half_split(model_dir: str | None, first: str, second: str) -> dict[str, str]:
-    """{module: device}: embeddings, rotary embedding and the first half of the layers on `first`; the rest on `second`."""
-    from fidelprune.adapters import adapt
+def run_device_map(args) -> None:
     from fidelprune.models import locate
     from fidelprune.preflight import model_config, shape_model
 
-    shapes = shape_model(model_config(locate(model_dir)))
-    model, layers = shapes.model, shapes.num_layers
-    base = model.base_model_prefix
-    device_map = {f"{base}.{name}": first for name, _ in getattr(model, base).named_children() if name not in ("layers", "norm")}
-    device_map.update({f"{base}.layers.{i}": first if i < layers // 2 else second for i in range(layers)})
-    device_map.update({f"{base}.norm": second, "lm_head": second})
-    if model.config.tie_word_embeddings:  # a tied head stays with the embeddings
-        device_map["lm_head"] = first
-    return device_map
-
-
-def run_device_map(args) -> None:
     first, second = args.device, args.split_to
     suffix = "-cuda" if "cuda" in first + second else ""
     output = args.output or RESULTS / f"scale-device-map{suffix}.json"
@@ -249,7 +237,7 @@ def run_device_map(args) -> None:
              "--samples", str(args.samples), "--seq-len", str(args.seq_len), "--reconstruct", args.reconstruct,
              "--dtype", args.dtype]
     with tempfile.TemporaryDirectory() as tmp:
-        device_map = half_split(args.model, first, second)
+        device_map = split_map(shape_model(model_config(locate(args.model))), [first, second])
         map_file = Path(tmp) / "map.json"
         map_file.write_text(json.dumps(device_map))
         one, split = Path(tmp) / "one", Path(tmp) / "split"
