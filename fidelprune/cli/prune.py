@@ -60,7 +60,7 @@ def add_parser(sub) -> None:
     p.add_argument("--offload", choices=("cpu", "disk"), default=None,
                    help="keep the weights in host memory (cpu) or memory-mapped from the safetensors files (disk) and "
                         "run one decoder layer at a time on --device: the same scores for about one layer's device "
-                        "memory (models larger than the GPU, or than host memory)")
+                        "memory (models larger than the GPU; disk: host memory holds no copy of the weights)")
     add_device_map_flag(p)
     p.add_argument("--dry-run", action="store_true", help="check the settings, print the memory plan and stop")
     add_model_flags(p)
