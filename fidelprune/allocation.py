@@ -26,7 +26,7 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-ALLOCATIONS = ("uniform", "global")
+ALLOCATIONS = ("uniform", "global", "search")
 
 
 # --serve-on ENGINE: the multiple of neurons each kept width is rounded to so the engine's fast paths take every MLP
@@ -47,9 +47,16 @@ class AllocationConfig:
     round_to: int = ENGINE_GRID["transformers"]
     protect_first: int = 0
     protect_last: int = 0
-    min_keep: int | None = None  # global only; default: round_to
+    min_keep: int | None = None  # global and search; default: round_to
     ratio: float | None = None  # the target: fraction of total parameters removed ...
     keep: int | None = None  # ... or the width of the prunable layers (exactly one of the two; see plan_width)
+    # search only (search.py): the first N calibration windows measure the fitness; G generations of C children
+    # moving `search_step` neurons at a time (default about 3 % of the width), seeded
+    search_samples: int = 4
+    search_generations: int = 12
+    search_offspring: int = 8
+    search_step: int | None = None
+    search_seed: int = 0
 
     def __post_init__(self) -> None:
         if self.kind not in ALLOCATIONS:
@@ -65,6 +72,19 @@ class AllocationConfig:
             check_float("--ratio", self.ratio)
         if self.keep is not None:
             check_int("--keep", self.keep, 1)
+        check_int("--search-samples", self.search_samples, 1)
+        check_int("--search-generations", self.search_generations, 0)
+        check_int("--search-offspring", self.search_offspring, 1)
+        check_int("--search-seed", self.search_seed)
+        if self.search_step is not None:
+            check_int("--search-step", self.search_step, 1)
+            if self.search_step % self.round_to:
+                raise AllocationError(f"--search-step {self.search_step} must be a multiple of --round-to {self.round_to}")
+        searched = (self.search_samples, self.search_generations, self.search_offspring, self.search_step, self.search_seed)
+        if self.kind != "search" and searched != (4, 12, 8, None, 0):
+            raise AllocationError("--search-* options apply to --allocation search only")
+        if self.kind == "uniform" and self.min_keep is not None:
+            raise AllocationError("--min-keep applies to --allocation global or search (uniform keeps the same width everywhere)")
 
     def protected(self, num_layers: int) -> list[int]:
         layers = sorted(set(range(self.protect_first)) | set(range(num_layers - self.protect_last, num_layers)))
@@ -190,7 +210,7 @@ def select_uniform(scores: Scores, k: int, candidates: dict[int, torch.Tensor] |
     return kept
 
 
-def _global_widths(scores: Scores, budget: int, config: AllocationConfig, candidates: dict[int, torch.Tensor] | None) -> dict[int, int]:
+def global_widths(scores: Scores, budget: int, config: AllocationConfig, candidates: dict[int, torch.Tensor] | None = None) -> dict[int, int]:
     """Per-layer widths from one ranking of every prunable neuron on per-layer standardised scores, so layers
     with flat score distributions are not starved by layers with large raw scores; each layer keeps at least
     min_keep, and widths are multiples of round_to (largest remainders keep the total on budget)."""
@@ -229,10 +249,10 @@ def select_neurons(
     """Kept neuron indices per layer for `plan` under `config` (protected layers keep every neuron)."""
     protected = set(plan.protected_layers)
     prunable = {i: s for i, s in scores.items() if i not in protected}
-    if config.kind == "uniform":
+    if config.kind in ("uniform", "search"):  # search: the uniform plan is where pruning.prune's search starts
         kept = select_uniform(prunable, plan.width_after, None if candidates is None else {i: candidates[i] for i in prunable})
     else:
-        widths = _global_widths(prunable, plan.width_after * len(prunable), config, candidates)
+        widths = global_widths(prunable, plan.width_after * len(prunable), config, candidates)
         kept = {i: top_k(prunable[i], w, None if candidates is None else candidates[i]) for i, w in widths.items()}
     for index in protected:
         kept[index] = torch.arange(len(scores[index]))

@@ -42,16 +42,18 @@ class MemoryPlan:
     dtype: str
     batch: tuple[int, int]  # sequences per pass, tokens per sequence
     parts: dict[str, int] = field(default_factory=dict)  # bytes on the compute device, by what holds them
-    host_bytes: int = 0  # off a GPU: streamed weights and element sums, the refit's hidden-state cache
+    host_bytes: int = 0  # off a GPU: streamed weights and element sums, the refit's hidden-state cache, the search's
     mapped_bytes: int = 0  # --offload disk: weights memory-mapped from their files (page cache, not held memory)
     scoring_flops: float = 0.0
     available_bytes: int | None = None  # free memory on the device now; None when unknown
 
     @property
     def peak_bytes(self) -> int:
-        """Weights plus the larger of the scoring and the reconstruction working sets (they never coexist)."""
-        scoring = sum(v for k, v in self.parts.items() if k not in ("weights", "reconstruction"))
-        return self.parts["weights"] + max(scoring, self.parts.get("reconstruction", 0))
+        """Weights plus the largest of the scoring, allocation search and reconstruction working sets (they run
+        one after the other)."""
+        phases = ("weights", "reconstruction", "allocation search")
+        scoring = sum(v for k, v in self.parts.items() if k not in phases)
+        return self.parts["weights"] + max(scoring, *(self.parts.get(k, 0) for k in phases[1:]))
 
     def fits(self) -> bool:
         return self.available_bytes is None or self.peak_bytes <= HEADROOM * self.available_bytes
@@ -65,7 +67,7 @@ class MemoryPlan:
         rows += [(f"  {name}", gib(value)) for name, value in self.parts.items() if value]
         rows.append(("peak on the device", gib(self.peak_bytes)))
         if self.host_bytes:
-            rows.append(("host memory (weights, sums, refit cache)", gib(self.host_bytes)))
+            rows.append(("host memory (weights, sums, refit and search caches)", gib(self.host_bytes)))
         if self.mapped_bytes:
             rows.append(("memory-mapped from the weight files", gib(self.mapped_bytes)))
         rows.append(("free on the device", "unknown" if self.available_bytes is None else gib(self.available_bytes)))
@@ -178,6 +180,20 @@ def plan_memory(shapes: AdaptedModel, config, dtype: torch.dtype, device: str, s
         else:
             plan.host_bytes += cache
 
+    alloc = config.allocation
+    if alloc.kind == "search":
+        # search.py, all in host memory: the dense next-token distributions of the search windows (fp32), the
+        # layer inputs of the dense model and up to three candidates, and with reconstruction one fp64 Gram per
+        # prunable layer (the refit in the loop)
+        search_tokens = alloc.search_samples * seq
+        searched = layers - len(alloc.protected(layers))
+        part = 4 * search_tokens * vocab + 4 * b * layers * search_tokens * d
+        if config.reconstruction.mode != "none":
+            part += searched * 8 * (width + 1) ** 2
+        if on_host:
+            plan.parts["allocation search"] = part
+        else:
+            plan.host_bytes += part
     if device_map and not layers_here:
         for name in ("activations", "score buffers", "reconstruction"):
             plan.parts.pop(name, None)

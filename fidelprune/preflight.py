@@ -64,8 +64,7 @@ def check_prune(where: ModelLocation, config, scores: str | Path | None = None, 
     shapes = shape_model(model_cfg)
     plan_for(shapes, config, scores_given=scores is not None)
     max_positions = getattr(model_cfg, "max_position_embeddings", None)
-    draws_windows = (scores is None and config.method.spec.kind != "data-free") or config.reconstruction.mode != "none"
-    if draws_windows and max_positions and config.calibration.seq_len > max_positions:
+    if config.draws_windows(scores is not None) and max_positions and config.calibration.seq_len > max_positions:
         raise CalibrationError(f"--seq-len {config.calibration.seq_len} exceeds the model's {max_positions} positions; "
                                f"choose --seq-len {max_positions} or less")
     if scores is not None:
@@ -78,7 +77,7 @@ def check_calibration(tokenizer, config, scores_given: bool = False) -> None:
     samples x seq_len (or a file that cannot be read) fails before the weights load. The run draws them again
     from the same seed: the same windows, for a few seconds of tokenization."""
     calib, recon = config.calibration, config.reconstruction
-    if (not scores_given and config.method.spec.kind != "data-free") or recon.mode != "none":
+    if config.draws_windows(scores_given):
         sample_windows(tokenizer, calib.source, calib.samples, calib.seq_len, calib.seed, calib.sampling)
     if recon.mode != "none" and recon.separate:
         sample_windows(tokenizer, recon.calibration or calib.source, recon.samples or calib.samples, calib.seq_len,

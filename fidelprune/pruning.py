@@ -32,6 +32,7 @@ from .reconstruction import DEFAULT_LAMBDA as RECONSTRUCT_LAMBDA
 from .reconstruction import ReconstructionConfig, ReconstructionResult, reconstruction_windows
 from .reconstruction import reconstruct as reconstruct_mlps
 from .scoring import Scores, ScoringError
+from .search import search_space, search_widths
 from .surgery import remove_neurons
 from .utils import check_finite_weights, library_versions
 
@@ -107,6 +108,11 @@ class PruneConfig:
         protect_first: int = 0,
         protect_last: int = 0,
         min_keep: int | None = None,
+        search_samples: int = 4,
+        search_generations: int = 12,
+        search_offspring: int = 8,
+        search_step: int | None = None,
+        search_seed: int = 0,
         reconstruct: str = "none",
         reconstruct_lambda: float = RECONSTRUCT_LAMBDA,
         reconstruct_target: str = "layer",
@@ -122,11 +128,18 @@ class PruneConfig:
             MethodConfig(method, objective, form, alpha, temperature, batch_size=batch_size, seed=seed, aggregation=aggregation,
                          steps=steps),
             CalibrationConfig(str(calibration), samples, seq_len, seed, sampling),
-            AllocationConfig(allocation, round_to, protect_first, protect_last, min_keep, ratio=ratio, keep=keep),
+            AllocationConfig(allocation, round_to, protect_first, protect_last, min_keep, ratio=ratio, keep=keep,
+                             search_samples=search_samples, search_generations=search_generations,
+                             search_offspring=search_offspring, search_step=search_step, search_seed=search_seed),
             ReconstructionConfig(reconstruct, reconstruct_lambda, reconstruct_target,
                                  None if reconstruct_calibration is None else str(reconstruct_calibration),
                                  reconstruct_samples, reconstruct_seed),
         )
+
+    def draws_windows(self, scores_given: bool = False) -> bool:
+        """Whether a run draws the calibration windows: to score, to search the widths on, or to refit on."""
+        return ((not scores_given and self.method.spec.kind != "data-free") or self.allocation.kind == "search"
+                or self.reconstruction.mode != "none")
 
     @classmethod
     def from_dict(cls, settings: dict) -> PruneConfig:
@@ -217,8 +230,11 @@ def plan_for(adapted: AdaptedModel, config: PruneConfig, scores_given: bool = Fa
     protected = alloc.protected(adapted.num_layers)
     plan = plan_width(adapted, ratio=alloc.ratio, keep=alloc.keep, round_to=alloc.round_to, protected=protected,
                       adds_mlp_bias=adds_bias)
+    if alloc.kind == "search" and adds_bias:
+        raise AllocationError(f"--allocation search refits down_proj without {config.method.method}'s bias compensation, "
+                              f"so it would search the wrong model; use --allocation global with {config.method.method}")
     min_keep = alloc.min_keep or alloc.round_to
-    if alloc.kind == "global" and min_keep > plan.width_after:
+    if alloc.kind in ("global", "search") and min_keep > plan.width_after:
         raise AllocationError(f"--min-keep {min_keep} is more than the {plan.width_after} neurons a layer keeps on average "
                               f"at this ratio, so nothing could be pruned; choose --min-keep {plan.width_after} or less")
     return plan
@@ -243,17 +259,22 @@ def _windows(tokenizer, config: PruneConfig, calibration_ids: torch.Tensor | Non
     separate_source = reconstruction_ids
     if separate_source is None and recon.separate:
         separate_source = recon.calibration or calib.source
-    needs_data = scores_need_data or (recon.mode != "none" and separate_source is None)
+    needs_data = (scores_need_data or config.allocation.kind == "search"
+                  or (recon.mode != "none" and separate_source is None))
     record = None
     if calibration_ids is not None:
         record = {"source": "given token ids", "samples": len(calibration_ids), "seq_len": calibration_ids.shape[1]}
     elif needs_data:
         if tokenizer is None:
-            who = config.method.method if scores_need_data else "reconstruction"
+            who = (config.method.method if scores_need_data
+                   else "--allocation search" if config.allocation.kind == "search" else "reconstruction")
             raise ConfigError(f"{who} needs a tokenizer to draw calibration windows (or pass calibration_ids)")
         calibration_ids, drawn = sample_windows(tokenizer, calib.source, calib.samples, calib.seq_len, calib.seed,
                                                 calib.sampling)
         record = record_dict(drawn)
+    if config.allocation.kind == "search" and len(calibration_ids) < config.allocation.search_samples:
+        raise ConfigError(f"--search-samples {config.allocation.search_samples} is more than the {len(calibration_ids)} "
+                          f"calibration windows; choose --search-samples {len(calibration_ids)} or less, or more --samples")
     if recon.mode == "none":
         return calibration_ids, record, None, None
     ids, recon_record = reconstruction_windows(
@@ -313,6 +334,12 @@ def _run(
             check_finite_weights(model)  # damaged weights explain non-finite scores better than an overflow does
             raise
     timings["scoring"] = time.perf_counter() - start
+    search_record = None
+    if config.allocation.kind == "search":
+        start = time.perf_counter()
+        result.kept, search_record = _search_widths(adapted, result.scores, plan, config, calibration_ids,
+                                                    reconstruction_ids, method.batch_size, progress)
+        timings["search"] = time.perf_counter() - start
 
     start = time.perf_counter()
     pruned = adapted if inplace else adapted.copy()
@@ -344,6 +371,8 @@ def _run(
         calibration_record, reconstruction_record, timings, settings,
         scored_tokens=0 if calibration_ids is None or not scores_need_data else calibration_ids.numel() * max(1, len(result.stages)),
     )
+    if search_record is not None:
+        manifest["allocation"]["search"] = search_record
     if adapted.streamed:
         manifest["execution"] = {"mode": "streamed", "device": str(adapted.device), "weights_on": str(adapted.home)}
     elif device_map_of(model):
@@ -355,6 +384,21 @@ def _run(
                                      "split": "window i scored by process i mod processes; sums reduced before selection"}
     separate = reconstruction_ids if reconstruction_record and not reconstruction_record["same_as_scoring"] else None
     return pruned.model, PruneReport(manifest, result.scores, result.extra_scores, calibration_ids, separate)
+
+
+def _search_widths(adapted: AdaptedModel, scores: Scores, plan: WidthPlan, config: PruneConfig, calibration_ids: torch.Tensor,
+                   reconstruction_ids: torch.Tensor | None, batch_size: int, progress: bool) -> tuple[dict[int, torch.Tensor], dict]:
+    """`--allocation search` (search.py): the widths of the prunable layers searched from the method's scores on
+    the first calibration windows, refit in the loop when the run reconstructs; protected layers stay whole."""
+    alloc, recon = config.allocation, config.reconstruction
+    protected = set(plan.protected_layers)
+    layers = [i for i in sorted(scores) if i not in protected]
+    space = search_space(scores, layers, plan.width_after, alloc.round_to, alloc.min_keep, alloc.search_step)
+    found = search_widths(adapted, scores, space, calibration_ids[:alloc.search_samples], alloc,
+                          refit_windows=None if recon.mode == "none" else reconstruction_ids, lam=recon.lam,
+                          batch_size=batch_size, progress=progress)
+    kept = {**found.kept, **{i: torch.arange(len(scores[i])) for i in protected}}
+    return dict(sorted(kept.items())), found.record
 
 
 def build_manifest(

@@ -134,7 +134,7 @@ class ReconstructionResult:
         }
 
 
-class _Gram:
+class Gram:
     """Running [A, 1]^T [A, 1] of one down_proj's input. Per-batch products in fp32 (fast on any device, and A
     itself is at most fp32), summed in fp64 so thousands of batches do not lose precision."""
 
@@ -168,10 +168,19 @@ def _quadratic(gram: torch.Tensor, coef: torch.Tensor) -> float:
     return max(float((coef * (gram @ coef)).sum()), 0.0)
 
 
-def _refit(view: MLPView, gram: _Gram, kept: torch.Tensor, lam: float, fit_bias: bool = False) -> tuple[LayerFit, torch.Tensor | None]:
+def _refit(view: MLPView, gram: Gram, kept: torch.Tensor, lam: float, fit_bias: bool = False) -> tuple[LayerFit, torch.Tensor | None]:
     """Solve the ridge least squares for `view`'s kept down_proj columns (and bias) and write them in place:
     down_proj keeps its dense shape, removed columns become zero. With `fit_bias` and no down_proj bias, an
     intercept is fitted too and returned (the caller adds it as a new bias); otherwise None is returned."""
+    fit, coef = refit_coefficients(view, gram, kept, lam, fit_bias)
+    _write(view, coef)
+    return fit, (coef[view.width].float().cpu() if fit_bias and view.down.bias is None else None)
+
+
+def refit_coefficients(view: MLPView, gram: Gram, kept: torch.Tensor, lam: float,
+                       fit_bias: bool = False) -> tuple[LayerFit, torch.Tensor]:
+    """The refit's coefficients on [A, 1] ((I+1) x d, fp64: rows 0..I-1 are the new W_down^T with removed rows
+    zero, row I the bias) and its LayerFit, without touching the model (the allocation search reads them too)."""
     down = view.down
     width = view.width
     g = gram.matrix
@@ -212,8 +221,7 @@ def _refit(view: MLPView, gram: _Gram, kept: torch.Tensor, lam: float, fit_bias:
     fit = LayerFit(view.index, k, width - k, gram.tokens, lam, relative(plain), relative(plain))
     if k == 0 or scale <= 0:  # nothing active to refit with: plain removal is the only answer
         fit.refit, fit.note = False, "kept neurons never activate on the reconstruction tokens; plain removal"
-        _write(view, plain)
-        return fit, (plain[width].float().cpu() if fit_bias and not has_bias else None)
+        return fit, plain
 
     system = g[rows[:, None], rows]  # ridged in place: the peak is the Gram, this and its factor
     used = lam
@@ -247,8 +255,7 @@ def _refit(view: MLPView, gram: _Gram, kept: torch.Tensor, lam: float, fit_bias:
         refit = plain
     else:
         fit.error_after = error
-    _write(view, refit)
-    return fit, (refit[width].float().cpu() if fit_bias and not has_bias else None)
+    return fit, refit
 
 
 def _write(view: MLPView, coef: torch.Tensor) -> None:
@@ -356,7 +363,7 @@ def reconstruct(
                         propagate(index, cache=dense_hidden)
                     continue
                 view = views[index]
-                gram = _Gram(view.width, adapted.layer_device(index))
+                gram = Gram(view.width, adapted.layer_device(index))
                 if dense_target:
                     for b, h in enumerate(hidden):
                         # The dense model's MLP output on its own inputs is the target for this batch's tokens.

@@ -96,3 +96,24 @@ def test_a_run_that_will_not_fit_stops_before_loading_with_the_flag_that_fits(fr
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert error.startswith("error:") and message in error, error
     assert not (tmp_path / "out").exists()
+
+
+def test_the_search_plan_holds_what_the_search_keeps():
+    """--allocation search: the planned host part covers the Grams, the teacher's distributions and the four sets
+    of layer inputs (dense and up to three candidates) that search.py holds, measured on the real objects."""
+    from fidelprune.search import _Fitness, _Refits
+
+    model = tiny_model("llama", **SHAPES)
+    adapted = adapt(model)
+    config = PruneConfig.from_options("wanda-sp", keep=192, allocation="search", search_samples=2, seq_len=16,
+                                      reconstruct="parallel")
+    windows = torch.randint(0, 96, (2, 16))
+    refits = _Refits(adapted, windows, [0, 1, 2], 1e-3, 4)
+    order = {i: torch.arange(384) for i in range(3)}
+    fitness = _Fitness(adapted, windows, order, 4, refits)
+    grams = sum(g.matrix.numel() * 8 for g in refits.grams.values())
+    teacher = sum(p.numel() * 4 for p, _ in fitness.teacher)
+    one_set = sum(h.numel() * h.element_size() for state in fitness.dense_inputs[:-1] for h in state)
+    held = grams + teacher + 4 * one_set
+    planned = plan_memory(adapt(tiny_model("llama", **SHAPES)), config, torch.float32, "cpu").parts["allocation search"]
+    assert held <= planned <= 1.1 * held

@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM
 from conftest import tiny_model, tiny_windows
 from fidelprune import prune, read_manifest, save
 from fidelprune.adapters import StopForward, adapt, mlp_views
-from fidelprune.reconstruction import ReconstructionError, _Gram, _refit, mlp_output_errors
+from fidelprune.reconstruction import ReconstructionError, Gram, _refit, mlp_output_errors
 
 
 def spanned_model(family: str, groups: int = 8):
@@ -205,7 +205,7 @@ def test_bad_options_are_one_line_errors_before_any_compute(kwargs, message):
 
 
 def _gram_of(view, windows, model):
-    gram = _Gram(view.width, torch.device("cpu"))
+    gram = Gram(view.width, torch.device("cpu"))
     handle = view.down.register_forward_pre_hook(lambda m, args: gram.add(args[0]))
     with torch.no_grad():
         model(windows)

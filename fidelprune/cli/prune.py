@@ -44,8 +44,18 @@ def add_parser(sub) -> None:
                    help="iterative pruning: remove the neurons in K equal steps, re-scoring the pruned model after each "
                         "(gradient methods; sdmprune: its stage 2; costs K scoring passes)")
     p.add_argument("--allocation", choices=ALLOCATIONS, default="uniform",
-                   help="uniform: same width everywhere (vanilla checkpoint); global: rank all layers together (needs fidelprune.load_model)")
-    p.add_argument("--min-keep", type=int, default=None, help="global allocation: neurons every layer keeps at least (default: --round-to)")
+                   help="uniform: same width everywhere (vanilla checkpoint); global: rank all layers together; search: "
+                        "choose each layer's width to keep the predictions closest to the dense model's (KL on "
+                        "--search-samples windows, refit in the loop when reconstructing). global and search give per-layer "
+                        "widths: fidelprune.load_model loads them (README, Allocation)")
+    p.add_argument("--min-keep", type=int, default=None,
+                   help="global and search allocation: neurons every layer keeps at least (default: --round-to)")
+    p.add_argument("--search-samples", type=int, default=4, help="search: the first N calibration windows measure the KL (default 4)")
+    p.add_argument("--search-generations", type=int, default=12, help="search: generations of the evolution (default 12)")
+    p.add_argument("--search-offspring", type=int, default=8, help="search: children tried per generation (default 8)")
+    p.add_argument("--search-step", type=int, default=None,
+                   help="search: neurons one mutation moves between two layers (default about 3%% of the width, on --round-to)")
+    p.add_argument("--search-seed", type=int, default=0, help="search: seed of the mutations (default 0)")
     p.add_argument("--protect-first", type=int, default=0, help="first N layers keep every neuron (others prune harder)")
     p.add_argument("--protect-last", type=int, default=0, help="last M layers keep every neuron")
     p.add_argument("--scores", default=None, help="re-prune from an earlier run's scores (its folder, or the scores.safetensors file): no calibration")
@@ -81,7 +91,9 @@ def config_from_args(args):
         samples=args.samples, seq_len=args.seq_len, seed=args.seed, sampling=args.sampling, batch_size=args.batch_size,
         objective=args.objective, form=args.form, alpha=args.alpha, temperature=args.temperature,
         aggregation=args.aggregation, steps=args.steps, allocation=args.allocation, protect_first=args.protect_first,
-        protect_last=args.protect_last, min_keep=args.min_keep, reconstruct=args.reconstruct,
+        protect_last=args.protect_last, min_keep=args.min_keep, search_samples=args.search_samples,
+        search_generations=args.search_generations, search_offspring=args.search_offspring,
+        search_step=args.search_step, search_seed=args.search_seed, reconstruct=args.reconstruct,
         reconstruct_lambda=args.reconstruct_lambda, reconstruct_calibration=args.reconstruct_calibration,
         reconstruct_samples=args.reconstruct_samples, reconstruct_seed=args.reconstruct_seed,
     )

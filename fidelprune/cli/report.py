@@ -8,7 +8,7 @@ from .common import console
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("report", help="plot a pruning run (kept width and scores per layer) or show eval results",
+    p = sub.add_parser("report", help="plot a pruning run (kept width and scores per layer, the allocation search) or show eval results",
                        description="RUN_DIR with pruning.json: write a PNG of kept width and score distribution per "
                                    "layer. RUN_DIR with results.json (a `fidelprune eval` output): print its table.")
     p.add_argument("run_dir", help="a pruning output directory, or a `fidelprune eval` output directory")

@@ -298,8 +298,8 @@ def run_summary(run_dir: str | Path) -> list[dict]:
 
 
 def plot_run(run_dir: str | Path, path: str | Path) -> Path:
-    """PNG of a pruning run: kept vs original MLP width per layer, and the score distribution per layer with
-    the lowest kept score marked."""
+    """PNG of a pruning run: kept vs original MLP width per layer, the score distribution per layer with the
+    lowest kept score marked, and for `--allocation search` the KL of the parent and best child per generation."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only; never a window
@@ -311,8 +311,12 @@ def plot_run(run_dir: str | Path, path: str | Path) -> Path:
     layers = run_summary(run_dir)
     index = [row["layer"] for row in layers]
     have_scores = any(row["scores"] for row in layers)
-    fig, axes = plt.subplots(2 if have_scores else 1, 1, figsize=(max(6.0, 0.32 * len(layers) + 2), 7 if have_scores else 3.5),
-                             squeeze=False, sharex=True)
+    search = manifest["allocation"].get("search")
+    rows = 1 + have_scores + (search is not None)
+    fig, axes = plt.subplots(rows, 1, figsize=(max(6.0, 0.32 * len(layers) + 2), 3.5 * rows), squeeze=False)
+    layer_axes = [axes[r][0] for r in range(1 + have_scores)]
+    for ax in layer_axes[1:]:
+        ax.sharex(layer_axes[0])
     ax = axes[0][0]
     ax.bar(index, [row["width_before"] for row in layers], color="#d9d9d9", label="before")
     ax.bar(index, [row["kept"] for row in layers], color="#3873b3", label="kept")
@@ -332,7 +336,23 @@ def plot_run(run_dir: str | Path, path: str | Path) -> Path:
             ax.legend(loc="upper right")
         ax.set_yscale("log" if positive else "symlog")
         ax.set_ylabel(f"score ({method.get('form', 'score')})")
-    axes[-1][0].set_xlabel("layer")
+    layer_axes[-1].set_xlabel("layer")
+    if search is not None:
+        ax = axes[-1][0]
+        history = search["history"]
+        ax.step([0] + [h["generation"] for h in history],
+                [min(s["fitness"] for s in search["starts"])] + [h["fitness"] for h in history], where="post",
+                color="#3873b3", label="parent")
+        children = [(h["generation"], h["best_child_fitness"]) for h in history if h["best_child_fitness"] is not None]
+        if children:
+            ax.scatter(*zip(*children), s=14, color="#c0392b", label="best child", zorder=3)
+        for start in search["starts"]:
+            ax.annotate(start["name"], (0, start["fitness"]), fontsize=7, xytext=(3, 0), textcoords="offset points")
+        ax.scatter([0] * len(search["starts"]), [s["fitness"] for s in search["starts"]], marker="x", color="#555555")
+        ax.set_xlabel("generation")
+        ax.set_ylabel("KL to dense, nats/token")
+        ax.set_title(f"allocation search: {search['evaluations']} evaluations, final {search['final_fitness']:.4f}")
+        ax.legend(loc="upper right", fontsize=8)
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

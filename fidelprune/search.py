@@ -1,0 +1,322 @@
+"""`--allocation search`: each layer's width chosen to keep the pruned model's predictions closest to the dense
+model's, under the exact parameter budget (docs/methods.md, "Allocation search").
+
+The method's scores decide *which* neurons a layer keeps at any width (its top w_l); the search decides the
+widths w = (w_l). The fitness of a width vector is
+
+    F(w) = mean over the search tokens of KL(p_dense || p_w)      (nats per token)
+
+where p_w is the model whose layer l keeps its top-w_l neurons and, when the run reconstructs, whose pruned
+down_proj are refit as `--reconstruct parallel` refits them (ridge least squares on the dense model's own
+activations, reconstruction.refit_coefficients): one Gram per layer is made once from the reconstruction
+windows, so a candidate costs one small solve per layer width it has not seen, and no extra data pass. The run's
+own reconstruction (sequential by default) then refits the chosen widths as usual.
+
+Every kept neuron costs the same parameters in every prunable layer, so moving `step` neurons from one layer to
+another keeps the budget exact. The search is EvoPress's (1 + lambda) evolution with level-switch mutations: it
+starts from the best of three allocations (uniform; the first and last layers spared, the sweep's best heuristic;
+one global ranking of standardised scores), then for each generation makes `offspring` children of the parent by
+one to three random moves and keeps the best child when it beats the parent. A child recomputes only the layers
+from the first one it changes (the parent's layer inputs are kept) and the head. The search is seeded: the same
+seed, windows and scores give the same widths.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .adapters import AdaptedModel
+from .allocation import AllocationConfig, global_widths
+from .distributed import is_main, shard, sum_number
+from .reconstruction import Gram, refit_coefficients
+from .scoring import Scores
+from .utils import batches, frozen_eval, registered
+
+Widths = tuple[int, ...]  # one width per prunable layer, in the order of `SearchSpace.layers`
+
+
+@dataclass
+class SearchSpace:
+    """The widths a search may choose: per prunable layer, a multiple of `round_to` in [lower, upper[l]], moved
+    `step` neurons at a time, summing to `budget` (the uniform plan's total, so the parameter count is exact)."""
+
+    layers: list[int]
+    budget: int
+    lower: int
+    upper: list[int]
+    round_to: int
+    step: int
+
+    def feasible(self, widths: Widths) -> bool:
+        return (sum(widths) == self.budget
+                and all(self.lower <= w <= u and (w % self.round_to == 0 or w == u) for w, u in zip(widths, self.upper)))
+
+    def repair(self, target: list[float]) -> Widths | None:
+        """The feasible widths nearest `target`: clamped, rounded down to the grid, and the shortfall (or excess)
+        handed out `round_to` neurons at a time to the layers furthest below (above) their target. None when the
+        bounds cannot hold the budget."""
+        if not self.lower * len(self.layers) <= self.budget <= sum(self.upper):
+            return None
+        step = self.round_to
+        widths = [min(u, max(self.lower, int(t // step) * step)) for t, u in zip(target, self.upper)]
+        while sum(widths) != self.budget:
+            short = sum(widths) < self.budget
+            room = [i for i, (w, u) in enumerate(zip(widths, self.upper)) if (w + step <= u if short else w - step >= self.lower)]
+            if not room:
+                return None
+            pick = max(room, key=lambda i: ((target[i] - widths[i]) if short else (widths[i] - target[i]), -i))
+            widths[pick] += step if short else -step
+        return tuple(widths) if self.feasible(tuple(widths)) else None
+
+    def mutate(self, widths: Widths, rng: random.Random) -> Widths:
+        """One to three level switches: `step` neurons leave one layer and join another."""
+        child = list(widths)
+        for _ in range(rng.randint(1, 3)):
+            givers = [i for i, w in enumerate(child) if w - self.step >= self.lower]
+            takers = [i for i, (w, u) in enumerate(zip(child, self.upper)) if w + self.step <= u]
+            if not givers or not takers:
+                break
+            give = rng.choice(givers)
+            take = rng.choice([i for i in takers if i != give] or [give])
+            child[give] -= self.step
+            child[take] += self.step
+        return tuple(child)
+
+
+def search_space(scores: Scores, layers: list[int], width_after: int, round_to: int, min_keep: int | None,
+                 step: int | None) -> SearchSpace:
+    """The space for `layers` (the prunable ones) keeping `width_after` on average. A layer can keep at most the
+    neurons its scores rank (sdmprune's stage 2 and `--steps` rank only the survivors of the step before)."""
+    upper = []
+    for index in layers:
+        finite, width = int(torch.isfinite(scores[index]).sum()), len(scores[index])
+        upper.append(width if finite == width else finite // round_to * round_to)
+    width = max(len(scores[i]) for i in layers)
+    if step is None:  # about 3 % of the width, on the grid
+        step = max(round_to, round(width / 32 / round_to) * round_to)
+    return SearchSpace(list(layers), width_after * len(layers), max(min_keep or round_to, 1), upper, round_to, step)
+
+
+def starts(space: SearchSpace, scores: Scores, config: AllocationConfig) -> dict[str, Widths]:
+    """Where the search begins: the uniform plan, the ends spared (the first tenth and last fifteenth of the layers
+    kept whole, the sweep's protect-first-3 / protect-last-2 on a 30-layer model) and one global ranking."""
+    n, mean = len(space.layers), space.budget / len(space.layers)
+    found = {"uniform": space.repair([mean] * n)}
+    first, last = max(1, round(n / 10)), max(1, round(n / 15))
+    if first + last < n:
+        spared = set(range(first)) | set(range(n - last, n))
+        rest = (space.budget - sum(space.upper[i] for i in spared)) / (n - len(spared))
+        found["ends spared"] = space.repair([space.upper[i] if i in spared else rest for i in range(n)])
+    ranked = global_widths({i: scores[i] for i in space.layers}, space.budget, config)
+    found["global"] = space.repair([ranked[i] for i in space.layers])
+    return {name: w for name, w in found.items() if w is not None}
+
+
+class _Refits:
+    """Per layer the dense model's down_proj-input Gram (from the reconstruction windows, one layer-by-layer pass),
+    and the parallel-mode ridge refit of any width, kept for the widths in use."""
+
+    def __init__(self, adapted: AdaptedModel, windows: torch.Tensor, layers: list[int], lam: float, batch_size: int) -> None:
+        self.adapted, self.lam, self.cache = adapted, lam, {}
+        self.grams: dict[int, Gram] = {}
+        views = {v.index: v for v in adapted.mlps()}
+        hidden, calls = adapted.layer_inputs(shard(windows), batch_size, torch.device("cpu"))
+        with torch.no_grad(), frozen_eval(adapted.model):
+            for index in range(max(layers) + 1):
+                with adapted.on_device(index):
+                    hooks = []
+                    if index in layers:
+                        gram = self.grams[index] = Gram(views[index].width, torch.device("cpu"))
+                        hooks = [views[index].down.register_forward_pre_hook(lambda m, args, g=gram: g.add(args[0].cpu()))]
+                    with registered(hooks):
+                        for b, h in enumerate(hidden):
+                            hidden[b] = adapted.run_layer(index, h, calls[tuple(h.shape)][index]).cpu()
+        for gram in self.grams.values():
+            gram.reduce()
+
+    def weights(self, index: int, kept: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        key = (index, len(kept))
+        if key not in self.cache:
+            view = self.adapted.mlp(index)
+            gram = self.grams[index]
+            with warnings.catch_warnings():  # a ridge retry only changes one candidate's fitness
+                warnings.simplefilter("ignore", RuntimeWarning)
+                _, coef = refit_coefficients(view, gram, kept, self.lam)
+            down = view.down.weight
+            bias = None if view.down.bias is None else coef[view.width].to(down.device, down.dtype)
+            self.cache[key] = (coef[kept.to(coef.device)].T.to(down.device, down.dtype).contiguous(), bias)
+        return self.cache[key]
+
+    def keep_only(self, widths: dict[int, int]) -> None:
+        self.cache = {k: v for k, v in self.cache.items() if widths.get(k[0]) == k[1]}
+
+
+class _Fitness:
+    """F(w) on the search windows, with the dense model's next-token distributions and each candidate's layer
+    inputs kept so a child reruns only the layers from its first change."""
+
+    def __init__(self, adapted: AdaptedModel, windows: torch.Tensor, order: dict[int, torch.Tensor], batch_size: int,
+                 refits: _Refits | None) -> None:
+        self.adapted, self.order, self.refits = adapted, order, refits
+        self.windows = shard(windows)
+        self.batches = list(batches(self.windows, batch_size))
+        hidden, self.calls = adapted.layer_inputs(self.windows, batch_size, torch.device("cpu"))
+        self.dense_inputs = self._run(hidden, 0, {})
+        self.teacher = []  # per batch: (p, sum p log p) of the dense model, fp32
+        with torch.no_grad(), frozen_eval(adapted.model):
+            for ids, last in zip(self.batches, self.dense_inputs[-1]):
+                p = adapted.head_logits(ids, last).float().softmax(-1).cpu()
+                self.teacher.append((p, torch.xlogy(p, p).sum(-1)))
+        self.tokens = sum_number(self.windows.numel())
+        self.evaluations = 0
+
+    def kept(self, index: int, width: int) -> torch.Tensor:
+        """Layer `index`'s top-`width` neurons by score, in index order (allocation.top_k's choice)."""
+        return self.order[index][:width].sort().values
+
+    def _run(self, hidden: list[torch.Tensor], start: int, widths: dict[int, int]) -> list[list[torch.Tensor]]:
+        """Inputs of layers start..L-1 and the last layer's output, per batch, with layer l cut to widths[l]."""
+        adapted = self.adapted
+        states = [hidden]
+        with torch.no_grad(), frozen_eval(adapted.model):
+            for index in range(start, adapted.num_layers):
+                with adapted.on_device(index), self._cut(index, widths.get(index)):
+                    states.append([adapted.run_layer(index, h, self.calls[tuple(h.shape)][index]).cpu() for h in states[-1]])
+        return states
+
+    def _cut(self, index: int, width: int | None):
+        """Layer `index`'s down_proj reading only its kept neurons (refit when the run reconstructs)."""
+        view = self.adapted.mlp(index)
+        if width is None or width == view.width:
+            return registered([])
+        kept = self.kept(index, width)
+        if self.refits is not None:
+            weight, bias = self.refits.weights(index, kept)
+        else:
+            weight, bias = view.down.weight[:, kept.to(view.down.weight.device)], view.down.bias
+        columns = kept.to(weight.device)
+        # The forward hook's return replaces the output. down_proj's own dense product is computed and dropped:
+        # simpler than swapping modules, and it is one third of one layer's MLP.
+        hook = view.down.register_forward_hook(lambda m, args, out: F.linear(args[0].index_select(-1, columns), weight, bias))
+        return registered([hook])
+
+    def __call__(self, widths: dict[int, int], parent: list[list[torch.Tensor]], start: int) -> tuple[float, list[list[torch.Tensor]]]:
+        """(F(widths), the layer inputs under `widths`), running layers from `start` on the parent's inputs there."""
+        states = parent[:start] + self._run(parent[start], start, widths)
+        total = 0.0
+        with torch.no_grad(), frozen_eval(self.adapted.model):
+            for ids, last, (p, negentropy) in zip(self.batches, states[-1], self.teacher):
+                z = self.adapted.head_logits(ids, last).float().cpu()
+                # KL(p || softmax z) = sum p log p - sum p z + logsumexp z   (sum p = 1)
+                total += float((negentropy - (p * z).sum(-1) + z.logsumexp(-1)).double().sum())
+        self.evaluations += 1
+        return sum_number(total) / self.tokens, states
+
+
+@dataclass
+class SearchResult:
+    widths: dict[int, int]
+    kept: dict[int, torch.Tensor]
+    record: dict = field(default_factory=dict)
+
+
+def search_widths(
+    adapted: AdaptedModel,
+    scores: Scores,
+    space: SearchSpace,
+    windows: torch.Tensor,
+    config: AllocationConfig,
+    *,
+    refit_windows: torch.Tensor | None = None,
+    lam: float = 1e-3,
+    batch_size: int = 4,
+    progress: bool = True,
+) -> SearchResult:
+    """Search the widths of `space` minimising F on `windows` [S, L] (refitting in the loop on `refit_windows`
+    when given) for `config.search_generations` generations of `config.search_offspring` children from seed
+    `config.search_seed`; returns the widths, the kept neurons per searched layer and the record for pruning.json."""
+    generations, offspring, seed = config.search_generations, config.search_offspring, config.search_seed
+    start_time = time.perf_counter()
+    refits = _Refits(adapted, refit_windows, space.layers, lam, batch_size) if refit_windows is not None else None
+    grams_s = time.perf_counter() - start_time
+    order = {i: torch.argsort(scores[i], descending=True, stable=True) for i in space.layers}
+    fitness = _Fitness(adapted, windows, order, batch_size, refits)
+    named = starts(space, scores, config)
+    bar = tqdm(total=len(named) + generations * offspring, unit="eval", desc="allocation search",
+               disable=not progress or not is_main())
+
+    def as_dict(widths: Widths) -> dict[int, int]:
+        return dict(zip(space.layers, widths))
+
+    def evaluate(widths: Widths, parent_widths: Widths | None, parent_states) -> tuple[float, list]:
+        if parent_widths is None:
+            first = 0
+            parent_states = fitness.dense_inputs
+        else:
+            first = min(space.layers[i] for i, (a, b) in enumerate(zip(widths, parent_widths)) if a != b)
+        value, states = fitness(as_dict(widths), parent_states, first)
+        bar.update()
+        return value, states
+
+    tried = []
+    best = None
+    for name, widths in named.items():
+        value, states = evaluate(widths, None, None)
+        tried.append({"name": name, "fitness": value, "widths": list(widths)})
+        if best is None or value < best[1]:
+            best = (widths, value, states)
+    parent, parent_value, parent_states = best
+    bar.set_postfix(kl=f"{parent_value:.4f}")
+    rng = random.Random(seed)
+    seen = {w for w in named.values()}
+    history = []
+    for generation in range(1, generations + 1):
+        child_best = None
+        for _ in range(offspring):
+            child = parent
+            for _ in range(20):  # a fresh child; a tiny space may run out of them
+                child = space.mutate(parent, rng)
+                if child not in seen:
+                    break
+            if child in seen:
+                bar.update()
+                continue
+            seen.add(child)
+            value, states = evaluate(child, parent, parent_states)
+            if child_best is None or value < child_best[1]:
+                child_best = (child, value, states)
+        accepted = child_best is not None and child_best[1] < parent_value
+        if accepted:
+            parent, parent_value, parent_states = child_best
+            bar.set_postfix(kl=f"{parent_value:.4f}")
+        history.append({"generation": generation, "best_child_fitness": None if child_best is None else child_best[1],
+                        "accepted": accepted, "fitness": parent_value})  # fitness: the parent's after this generation
+        if refits is not None:
+            refits.keep_only(as_dict(parent))
+    bar.close()
+    widths = as_dict(parent)
+    record = {
+        "fitness": "mean KL(dense || pruned) per token, nats, on the first search windows",
+        "refit_in_loop": None if refits is None else "parallel ridge refit (dense activations of the reconstruction windows)",
+        "search_tokens": fitness.tokens,
+        "step": space.step,
+        "seed": seed,
+        "generations": generations,
+        "offspring": offspring,
+        "evaluations": fitness.evaluations,
+        "starts": tried,
+        "start": min(tried, key=lambda t: t["fitness"])["name"],
+        "history": history,
+        "widths": [widths[i] for i in space.layers],
+        "layers": space.layers,
+        "final_fitness": parent_value,
+        "seconds": {"grams": grams_s, "total": time.perf_counter() - start_time},
+    }
+    return SearchResult(widths, {i: fitness.kept(i, w) for i, w in widths.items()}, record)
