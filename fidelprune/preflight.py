@@ -17,6 +17,7 @@ from torch import nn
 from .adapters import AdaptedModel, adapt, adapter_for
 from .calibration import CalibrationError, check_source, sample_windows
 from .checkpoint import check_scores_fit, score_shapes
+from .errors import ConfigError
 from .models import ModelLoadError, ModelLocation, local_config
 from .surgery import LAYER_WIDTHS_KEY
 
@@ -63,6 +64,10 @@ def check_prune(where: ModelLocation, config, scores: str | Path | None = None, 
     model_cfg = model_config(where, trust_remote_code)
     shapes = shape_model(model_cfg)
     plan_for(shapes, config, scores_given=scores is not None)
+    alloc = config.allocation
+    if alloc.kind == "search" and alloc.search_samples > config.calibration.samples:
+        raise ConfigError(f"--search-samples {alloc.search_samples} is more than the {config.calibration.samples} "
+                          f"calibration windows; choose --search-samples {config.calibration.samples} or less, or more --samples")
     max_positions = getattr(model_cfg, "max_position_embeddings", None)
     if config.draws_windows(scores is not None) and max_positions and config.calibration.seq_len > max_positions:
         raise CalibrationError(f"--seq-len {config.calibration.seq_len} exceeds the model's {max_positions} positions; "

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .adapters import AdaptedModel
-from .allocation import AllocationConfig, global_widths
+from .allocation import AllocationConfig, global_widths, top_k
 from .distributed import is_main, shard, sum_number
 from .reconstruction import Gram, refit_coefficients
 from .scoring import Scores
@@ -133,13 +133,16 @@ class _Refits:
                 with adapted.on_device(index):
                     hooks = []
                     if index in layers:
-                        gram = self.grams[index] = Gram(views[index].width, torch.device("cpu"))
-                        hooks = [views[index].down.register_forward_pre_hook(lambda m, args, g=gram: g.add(args[0].cpu()))]
+                        # accumulated where the layer runs, then kept in host memory: every layer's Gram stays
+                        # for the whole search
+                        gram = self.grams[index] = Gram(views[index].width, adapted.layer_device(index))
+                        hooks = [views[index].down.register_forward_pre_hook(lambda m, args, g=gram: g.add(args[0]))]
                     with registered(hooks):
                         for b, h in enumerate(hidden):
                             hidden[b] = adapted.run_layer(index, h, calls[tuple(h.shape)][index]).cpu()
-        for gram in self.grams.values():
-            gram.reduce()
+                    if index in layers:
+                        self.grams[index].reduce()
+                        self.grams[index].matrix = self.grams[index].matrix.cpu()
 
     def weights(self, index: int, kept: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         key = (index, len(kept))
@@ -162,9 +165,9 @@ class _Fitness:
     """F(w) on the search windows, with the dense model's next-token distributions and each candidate's layer
     inputs kept so a child reruns only the layers from its first change."""
 
-    def __init__(self, adapted: AdaptedModel, windows: torch.Tensor, order: dict[int, torch.Tensor], batch_size: int,
+    def __init__(self, adapted: AdaptedModel, windows: torch.Tensor, scores: Scores, batch_size: int,
                  refits: _Refits | None) -> None:
-        self.adapted, self.order, self.refits = adapted, order, refits
+        self.adapted, self.scores, self.refits = adapted, scores, refits
         self.windows = shard(windows)
         self.batches = list(batches(self.windows, batch_size))
         hidden, self.calls = adapted.layer_inputs(self.windows, batch_size, torch.device("cpu"))
@@ -178,8 +181,8 @@ class _Fitness:
         self.evaluations = 0
 
     def kept(self, index: int, width: int) -> torch.Tensor:
-        """Layer `index`'s top-`width` neurons by score, in index order (allocation.top_k's choice)."""
-        return self.order[index][:width].sort().values
+        """Layer `index`'s top-`width` neurons by score, in index order."""
+        return top_k(self.scores[index], width)
 
     def _run(self, hidden: list[torch.Tensor], start: int, widths: dict[int, int]) -> list[list[torch.Tensor]]:
         """Inputs of layers start..L-1 and the last layer's output, per batch, with layer l cut to widths[l]."""
@@ -246,8 +249,7 @@ def search_widths(
     start_time = time.perf_counter()
     refits = _Refits(adapted, refit_windows, space.layers, lam, batch_size) if refit_windows is not None else None
     grams_s = time.perf_counter() - start_time
-    order = {i: torch.argsort(scores[i], descending=True, stable=True) for i in space.layers}
-    fitness = _Fitness(adapted, windows, order, batch_size, refits)
+    fitness = _Fitness(adapted, windows, scores, batch_size, refits)
     named = starts(space, scores, config)
     bar = tqdm(total=len(named) + generations * offspring, unit="eval", desc="allocation search",
                disable=not progress or not is_main())

@@ -33,6 +33,7 @@ def test_prune_cli_end_to_end(tiny_dir, tmp_path, capsys):
     (["prune", "{tiny}", "--ratio", "0"], "ratio"),
     (["prune", "{tiny}", "--keep", "40", "--calibration", "/no/such.jsonl"], "not found"),
     (["prune", "{tiny}", "--keep", "40", "--seq-len", "32", "--calibration", "{short}"], "fewer than"),
+    (["prune", "{tiny}", "--keep", "40", "--allocation", "search", "--search-samples", "80"], "--search-samples 80 is more than the 64"),
 ])
 def test_bad_input_gives_one_line_error_and_writes_nothing(argv, message, tiny_dir, tmp_path, capsys):
     short = tmp_path / "short.txt"

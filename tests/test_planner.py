@@ -109,8 +109,8 @@ def test_the_search_plan_holds_what_the_search_keeps():
                                       reconstruct="parallel")
     windows = torch.randint(0, 96, (2, 16))
     refits = _Refits(adapted, windows, [0, 1, 2], 1e-3, 4)
-    order = {i: torch.arange(384) for i in range(3)}
-    fitness = _Fitness(adapted, windows, order, 4, refits)
+    scores = {i: torch.arange(384.0) for i in range(3)}
+    fitness = _Fitness(adapted, windows, scores, 4, refits)
     grams = sum(g.matrix.numel() * 8 for g in refits.grams.values())
     teacher = sum(p.numel() * 4 for p, _ in fitness.teacher)
     one_set = sum(h.numel() * h.element_size() for state in fitness.dense_inputs[:-1] for h in state)
