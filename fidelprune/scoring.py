@@ -72,10 +72,12 @@ class _LayerState:
         """per_sequence_grad: [B, *W.shape] fp32, the gradient of each sequence's loss w.r.t. W."""
         weight = self.weight(name).detach().float()
         if self.form == "weight-element":
-            term = per_sequence_grad * weight
+            # In place: the per-sequence gradient is this call's own tensor, so the three [B, I, d] terms cost no
+            # new buffers. The sums are the same elementwise additions in the same order as out of place.
+            term = per_sequence_grad.mul_(weight)
             # P for the down term is [B, d, I]; bring every term to [B, I, d] so the sum runs over neuron rows.
             term = term.transpose(1, 2) if name == "down" else term
-            self.pending = term if self.pending is None else self.pending + term
+            self.pending = term if self.pending is None else self.pending.add_(term)
             self.terms_seen += 1
             if self.terms_seen == 3:
                 self.score += self.pending.abs().mean(dim=2).sum(dim=0).to(self.score.device)
