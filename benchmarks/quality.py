@@ -42,13 +42,15 @@ def table_rows(table: str, ratios: list[float], reconstruct: list[str], num_laye
         return [{"method": None}] + [{"method": m, "ratio": r} for r in ratios for m in ("llm-pruner", "sdmprune", "hfprune")]
     if table == "sweep":
         # every method, then the non-uniform allocations on the default method (LLM-Pruner spares its first 4 and
-        # last 2 of 32 layers; 3 and 2 of SmolLM2's 30 is the same share)
+        # last 2 of 32 layers; 3 and 2 of SmolLM2's 30 is the same share), then the searched allocation, which
+        # refits in its loop when the row reconstructs
         allocations = [{"allocation": "global"}]
         if num_layers >= 4:
             allocations.append({"protect_first": max(1, num_layers // 10), "protect_last": max(1, num_layers // 15)})
         return ([{"method": None}]
                 + [{"method": m, "ratio": r, "reconstruct": mode} for mode in reconstruct for r in ratios for m in SWEEP_METHODS]
-                + [{"method": "hfprune", "ratio": r, "reconstruct": "none", **a} for r in ratios for a in allocations])
+                + [{"method": "hfprune", "ratio": r, "reconstruct": "none", **a} for r in ratios for a in allocations]
+                + [{"method": "hfprune", "ratio": r, "reconstruct": mode, "allocation": "search"} for mode in reconstruct for r in ratios])
     # ablation: the three objectives under one score form (activation, the cheapest), then calibration size N
     return ([{"method": "hfprune", "ratio": 0.2, "objective": o, "form": "activation"} for o in ("ce", "kd", "entropy")]
             + [{"method": "hfprune", "ratio": 0.2, "samples": n} for n in (32, 128, 512)])
@@ -66,6 +68,8 @@ def kept_digest(manifest: dict) -> str:
 
 def prune_arguments(spec: dict, calibration: dict) -> dict:
     spec = {**spec, **method_arguments(spec["method"])}
+    if spec.get("allocation") == "search":  # the default 4 search windows, or all of a smaller calibration (tests)
+        spec["search_samples"] = min(4, calibration["samples"])
     return {"sampling": "spans", **calibration, **spec}  # a calibration without "sampling" drew spans
 
 
@@ -127,8 +131,10 @@ def render(data: dict) -> str:
     p = data["protocol"]
     ppl_cols = [f"ppl_{c}_{w}" for c, w, _ in p["ppl"]]
     acc_cols = [f"acc_{t}" for t in p["tasks"]] + (["average"] if p["tasks"] else [])
-    columns = ["row", "achieved ratio", "scoring s", *ppl_cols, *acc_cols]
-    rows = [[r["key"], r.get("achieved_ratio"), r.get("scoring_s"), *(r.get(c) for c in ppl_cols + acc_cols)] for r in (with_average(r, p["tasks"]) for r in table_order(data))]
+    searched = any("search_s" in r for r in data["rows"])  # the allocation search's own time, beside the scoring's
+    columns = ["row", "achieved ratio", "scoring s", *(["search s"] if searched else []), *ppl_cols, *acc_cols]
+    rows = [[r["key"], r.get("achieved_ratio"), r.get("scoring_s"), *([r.get("search_s")] if searched else []),
+             *(r.get(c) for c in ppl_cols + acc_cols)] for r in (with_average(r, p["tasks"]) for r in table_order(data))]
     ppl = "; ".join(f"{c} at {w} tokens, {'all' if n is None else f'first {n}'} windows" for c, w, n in p["ppl"])
     subset = "full sets" if p["task_limit"] is None else f"first {p['task_limit']} items each"
     tasks = (f"{', '.join(p['tasks'])} ({subset}; acc_norm for ARC, PIQA, OBQA, acc for BoolQ, WinoGrande; "
@@ -208,6 +214,8 @@ def main() -> None:
             row.setdefault("scoring_s", scoring_s)  # the first measurement: a refill may run on a busier machine
             if report.manifest["reconstruction"]["mode"] != "none":
                 row.setdefault("reconstruction_s", report.manifest["timings_s"]["reconstruction"])
+            if "search" in report.manifest["timings_s"]:
+                row.setdefault("search_s", report.manifest["timings_s"]["search"])
         values, seconds = evaluate_metrics(subject, tokenizer, protocol, missing, args.batch_size)
         row.update(values)
         row.setdefault("eval_s", {}).update(seconds)

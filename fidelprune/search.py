@@ -16,9 +16,10 @@ Every kept neuron costs the same parameters in every prunable layer, so moving `
 another keeps the budget exact. The search is EvoPress's (1 + lambda) evolution with level-switch mutations: it
 starts from the best of three allocations (uniform; the first and last layers spared, the sweep's best heuristic;
 one global ranking of standardised scores), then for each generation makes `offspring` children of the parent by
-one to three random moves and keeps the best child when it beats the parent. A child recomputes only the layers
-from the first one it changes (the parent's layer inputs are kept) and the head. The search is seeded: the same
-seed, windows and scores give the same widths.
+one to three random moves and keeps the best child when it beats the parent. Selection is EvoPress's multi-step
+one: the children are screened on the first quarter of the search windows, and the best SURVIVORS alone are
+evaluated on all of them. A child recomputes only the layers from the first one it changes (the parent's layer
+inputs are kept) and the head. The search is seeded: the same seed, windows and scores give the same widths.
 """
 
 from __future__ import annotations
@@ -40,6 +41,9 @@ from .scoring import Scores
 from .utils import batches, frozen_eval, registered
 
 Widths = tuple[int, ...]  # one width per prunable layer, in the order of `SearchSpace.layers`
+# EvoPress's multi-step selection: every child is screened on the first quarter of the search windows, and only
+# the best SURVIVORS are evaluated on the rest and compete with the parent
+SURVIVORS = 2
 
 
 @dataclass
@@ -157,28 +161,38 @@ class _Refits:
             self.cache[key] = (coef[kept.to(coef.device)].T.to(down.device, down.dtype).contiguous(), bias)
         return self.cache[key]
 
-    def keep_only(self, widths: dict[int, int]) -> None:
-        self.cache = {k: v for k, v in self.cache.items() if widths.get(k[0]) == k[1]}
+    def keep_near(self, widths: dict[int, int], step: int) -> None:
+        """Keep the refits of `widths` and of the widths one move away, the ones the next children ask for."""
+        self.cache = {k: v for k, v in self.cache.items() if abs(widths[k[0]] - k[1]) <= step}
 
 
 class _Fitness:
     """F(w) on the search windows, with the dense model's next-token distributions and each candidate's layer
-    inputs kept so a child reruns only the layers from its first change."""
+    inputs kept so a child reruns only the layers from its first change. The first `screen` windows are batched
+    apart from the rest, so a child can be screened on them alone and completed on the others."""
 
     def __init__(self, adapted: AdaptedModel, windows: torch.Tensor, scores: Scores, batch_size: int,
-                 refits: _Refits | None) -> None:
+                 refits: _Refits | None, screen: int) -> None:
         self.adapted, self.scores, self.refits = adapted, scores, refits
-        self.windows = shard(windows)
-        self.batches = list(batches(self.windows, batch_size))
-        hidden, self.calls = adapted.layer_inputs(self.windows, batch_size, torch.device("cpu"))
+        screened, rest = shard(windows[:screen]), shard(windows[screen:])
+        self.batches = list(batches(screened, batch_size))
+        self.screen_batches = len(self.batches)
+        self.batches += list(batches(rest, batch_size))
+        self.windows = torch.cat([screened, rest])
+        hidden, self.calls = adapted.layer_inputs(screened, batch_size, torch.device("cpu"))
+        if len(rest):  # batched apart, as self.batches are
+            more, calls = adapted.layer_inputs(rest, batch_size, torch.device("cpu"))
+            hidden, self.calls = hidden + more, {**self.calls, **calls}
         self.dense_inputs = self._run(hidden, 0, {})
         self.teacher = []  # per batch: (p, sum p log p) of the dense model, fp32
         with torch.no_grad(), frozen_eval(adapted.model):
             for ids, last in zip(self.batches, self.dense_inputs[-1]):
                 p = adapted.head_logits(ids, last).float().softmax(-1).cpu()
                 self.teacher.append((p, torch.xlogy(p, p).sum(-1)))
+        self.screen_tokens = sum_number(screened.numel())
         self.tokens = sum_number(self.windows.numel())
-        self.evaluations = 0
+        self.evaluations = 0  # candidates evaluated on every search window
+        self.screenings = 0  # children evaluated on the screening windows only
 
     def kept(self, index: int, width: int) -> torch.Tensor:
         """Layer `index`'s top-`width` neurons by score, in index order."""
@@ -210,17 +224,47 @@ class _Fitness:
         hook = view.down.register_forward_hook(lambda m, args, out: F.linear(args[0].index_select(-1, columns), weight, bias))
         return registered([hook])
 
-    def __call__(self, widths: dict[int, int], parent: list[list[torch.Tensor]], start: int) -> tuple[float, list[list[torch.Tensor]]]:
-        """(F(widths), the layer inputs under `widths`), running layers from `start` on the parent's inputs there."""
-        states = parent[:start] + self._run(parent[start], start, widths)
+    def kl_sum(self, widths: dict[int, int], parent: list[list[torch.Tensor]], start: int,
+               part: range) -> tuple[float, list[list[torch.Tensor]]]:
+        """(this process's sum of KL over the tokens of batches `part`, the layer inputs of those batches under
+        `widths`), running layers from `start` on the parent's inputs there (the parent has every batch's)."""
+        states = [[layer[b] for b in part] for layer in parent[:start]]
+        states += self._run([parent[start][b] for b in part], start, widths)
         total = 0.0
         with torch.no_grad(), frozen_eval(self.adapted.model):
-            for ids, last, (p, negentropy) in zip(self.batches, states[-1], self.teacher):
-                z = self.adapted.head_logits(ids, last).float().cpu()
+            for b, last in zip(part, states[-1]):
+                p, negentropy = self.teacher[b]
+                z = self.adapted.head_logits(self.batches[b], last).float().cpu()
                 # KL(p || softmax z) = sum p log p - sum p z + logsumexp z   (sum p = 1)
                 total += float((negentropy - (p * z).sum(-1) + z.logsumexp(-1)).double().sum())
+        return total, states
+
+    def __call__(self, widths: dict[int, int], parent: list[list[torch.Tensor]], start: int) -> tuple[float, list[list[torch.Tensor]]]:
+        """(F(widths), the layer inputs under `widths`) on every search window."""
+        total, states = self.kl_sum(widths, parent, start, range(len(self.batches)))
         self.evaluations += 1
         return sum_number(total) / self.tokens, states
+
+    def screen(self, widths: dict[int, int], parent: list[list[torch.Tensor]], start: int) -> "_Screened":
+        """F(widths) on the screening windows alone, kept so `complete` can finish it on the others."""
+        total, states = self.kl_sum(widths, parent, start, range(self.screen_batches))
+        self.screenings += 1
+        return _Screened(sum_number(total) / self.screen_tokens, total, states, start)
+
+    def complete(self, widths: dict[int, int], screened: "_Screened", parent: list[list[torch.Tensor]]) -> tuple[float, list[list[torch.Tensor]]]:
+        """(F(widths), its layer inputs) on every search window, from a screening and the parent's other batches."""
+        rest, states = self.kl_sum(widths, parent, screened.start, range(self.screen_batches, len(self.batches)))
+        self.evaluations += 1
+        return (sum_number(screened.total + rest) / self.tokens,
+                [a + b for a, b in zip(screened.states, states)])
+
+
+@dataclass
+class _Screened:
+    fitness: float  # F on the screening windows
+    total: float  # this process's KL sum there
+    states: list[list[torch.Tensor]]
+    start: int
 
 
 @dataclass
@@ -249,7 +293,8 @@ def search_widths(
     start_time = time.perf_counter()
     refits = _Refits(adapted, refit_windows, space.layers, lam, batch_size) if refit_windows is not None else None
     grams_s = time.perf_counter() - start_time
-    fitness = _Fitness(adapted, windows, scores, batch_size, refits)
+    screen = max(1, len(windows) // 4)
+    fitness = _Fitness(adapted, windows, scores, batch_size, refits, screen)
     named = starts(space, scores, config)
     bar = tqdm(total=len(named) + generations * offspring, unit="eval", desc="allocation search",
                disable=not progress or not is_main())
@@ -257,20 +302,11 @@ def search_widths(
     def as_dict(widths: Widths) -> dict[int, int]:
         return dict(zip(space.layers, widths))
 
-    def evaluate(widths: Widths, parent_widths: Widths | None, parent_states) -> tuple[float, list]:
-        if parent_widths is None:
-            first = 0
-            parent_states = fitness.dense_inputs
-        else:
-            first = min(space.layers[i] for i, (a, b) in enumerate(zip(widths, parent_widths)) if a != b)
-        value, states = fitness(as_dict(widths), parent_states, first)
-        bar.update()
-        return value, states
-
     tried = []
     best = None
     for name, widths in named.items():
-        value, states = evaluate(widths, None, None)
+        value, states = fitness(as_dict(widths), fitness.dense_inputs, 0)
+        bar.update()
         tried.append({"name": name, "fitness": value, "widths": list(widths)})
         if best is None or value < best[1]:
             best = (widths, value, states)
@@ -278,22 +314,30 @@ def search_widths(
     bar.set_postfix(kl=f"{parent_value:.4f}")
     rng = random.Random(seed)
     seen = {w for w in named.values()}
+    screening = fitness.screen_batches < len(fitness.batches) and offspring > SURVIVORS
     history = []
     for generation in range(1, generations + 1):
-        child_best = None
+        children = []
         for _ in range(offspring):
             child = parent
             for _ in range(20):  # a fresh child; a tiny space may run out of them
                 child = space.mutate(parent, rng)
                 if child not in seen:
                     break
+            bar.update()
             if child in seen:
-                bar.update()
                 continue
             seen.add(child)
-            value, states = evaluate(child, parent, parent_states)
-            if child_best is None or value < child_best[1]:
-                child_best = (child, value, states)
+            first = min(space.layers[i] for i, (a, b) in enumerate(zip(child, parent)) if a != b)
+            # held: the best SURVIVORS screenings, or the best child so far
+            if screening:
+                children.append((child, fitness.screen(as_dict(child), parent_states, first)))
+                children = sorted(children, key=lambda c: c[1].fitness)[:SURVIVORS]
+            else:
+                children = sorted(children + [(child, *fitness(as_dict(child), parent_states, first))], key=lambda c: c[1])[:1]
+        if screening:
+            children = [(child, *fitness.complete(as_dict(child), screened, parent_states)) for child, screened in children]
+        child_best = min(children, key=lambda c: c[1], default=None)
         accepted = child_best is not None and child_best[1] < parent_value
         if accepted:
             parent, parent_value, parent_states = child_best
@@ -301,7 +345,7 @@ def search_widths(
         history.append({"generation": generation, "best_child_fitness": None if child_best is None else child_best[1],
                         "accepted": accepted, "fitness": parent_value})  # fitness: the parent's after this generation
         if refits is not None:
-            refits.keep_only(as_dict(parent))
+            refits.keep_near(as_dict(parent), space.step)
     bar.close()
     widths = as_dict(parent)
     record = {
@@ -312,6 +356,8 @@ def search_widths(
         "seed": seed,
         "generations": generations,
         "offspring": offspring,
+        "screening": ({"windows": screen, "tokens": fitness.screen_tokens, "survivors": SURVIVORS, "screenings": fitness.screenings}
+                      if screening else None),
         "evaluations": fitness.evaluations,
         "starts": tried,
         "start": min(tried, key=lambda t: t["fitness"])["name"],

@@ -32,17 +32,19 @@ def test_quality_script_fills_columns_across_runs_and_resumes(tmp_path):
     run("quality.py", *args, "--metrics", "ppl")
     rows = json.loads(out.read_text())["rows"]
     assert [r["key"] for r in rows] == ["method=hfprune ratio=0.3 reconstruct=none",
-                                        "method=hfprune ratio=0.3 reconstruct=none allocation=global"]
+                                        "method=hfprune ratio=0.3 reconstruct=none allocation=global",
+                                        "method=hfprune ratio=0.3 reconstruct=none allocation=search"]
     assert rows[0]["ppl_wikitext2_64"] > 1 and "acc_piqa" not in rows[0]
     assert rows[1]["scoring_s"] == rows[0]["scoring_s"] > 0  # the global row reused the uniform row's scores
+    assert rows[2]["search_s"] > 0 and "search_s" not in rows[0]  # the search's own time, beside the scoring's
     run("quality.py", *args)  # fills the zero-shot columns of the same rows
     rows = json.loads(out.read_text())["rows"]
-    assert len(rows) == 2 and all(0 <= r["acc_piqa"] <= 1 and len(r["filled_by"]) == 2 for r in rows)
+    assert len(rows) == 3 and all(0 <= r["acc_piqa"] <= 1 and len(r["filled_by"]) == 2 for r in rows)
     assert all(len(r["items_piqa"]) == 2 and r["items_piqa"].count("1") / 2 == r["acc_piqa"] for r in rows)  # per item, for paired tests
     assert "| method=hfprune ratio=0.3 reconstruct=none |" in out.with_suffix(".md").read_text()
     run("quality.py", *args)  # resumes: nothing left to do, nothing duplicated
     data = json.loads(out.read_text())
-    assert [len(r["filled_by"]) for r in data["rows"]] == [2, 2]
+    assert [len(r["filled_by"]) for r in data["rows"]] == [2, 2, 2]
     # a refill whose pruned model kept other neurons must not pair its accuracy with the old perplexity
     data["rows"][0]["kept_digest"] = "0" * 16
     del data["rows"][0]["acc_piqa"]

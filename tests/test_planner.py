@@ -100,7 +100,7 @@ def test_a_run_that_will_not_fit_stops_before_loading_with_the_flag_that_fits(fr
 
 def test_the_search_plan_holds_what_the_search_keeps():
     """--allocation search: the planned host part covers the Grams, the teacher's distributions and the four sets
-    of layer inputs (dense and up to three candidates) that search.py holds, measured on the real objects."""
+    of layer inputs (dense, the parent and at most two children) that search.py holds, measured on the real objects."""
     from fidelprune.search import _Fitness, _Refits
 
     model = tiny_model("llama", **SHAPES)
@@ -110,7 +110,7 @@ def test_the_search_plan_holds_what_the_search_keeps():
     windows = torch.randint(0, 96, (2, 16))
     refits = _Refits(adapted, windows, [0, 1, 2], 1e-3, 4)
     scores = {i: torch.arange(384.0) for i in range(3)}
-    fitness = _Fitness(adapted, windows, scores, 4, refits)
+    fitness = _Fitness(adapted, windows, scores, 4, refits, 1)
     grams = sum(g.matrix.numel() * 8 for g in refits.grams.values())
     teacher = sum(p.numel() * 4 for p, _ in fitness.teacher)
     one_set = sum(h.numel() * h.element_size() for state in fitness.dense_inputs[:-1] for h in state)
