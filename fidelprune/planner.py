@@ -183,13 +183,14 @@ def plan_memory(shapes: AdaptedModel, config, dtype: torch.dtype, device: str, s
     alloc = config.allocation
     if alloc.kind == "search":
         # search.py, all in host memory: the dense next-token distributions of the search windows (fp32), the
-        # layer inputs of the dense model and up to three candidates, and with reconstruction one fp64 Gram per
-        # prunable layer (the refit in the loop)
+        # layer inputs of the dense model, the parent and two children, and with reconstruction one fp64 Gram per
+        # prunable layer (the refit in the loop) and the refit down_proj of three widths per layer (the parent's
+        # and one move either side, search._Refits.keep_near), each at most the whole width
         search_tokens = alloc.search_samples * seq
         searched = layers - len(alloc.protected(layers))
         part = 4 * search_tokens * vocab + 4 * b * layers * search_tokens * d
         if config.reconstruction.mode != "none":
-            part += searched * 8 * (width + 1) ** 2
+            part += searched * (8 * (width + 1) ** 2 + 3 * b * width * d)
         if on_host:
             plan.parts["allocation search"] = part
         else:

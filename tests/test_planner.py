@@ -99,8 +99,9 @@ def test_a_run_that_will_not_fit_stops_before_loading_with_the_flag_that_fits(fr
 
 
 def test_the_search_plan_holds_what_the_search_keeps():
-    """--allocation search: the planned host part covers the Grams, the teacher's distributions and the four sets
-    of layer inputs (dense, the parent and at most two children) that search.py holds, measured on the real objects."""
+    """--allocation search: the planned host part covers the Grams and the refits kept near the parent, the
+    teacher's distributions and the four sets of layer inputs (dense, the parent and at most two children) that
+    search.py holds, measured on the real objects."""
     from fidelprune.search import _Fitness, _Refits
 
     model = tiny_model("llama", **SHAPES)
@@ -111,9 +112,13 @@ def test_the_search_plan_holds_what_the_search_keeps():
     refits = _Refits(adapted, windows, [0, 1, 2], 1e-3, 4)
     scores = {i: torch.arange(384.0) for i in range(3)}
     fitness = _Fitness(adapted, windows, scores, 4, refits, 1)
-    grams = sum(g.matrix.numel() * 8 for g in refits.grams.values())
+    refit_bytes = sum(g.matrix.numel() * 8 for g in refits.grams.values())
+    for index in range(3):  # the refits kept near a parent of (nearly) whole layers: three widths per layer
+        for width in (384, 376, 368):
+            refits.weights(index, fitness.kept(index, width))
+    refit_bytes += sum(w.numel() * w.element_size() for w, _ in refits.cache.values())
     teacher = sum(p.numel() * 4 for p, _ in fitness.teacher)
     one_set = sum(h.numel() * h.element_size() for state in fitness.dense_inputs[:-1] for h in state)
-    held = grams + teacher + 4 * one_set
+    held = refit_bytes + teacher + 4 * one_set
     planned = plan_memory(adapt(tiny_model("llama", **SHAPES)), config, torch.float32, "cpu").parts["allocation search"]
     assert held <= planned <= 1.1 * held
