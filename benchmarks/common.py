@@ -52,17 +52,38 @@ def header(protocol: dict) -> dict:
     }
 
 
-def load_model(name: str):
-    """(model, tokenizer, source): 'smollm2' (packaged) or 'tiny' (a random 2-layer LLaMA with SmolLM2's
-    tokenizer, for the smoke tests that keep these scripts from rotting)."""
-    import fidelprune
+# Real shapes (the published configs' numbers): planned without weights, or built with random weights for timing.
+LARGE = {
+    "Llama-3.2-1B": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                         num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True),
+    "Llama-3.1-8B": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                         num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False),
+    "Llama-3.1-70B": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
+                          num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False),
+}
 
-    if name != "tiny":
-        return fidelprune.load_model(name, dtype="float32", device="cpu")
+
+def load_model(name: str):
+    """(model, tokenizer, source): 'smollm2' (packaged); 'tiny' (a random 2-layer LLaMA with a byte tokenizer, for
+    the smoke tests that keep these scripts from rotting); or a LARGE name + '-random' (e.g. 'Llama-3.2-1B-random':
+    that shape with random weights, seed 0, and SmolLM2's tokenizer, whose ids all fit its vocabulary: timing and
+    memory depend on the shapes only)."""
+    import fidelprune
     import transformers
 
     from fidelprune.models import ModelSource
 
+    if name.endswith("-random") and name.removesuffix("-random") in LARGE:
+        from fidelprune.models import packaged_gguf
+
+        gguf = packaged_gguf()
+        tokenizer = transformers.AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        config = transformers.LlamaConfig(**LARGE[name.removesuffix("-random")], max_position_embeddings=8192,
+                                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+        torch.manual_seed(0)
+        return transformers.LlamaForCausalLM(config).eval(), tokenizer, ModelSource(name, None, None, None)
+    if name != "tiny":
+        return fidelprune.load_model(name, dtype="float32", device="cpu")
     tokenizer = byte_tokenizer()
     config = transformers.LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=256, num_hidden_layers=2,
                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,

@@ -5,6 +5,8 @@ measurement runs in its own process so peak memory is its own.
 
     python benchmarks/cost.py                       # SmolLM2-135M, 8 x 256 C4 windows
     python benchmarks/cost.py --model tiny --samples 2 --seq-len 16 --output /tmp/cost.json   # smoke test
+    python benchmarks/cost.py --model Llama-3.2-1B-random --device cuda --dtype bfloat16 --samples 1024 \
+        --seq-len 1024 --repeats 1 --impls fidelprune    # a GPU: results/cost-cuda.{json,md}; memory from torch.cuda
 """
 
 from __future__ import annotations
@@ -58,13 +60,29 @@ class PeakRSS:
         self.peak = max(self.peak, self._rss())
 
 
+class PeakCuda:
+    """PeakRSS's interface on a GPU: torch.cuda's allocated bytes, which are exact (no allocator slack to fix)."""
+
+    def __enter__(self):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        self.before = torch.cuda.memory_allocated()
+        return self
+
+    def __exit__(self, *exc):
+        torch.cuda.synchronize()
+        self.peak = torch.cuda.max_memory_allocated()
+
+
 def run_floor(model, windows, batch_size, backward: bool) -> None:
     from fidelprune.objectives import ce
     from fidelprune.scoring import leaf_embeddings
     from fidelprune.utils import batches, frozen_eval
 
+    device = next(model.parameters()).device
     with frozen_eval(model), leaf_embeddings(model), torch.set_grad_enabled(backward):
         for batch in batches(windows, batch_size):
+            batch = batch.to(device)
             logits = model(input_ids=batch, use_cache=False).logits
             if backward:
                 ce(logits, batch).sum().backward()
@@ -115,13 +133,18 @@ def worker(spec: dict) -> dict:
 
     torch.manual_seed(0)
     model, tokenizer, _ = load_model(spec["model"])
-    windows, _ = sample_windows(tokenizer, "c4", spec["samples"], spec["seq_len"], seed=0)
+    device = torch.device(spec.get("device", "cpu"))
+    model.to(device=device, dtype=getattr(torch, spec.get("dtype", "float32")))
+    windows, _ = sample_windows(tokenizer, "c4", spec["samples"], spec["seq_len"], seed=0)  # scoring moves each batch
     impl, method = spec["impl"], spec["method"]
     with torch.no_grad():  # warm-up: first-call allocations and kernel choices are not scoring cost
-        model(input_ids=windows[:1], use_cache=False)
+        model(input_ids=windows[:1].to(device), use_cache=False)
     runs = []
-    with PeakRSS() as memory:  # the first pass sets the peak; repeats reuse what it freed
+    on_gpu = device.type == "cuda"
+    with PeakCuda() if on_gpu else PeakRSS() as memory:  # the first pass sets the peak; repeats reuse what it freed
         for _ in range(spec.get("repeats", 1)):
+            if on_gpu:
+                torch.cuda.synchronize()
             start = time.perf_counter()
             if impl == "floor":
                 run_floor(model, windows, spec["batch_size"], backward=method == "forward+backward")
@@ -129,6 +152,8 @@ def worker(spec: dict) -> dict:
                 run_fast(model, windows, method, spec["batch_size"])
             else:
                 run_reference(model, windows, method)
+            if on_gpu:
+                torch.cuda.synchronize()
             runs.append(time.perf_counter() - start)
     seconds = statistics.median(runs)
     return {"seconds": seconds, "runs_seconds": runs, "tokens": windows.numel(), "tokens_per_s": windows.numel() / seconds,
@@ -155,6 +180,8 @@ def run_worker(spec: dict, env: dict[str, str]) -> dict:
 def measure(spec: dict, in_process: bool = False) -> dict:
     if in_process:  # smoke tests only: memory figures then include earlier cells' leftovers
         return worker(spec)
+    if spec.get("device", "cpu").startswith("cuda"):  # torch.cuda's peak is exact: one run gives both
+        return run_worker(spec, {})
     timed, watched = run_worker(spec, {}), run_worker({**spec, "repeats": 1}, EXACT_RSS_ENV)
     return {**timed, "peak_rss_bytes": watched["peak_rss_bytes"], "extra_rss_bytes": watched["extra_rss_bytes"],
             "default_allocator_extra_rss_bytes": timed["extra_rss_bytes"]}
@@ -177,11 +204,16 @@ def render(data: dict) -> str:
             ref and fast["extra_rss_bytes"] / max(ref["extra_rss_bytes"], 1),
         ])
     p = data["protocol"]
+    if p.get("device", "cpu") == "cpu":
+        memory = (f"Extra memory = peak RSS during scoring minus RSS before it, from a second run of the cell with glibc's "
+                  f"mmap threshold fixed at 128 KiB so that freed tensors leave RSS (tok/s come from the first run, default "
+                  f"allocator: the median of {p.get('repeats', 1)} passes in that process).")
+    else:
+        memory = (f"{p['device']}, {p['dtype']}. Extra memory = torch.cuda.max_memory_allocated during scoring minus what was "
+                  f"allocated before it; tok/s the median of {p.get('repeats', 1)} passes.")
     return (f"# Scoring cost\n\n{p['model']}, {p['samples']} x {p['seq_len']} C4 windows, batch {p['batch_size']}, "
-            f"one process per cell. Extra memory = peak RSS during scoring minus RSS before it, from a second run of the "
-            f"cell with glibc's mmap threshold fixed at 128 KiB so that freed tensors leave RSS (tok/s come from the "
-            f"first run, default allocator: the median of {p.get('repeats', 1)} passes in that process). sdmprune runs two "
-            f"scoring passes (stage 1 and 2) over the windows.\n\n" + provenance(data) + "\n" + markdown_table(
+            f"one process per cell. {memory} sdmprune runs two scoring passes (stage 1 and 2) over the windows.\n\n"
+            + provenance(data) + "\n" + markdown_table(
                 ["method", "tok/s", "floor tok/s", "reference tok/s", "time / floor", "reference time / ours",
                  "extra MiB", "floor extra MiB", "memory / floor", "reference extra MiB", "memory / reference"], table))
 
@@ -194,19 +226,25 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3, help="timed passes per cell in one process; tok/s is their median")
     parser.add_argument("--methods", default=",".join((*GRADIENT_METHODS, *FORWARD_METHODS)))
-    parser.add_argument("--output", default=str(RESULTS / "cost.json"))
+    parser.add_argument("--impls", default="fidelprune,reference", help="which implementations to time besides the floors")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (the results file then gets a -cuda suffix)")
+    parser.add_argument("--dtype", default="float32", help="the model's dtype (bfloat16 on a GPU)")
+    parser.add_argument("--output", help="default: results/cost.json, or cost-cuda.json on a GPU")
     parser.add_argument("--in-process", action="store_true", help="no subprocess per cell (fast smoke test; memory not isolated)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
         return
+    args.output = args.output or str(RESULTS / ("cost.json" if args.device == "cpu" else "cost-cuda.json"))
     protocol = {"model": args.model, "samples": args.samples, "seq_len": args.seq_len, "batch_size": args.batch_size,
                 "repeats": args.repeats, "memory_env": EXACT_RSS_ENV}
+    if args.device != "cpu" or args.dtype != "float32":  # recorded only when set: the committed CPU tables resume
+        protocol.update(device=args.device, dtype=args.dtype)
     results = ResultsFile(args.output, protocol)
     methods = args.methods.split(",")
     cells = [("forward+backward", "floor"), ("forward", "floor")]
-    cells += [(m, impl) for m in methods for impl in ("fidelprune", "reference")]
+    cells += [(m, impl) for m in methods for impl in args.impls.split(",")]
     for method, impl in cells:
         key = f"{method}/{impl}"
         if results.done(key):

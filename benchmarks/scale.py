@@ -46,21 +46,12 @@ import torch
 from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import RESULTS, ResultsFile, header, load_model, markdown_table, method_arguments, provenance  # noqa: E402
+from common import LARGE, RESULTS, ResultsFile, header, load_model, markdown_table, method_arguments, provenance  # noqa: E402
 from cost import EXACT_RSS_ENV, PeakRSS  # noqa: E402
 
 GiB = 2**30
 STREAMING_CELLS = [("hfprune", "none"), ("hfprune", "sequential"), ("sdmprune", "none"), ("llm-pruner", "none"),
                    ("wanda-sp", "none")]
-# Real shapes (the published configs' numbers), for planning only: no weights are made.
-LARGE = {
-    "Llama-3.2-1B": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-                         num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True),
-    "Llama-3.1-8B": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                         num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False),
-    "Llama-3.1-70B": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
-                          num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False),
-}
 
 
 def run(command: list[str], env: dict) -> float:

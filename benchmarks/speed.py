@@ -6,6 +6,7 @@ would: the CPU peak (process RSS) then holds that model alone, not the dense one
 
     python benchmarks/speed.py
     python benchmarks/speed.py --model tiny --repeats 1 --output /tmp/speed.json   # smoke test
+    python benchmarks/speed.py --model Llama-3.2-1B-random --devices cuda --dtype bfloat16 --output benchmarks/results/speed-cuda.json
 """
 
 from __future__ import annotations
@@ -39,7 +40,8 @@ def render(data: dict) -> str:
                      r["decode_tokens_per_s"], (r["peak_memory_bytes"] or 0) / 2**20, ideal, prefill, decode,
                      prefill / ideal if base else None, decode / ideal if base else None])
     return (f"# Pruned-model speed, {p['model']}\n\nPrefill: one forward of {p['batch']} x {p['prompt_len']} tokens; decode: "
-            f"{p['new_tokens']} greedy steps with the KV cache, batch {p['batch']}; median of {p['repeats']} runs after a warm-up. "
+            f"{p['new_tokens']} greedy steps with the KV cache, batch {p['batch']}; median of {p['repeats']} runs after a warm-up"
+            f"{'; ' + p['dtype'] + ' weights' if 'dtype' in p else ''}. "
             f"Ideal speed-up = dense parameter bytes / pruned parameter bytes.\n\n" + provenance(data) + "\n" + markdown_table(
                 ["device", "target", "achieved", "MLP width", "param MiB", "prefill tok/s", "decode tok/s", "peak MiB",
                  "ideal x", "prefill x", "decode x", "prefill / ideal", "decode / ideal"], rows))
@@ -49,7 +51,7 @@ def worker(spec: dict) -> dict:
     """Load one saved checkpoint and measure it: runs in its own process (see the module docstring)."""
     import transformers
 
-    model = transformers.AutoModelForCausalLM.from_pretrained(spec["checkpoint"], dtype=torch.float32)
+    model = transformers.AutoModelForCausalLM.from_pretrained(spec["checkpoint"], dtype=getattr(torch, spec.get("dtype", "float32")))
     speed = measure_speed(model, spec["device"], prompt_len=spec["prompt_len"], new_tokens=spec["new_tokens"],
                           batch_size=spec["batch"], repeats=spec["repeats"])
     return {"width": model.config.intermediate_size, "param_bytes": model_size(model)["param_bytes"], **speed.to_dict()}
@@ -70,6 +72,8 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--devices", default="cpu,cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="float32")
     parser.add_argument("--output", default=str(RESULTS / "speed.json"))
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -78,9 +82,11 @@ def main() -> None:
         return
     protocol = {"model": args.model, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "batch": args.batch,
                 "repeats": args.repeats, "process": "one per model, loading its saved checkpoint"}
+    if args.dtype != "float32":  # recorded only when set: the committed float32 table resumes
+        protocol["dtype"] = args.dtype
     results = ResultsFile(args.output, protocol)
     model, tokenizer, _ = load_model(args.model)
-    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    devices = args.devices.split(",")
     with tempfile.TemporaryDirectory() as scratch:
         for ratio in [0.0] + [float(r) for r in args.ratios.split(",")]:
             keys = [f"{device} ratio={ratio}" for device in devices]

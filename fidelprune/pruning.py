@@ -37,8 +37,13 @@ from .surgery import remove_neurons
 from .utils import check_finite_weights, library_versions
 
 DEFAULT_RATIO = 0.2
-__all__ = ["DEFAULT_CALIBRATION", "DEFAULT_RATIO", "DEFAULT_SAMPLES", "DEFAULT_SEQ_LEN", "PruneConfig", "PruneReport",
-           "library_versions", "prune", "save"]
+# Named combinations of settings, chosen by the benchmarks (docs/methods.md, "Recipes"). A recipe fills in the
+# settings it names; giving one of them as well, with another value, is an error.
+RECIPES = {
+    "best": {"method": "hfprune", "allocation": "search", "reconstruct": "sequential"},
+}
+__all__ = ["DEFAULT_CALIBRATION", "DEFAULT_RATIO", "DEFAULT_SAMPLES", "DEFAULT_SEQ_LEN", "RECIPES", "PruneConfig",
+           "PruneReport", "library_versions", "prune", "save"]
 
 
 def _width_range(widths: list[int]) -> str:
@@ -74,6 +79,18 @@ class PruneReport:
         }
 
 
+def _with_recipe(recipe: str | None, **given: str | None) -> tuple[str, ...]:
+    """The settings in `given` with the recipe's filled in where none was given, else the plain defaults."""
+    if recipe is not None and recipe not in RECIPES:
+        raise ConfigError(f"unknown recipe {recipe!r}: choose one of {', '.join(RECIPES)}")
+    named = RECIPES.get(recipe, {})
+    for name, value in given.items():
+        if value is not None and name in named and value != named[name]:
+            raise ConfigError(f"--recipe {recipe} sets --{name} {named[name]}; drop --{name} {value} or the recipe")
+    defaults = {"method": "hfprune", "allocation": "uniform", "reconstruct": "none"}
+    return tuple(value or named.get(name, defaults[name]) for name, value in given.items())
+
+
 @dataclass
 class PruneConfig:
     """Every setting of a pruning run, in the four sections of the pipeline; recorded in pruning.json as
@@ -87,9 +104,10 @@ class PruneConfig:
     @classmethod
     def from_options(
         cls,
-        method: str = "hfprune",
+        method: str | None = None,
         ratio: float | None = None,
         *,
+        recipe: str | None = None,
         keep: int | None = None,
         round_to: int = 8,
         calibration: str | Path = DEFAULT_CALIBRATION,
@@ -104,7 +122,7 @@ class PruneConfig:
         temperature: float | None = None,
         aggregation: str = "mean",
         steps: int = 1,
-        allocation: str = "uniform",
+        allocation: str | None = None,
         protect_first: int = 0,
         protect_last: int = 0,
         min_keep: int | None = None,
@@ -113,7 +131,7 @@ class PruneConfig:
         search_offspring: int = 8,
         search_step: int | None = None,
         search_seed: int = 0,
-        reconstruct: str = "none",
+        reconstruct: str | None = None,
         reconstruct_lambda: float = RECONSTRUCT_LAMBDA,
         reconstruct_target: str = "layer",
         reconstruct_calibration: str | Path | None = None,
@@ -121,9 +139,11 @@ class PruneConfig:
         reconstruct_seed: int | None = None,
     ) -> PruneConfig:
         """The flat form, one keyword per CLI flag: `ratio` (default 0.2) or `keep`; `seed` draws the windows
-        and seeds the random method."""
+        and seeds the random method; `recipe` (a RECIPES name) fills in method, allocation and reconstruct, which
+        otherwise default to hfprune, uniform and none."""
         if ratio is None and keep is None:
             ratio = DEFAULT_RATIO
+        method, allocation, reconstruct = _with_recipe(recipe, method=method, allocation=allocation, reconstruct=reconstruct)
         return cls(
             MethodConfig(method, objective, form, alpha, temperature, batch_size=batch_size, seed=seed, aggregation=aggregation,
                          steps=steps),
@@ -153,7 +173,7 @@ class PruneConfig:
 def prune(
     model: nn.Module,
     tokenizer=None,
-    method: str | PruneConfig = "hfprune",
+    method: str | PruneConfig | None = None,
     ratio: float | None = None,
     *,
     config: PruneConfig | None = None,
@@ -169,7 +189,8 @@ def prune(
     unless `inplace=True` (which saves a copy's memory).
 
     Settings come as a `PruneConfig` (`prune(model, tokenizer, config)`), or as keywords, one per CLI flag
-    (`method`, `ratio` or `keep`, `allocation`, `reconstruct`, ...; see `PruneConfig.from_options`). `ratio` is
+    (`method` (default hfprune), `ratio` or `keep`, `allocation`, `reconstruct`, `recipe`, ...; see
+    `PruneConfig.from_options`). `ratio` is
     the fraction of total parameters removed; uniform allocation gives every layer the same width (a vanilla
     checkpoint), global allocation and protected layers give per-layer widths (see load_model).
 
@@ -186,7 +207,7 @@ def prune(
         config, method = method, None
     reconstruction_ids = None
     if config is not None:
-        if options or ratio is not None or method not in (None, "hfprune"):
+        if options or ratio is not None or method is not None:
             raise TypeError("pass the settings either as a PruneConfig or as keywords, not both")
     else:
         if isinstance(options.get("reconstruct_calibration"), torch.Tensor):

@@ -38,6 +38,7 @@ CASES = [
     (PRUNE + " --keep 0 -o {dir}/out", "--keep must be at least 1", BEFORE_LOAD),
     (PRUNE + " --keep 48 -o {dir}/out", "keep must be between", BEFORE_LOAD),
     (PRUNE + " --ratio 0.2 --keep 24 -o {dir}/out", "not both", BEFORE_LOAD),
+    (PRUNE + " --recipe best -o {dir}/out", "--recipe best sets --reconstruct sequential", BEFORE_LOAD),
     (PRUNE + " --keep 24 --round-to 48 -o {dir}/out", "--round-to 48 is not below", BEFORE_LOAD),
     (PRUNE + " --keep 24 --round-to 0 -o {dir}/out", "--round-to must be at least 1", BEFORE_LOAD),
     (PRUNE + " --keep 24 --method sdmprune --alpha 5 -o {dir}/out", "--alpha", BEFORE_LOAD),

@@ -61,6 +61,44 @@ def test_speed_script_reports_dense_and_pruned(tmp_path):
     assert [r["ratio"] for r in rows] == [0.0, 0.3] and rows[1]["param_bytes"] < rows[0]["param_bytes"]
 
 
+def test_decode_cost_script_fits_the_fixed_part_over_widths(tmp_path):
+    out = tmp_path / "dc.json"
+    run("decode_cost.py", "--widths", "128,64", "--rounds", "2", "--steps", "2", "--prompt-len", "8", "--output", str(out))
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["key"] for r in rows] == ["dense 256", "dense 256, aligned copy", "width 128", "width 64"]
+    assert [r["width"] for r in rows] == [256, 256, 128, 64] and all(len(r["rounds_step_s"]) == 2 for r in rows)
+    assert rows[1]["param_bytes"] > rows[2]["param_bytes"] > rows[3]["param_bytes"]
+    assert all(r["contiguous"] and r["aligned_64"] for r in rows[1:])  # fresh copies and surgery's fresh weights
+    assert "ms fixed** + parameter bytes" in out.with_suffix(".md").read_text()
+
+
+def test_recovery_speed_script_pairs_each_recover_mode_with_its_bare_step(tmp_path):
+    out = tmp_path / "rs.json"
+    run("recovery_speed.py", "--steps", "1", "--rounds", "2", "--output", str(out))
+    data = json.loads(out.read_text())
+    rows = {r["key"]: r for r in data["rows"]}
+    assert set(rows) == {"floor", "bare full", "bare lora", "bare full+teacher", "bare lora+teacher", "recover lora/ce",
+                         "recover lora/kd", "recover full/ce", "recover full/kd"}
+    assert all(len(r["rounds_tokens_per_s"]) == 2 and r["tokens_per_s"] > 0 for r in rows.values())
+    assert data["protocol"]["lora_dropout"] == 0.0  # recovery's default, recorded
+    line = next(line for line in out.with_suffix(".md").read_text().splitlines() if line.startswith("| recover lora/kd |"))
+    assert float(line.split("|")[3]) > 0  # paired with bare lora+teacher
+
+
+def test_recovery_quality_script_follows_perplexity_over_checkpoints(tmp_path, tiny_dir):
+    pruned, out = tmp_path / "pruned", tmp_path / "rq.json"
+    subprocess.run([sys.executable, "-m", "fidelprune.cli", "prune", str(tiny_dir), "--method", "magnitude", "--ratio", "0.001",
+                    "--reconstruct", "none", "-o", str(pruned)], check=True, capture_output=True, text=True)
+    subprocess.run([sys.executable, str(BENCHMARKS / "recovery_quality.py"), str(pruned), "--tokens", "640", "--batch-size", "1",
+                    "--seq-len", "64", "--eval-every", "4", "--ppl-windows", "2", "--ppl-seq-len", "32", "--data", "alpaca",
+                    "--output", str(out)], check=True, capture_output=True, text=True)
+    row = json.loads(out.read_text())["rows"][0]
+    assert [c["step"] for c in row["curve"]] == [0, 4, 8, 10] and row["finite"]
+    assert 0 < row["curve"][1]["tokens"] < row["curve"][2]["tokens"] < row["curve"][3]["tokens"] <= 640
+    assert row["curve"][0]["ppl"] != row["curve"][-1]["ppl"]  # the adapters changed the model
+    assert "1.5 x dense" in out.with_suffix(".md").read_text()
+
+
 def test_scale_script_compares_one_process_with_two(tmp_path, tiny_dir):
     out = tmp_path / "scale.json"
     subprocess.run([sys.executable, str(BENCHMARKS / "scale.py"), str(tiny_dir), "--samples", "5", "--seq-len", "16",

@@ -96,6 +96,22 @@ def test_a_prune_config_and_the_keywords_give_the_same_run():
         prune(model, None, config, ratio=0.3)
 
 
+def test_a_recipe_fills_its_settings_and_refuses_contradictions():
+    from fidelprune.errors import ConfigError
+    from fidelprune.pruning import RECIPES, PruneConfig
+
+    best = PruneConfig.from_options(recipe="best", ratio=0.3)
+    assert (best.method.method, best.allocation.kind, best.reconstruction.mode) == ("hfprune", "search", "sequential")
+    assert best == PruneConfig.from_options(**RECIPES["best"], ratio=0.3)  # nothing but its named settings
+    assert best == PruneConfig.from_options("hfprune", 0.3, recipe="best", reconstruct="sequential")  # agreeing is fine
+    plain = PruneConfig.from_options()
+    assert (plain.method.method, plain.allocation.kind, plain.reconstruction.mode) == ("hfprune", "uniform", "none")
+    with pytest.raises(ConfigError, match="--recipe best sets --allocation search; drop --allocation uniform"):
+        PruneConfig.from_options(recipe="best", allocation="uniform")
+    with pytest.raises(ConfigError, match="unknown recipe 'fast'"):
+        PruneConfig.from_options(recipe="fast")
+
+
 def test_the_manifest_settings_rebuild_the_run(tmp_path):
     from fidelprune import PruneConfig
 

@@ -229,6 +229,15 @@ def test_training_loss_falls(mode, loss, tokenizer, teacher, pruned):
         assert report.record["losses"][0]["kl"] > 0
 
 
+def test_throughput_counts_the_optimizer_steps_alone(tokenizer, pruned):
+    """Validation passes run inside the loop's wall time, but tokens/s is over the steps' own time."""
+    _, report = recover(pruned, None, DOCS, tokenizer, mode="lora", max_steps=4, **{**FAST, "eval_every": 1})
+    training = report.record["training"]
+    assert 0 < training["steps_s"] < training["wall_s"]  # four validation passes took the rest
+    assert training["tokens_per_s"] == pytest.approx(training["tokens"] / training["steps_s"])
+    assert report.record["hyperparameters"]["lora_dropout"] == 0.0  # peft's default; LLM-Pruner's 0.05 on request
+
+
 def test_merged_lora_gives_the_unmerged_logits(pruned):
     model = apply_lora(fidelprune.prune(pruned, None, "magnitude", 0.1, round_to=1)[0], 4, 8, 0.0, ("q", "k", "v", "o", "gate", "up", "down"))
     torch.manual_seed(3)

@@ -14,12 +14,16 @@ def add_parser(sub) -> None:
     from ..methods import AGGREGATIONS, ALIASES, METHODS
     from ..objectives import OBJECTIVES
     from ..reconstruction import DEFAULT_LAMBDA, DEFAULT_MODE, MODES
+    from ..pruning import RECIPES
     from ..scoring import FORMS
 
     p = sub.add_parser("prune", help="prune MLP neurons and save a standard HF checkpoint")
     p.add_argument("model", nargs="?", default=None, help="HF directory, .gguf file or hub id (default: packaged SmolLM2-135M-Instruct)")
-    p.add_argument("--method", default="hfprune", choices=(*METHODS, *ALIASES),
+    p.add_argument("--method", default=None, choices=(*METHODS, *ALIASES),
                    help=f"scoring method (default hfprune); {', '.join(f'{old} is now {new}' for old, new in ALIASES.items())}")
+    p.add_argument("--recipe", default=None, choices=RECIPES,
+                   help="a named combination the benchmarks measured best: " + "; ".join(
+                       f"{name} = " + " ".join(f"--{k} {v}" for k, v in settings.items()) for name, settings in RECIPES.items()))
     p.add_argument("--ratio", type=float, default=None, help="fraction of total parameters to remove (default 0.2)")
     p.add_argument("--keep", type=int, default=None, help="neurons to keep per layer (instead of --ratio)")
     p.add_argument("--round-to", type=int, default=None, help="kept width is a multiple of this (default 8, or --serve-on's grid)")
@@ -43,8 +47,8 @@ def add_parser(sub) -> None:
     p.add_argument("--steps", type=int, default=1,
                    help="iterative pruning: remove the neurons in K equal steps, re-scoring the pruned model after each "
                         "(gradient methods; sdmprune: its stage 2; costs K scoring passes)")
-    p.add_argument("--allocation", choices=ALLOCATIONS, default="uniform",
-                   help="uniform: same width everywhere (vanilla checkpoint); global: rank all layers together; search: "
+    p.add_argument("--allocation", choices=ALLOCATIONS, default=None,
+                   help="uniform (default): same width everywhere (vanilla checkpoint); global: rank all layers together; search: "
                         "choose each layer's width to keep the predictions closest to the dense model's (KL on "
                         "--search-samples windows, refit in the loop when reconstructing). global and search give per-layer "
                         "widths: fidelprune.load_model loads them (README, Allocation)")
@@ -59,7 +63,7 @@ def add_parser(sub) -> None:
     p.add_argument("--protect-first", type=int, default=0, help="first N layers keep every neuron (others prune harder)")
     p.add_argument("--protect-last", type=int, default=0, help="last M layers keep every neuron")
     p.add_argument("--scores", default=None, help="re-prune from an earlier run's scores (its folder, or the scores.safetensors file): no calibration")
-    p.add_argument("--reconstruct", choices=MODES, default=DEFAULT_MODE,
+    p.add_argument("--reconstruct", choices=MODES, default=None,
                    help=f"refit each pruned MLP's down_proj by least squares on calibration activations (default {DEFAULT_MODE})")
     p.add_argument("--reconstruct-lambda", type=float, default=DEFAULT_LAMBDA,
                    help=f"ridge, relative to the mean Gram diagonal (default {DEFAULT_LAMBDA:g})")
@@ -81,19 +85,23 @@ def config_from_args(args):
     """The PruneConfig the flags describe (every flag is one keyword of PruneConfig.from_options)."""
     from ..allocation import ENGINE_GRID
     from ..errors import ConfigError
-    from ..pruning import PruneConfig
+    from ..pruning import RECIPES, PruneConfig
+    from ..reconstruction import DEFAULT_MODE
 
     if args.serve_on and args.round_to is not None:
         raise ConfigError(f"--serve-on {args.serve_on} sets --round-to {ENGINE_GRID[args.serve_on]}; give one of the two")
     round_to = ENGINE_GRID[args.serve_on or "transformers"] if args.round_to is None else args.round_to
+    reconstruct = args.reconstruct
+    if reconstruct is None and "reconstruct" not in RECIPES.get(args.recipe, {}):
+        reconstruct = DEFAULT_MODE  # the CLI refits by default; the Python API runs the published method as is
     return PruneConfig.from_options(
-        args.method, args.ratio, keep=args.keep, round_to=round_to, calibration=args.calibration,
+        args.method, args.ratio, recipe=args.recipe, keep=args.keep, round_to=round_to, calibration=args.calibration,
         samples=args.samples, seq_len=args.seq_len, seed=args.seed, sampling=args.sampling, batch_size=args.batch_size,
         objective=args.objective, form=args.form, alpha=args.alpha, temperature=args.temperature,
         aggregation=args.aggregation, steps=args.steps, allocation=args.allocation, protect_first=args.protect_first,
         protect_last=args.protect_last, min_keep=args.min_keep, search_samples=args.search_samples,
         search_generations=args.search_generations, search_offspring=args.search_offspring,
-        search_step=args.search_step, search_seed=args.search_seed, reconstruct=args.reconstruct,
+        search_step=args.search_step, search_seed=args.search_seed, reconstruct=reconstruct,
         reconstruct_lambda=args.reconstruct_lambda, reconstruct_calibration=args.reconstruct_calibration,
         reconstruct_samples=args.reconstruct_samples, reconstruct_seed=args.reconstruct_seed,
     )

@@ -52,7 +52,9 @@ class RecoveryConfig:
     temperature: float = 1.0  # teacher temperature (teacher only, no tau^2 factor)
     lora_r: int = 8
     lora_alpha: float = 16
-    lora_dropout: float = 0.05
+    # peft's default. LLM-Pruner used 0.05 (--lora-dropout 0.05): on a CPU its random masks cost a quarter or more
+    # of a LoRA step (docs/recovery.md, "Speed"), for a regulariser that short recoveries do not need.
+    lora_dropout: float = 0.0
     target_modules: tuple[str, ...] = DEFAULT_TARGETS
     lr: float | None = None  # default by mode: DEFAULT_LR
     weight_decay: float = 0.0  # applied to matrices only, never to norms and biases
@@ -187,7 +189,10 @@ def _optimizer(model: nn.Module, config: RecoveryConfig) -> torch.optim.Optimize
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
     groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=config.lr, betas=config.betas)
+    # The fused kernel (CPU and CUDA) updates every tensor in one call instead of PyTorch's for-loop on a CPU: the
+    # same AdamW update, and what lets full fine-tuning beat a bare step (docs/recovery.md, "Speed").
+    fused = all(p.device.type in ("cpu", "cuda") and p.dtype.is_floating_point for p in params) or None
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=config.lr, betas=config.betas, fused=fused)
 
 
 def _forward(model: nn.Module, batch: Packed, device) -> torch.Tensor:
@@ -443,17 +448,22 @@ def recover(
         state["validation"].append({"step": 0, **validate(wrapped, data_.val, config.batch_size, accelerator)})
     bar = tqdm(total=total_steps, initial=start_step, desc=f"recover {config.mode}/{config.loss}", unit="step",
                disable=not (progress and accelerator.is_main_process))
-    session_start, session_tokens, wall_before = time.perf_counter(), 0, state["train_wall_s"]
+    # Throughput counts the optimizer steps alone; wall time also holds validation and checkpoint writes.
+    session_start, session_tokens, session_steps_s = time.perf_counter(), 0, 0.0
+    # checkpoints of earlier versions lack steps_s: their wall time stands in for it
+    wall_before, steps_before = state["train_wall_s"], state.get("steps_s", state["train_wall_s"])
     metrics: dict = {}
     for step in range(start_step, total_steps):
+        step_start = time.perf_counter()
         metrics = _train_step(wrapped, teacher, data_.train, schedule.micro_batches(step), optimizer, scheduler,
                               accelerator, config)
+        session_steps_s += time.perf_counter() - step_start
+        state["steps_s"] = steps_before + session_steps_s
         state["step"] = step + 1
         state["tokens"] += metrics["tokens"]
         state["target_tokens"] += metrics["target_tokens"]
         session_tokens += metrics["tokens"]
-        elapsed = time.perf_counter() - session_start
-        metrics = {"step": step + 1, **metrics, "tokens_per_s": session_tokens / elapsed if elapsed > 0 else None}
+        metrics = {"step": step + 1, **metrics, "tokens_per_s": session_tokens / session_steps_s if session_steps_s > 0 else None}
         state["history"].append(metrics)
         bar.set_postfix(loss=f'{metrics["loss"]:.4f}', tok_s=f'{metrics["tokens_per_s"]:.0f}', lr=f'{metrics["lr"]:.2e}')
         bar.update(1)
@@ -531,7 +541,7 @@ def _train_step(model, teacher, train: Packed, micro_batches, optimizer, schedul
 def _record(config, state, data_, schedule, total_steps, accelerator, timings, trainable, lora_targets, source_dir,
             student_sha, teacher_record, eval_corpus, eval_windows, eval_seq_len, packing_diff) -> dict:
     history = state["history"]
-    wall = state["train_wall_s"]
+    wall, steps_s = state["train_wall_s"], state.get("steps_s", state["train_wall_s"])
     return {
         "fidelprune_version": __version__,
         "student": {"path": str(source_dir) if source_dir else "in-memory", "parameters_sha256": student_sha},
@@ -556,7 +566,8 @@ def _record(config, state, data_, schedule, total_steps, accelerator, timings, t
             "tokens": state["tokens"],
             "target_tokens": state["target_tokens"],
             "wall_s": wall,
-            "tokens_per_s": state["tokens"] / wall if wall > 0 else None,
+            "steps_s": steps_s,
+            "tokens_per_s": state["tokens"] / steps_s if steps_s > 0 else None,
             "final_loss": history[-1]["loss"] if history else None,
             "resumed_at": state["resumed_at"],
             "device": str(accelerator.device),
