@@ -60,3 +60,12 @@ def test_the_old_method_name_activation_still_prunes(tiny_dir, tmp_path):
         assert main(["prune", str(tiny_dir), "--method", "activation", "--keep", "40", "--samples", "4",
                      "--seq-len", "32", "--reconstruct", "none", "--output", str(out)]) == 0
     assert json.loads((out / "pruning.json").read_text())["method"]["method"] == "minitron"
+
+
+def test_the_best_recipe_prunes_with_searched_widths_and_the_refit(tiny_dir, tmp_path):
+    out = tmp_path / "pruned"
+    assert main(["prune", str(tiny_dir), "--recipe", "best", "--keep", "40", "--round-to", "4", "--samples", "4",
+                 "--seq-len", "32", "--search-generations", "1", "--output", str(out)]) == 0
+    settings = json.loads((out / "pruning.json").read_text())["settings"]
+    assert settings["method"]["method"] == "hfprune" and settings["allocation"]["kind"] == "search"
+    assert settings["reconstruction"]["mode"] == "sequential"
