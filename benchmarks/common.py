@@ -6,6 +6,7 @@ import json
 import os
 import platform
 import shlex
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -185,6 +186,14 @@ class ScoreCache:
         if self.applies(kwargs):
             self.put(kwargs, report.scores, {"scoring_s": scoring_s, "command": self.command, "torch_threads": torch.get_num_threads()})
         return pruned, report, scoring_s
+
+
+def paired_ratio(numerators: list[float], denominators: list[float]) -> float | None:
+    """The median over rounds of one row's figure over another's in the same round: rows of one round ran
+    minutes apart at most, so a slow spell of the machine moves both (None when the rounds do not pair)."""
+    if len(numerators) != len(denominators):
+        return None
+    return statistics.median(n / d for n, d in zip(numerators, denominators))
 
 
 def markdown_table(columns: list[str], rows: list[list]) -> str:

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import RESULTS, ResultsFile, load_model, markdown_table, provenance  # noqa: E402
+from common import RESULTS, ResultsFile, load_model, markdown_table, paired_ratio, provenance  # noqa: E402
 
 import fidelprune  # noqa: E402
 from fidelprune.evaluation import model_size  # noqa: E402
@@ -54,10 +54,6 @@ def decode_seconds(model, prompt: torch.Tensor, steps: int) -> float:
     return (time.perf_counter() - start) / steps
 
 
-def paired_speedup(row: dict, dense: dict) -> float:
-    return statistics.median(d / t for d, t in zip(dense["rounds_step_s"], row["rounds_step_s"]))
-
-
 def fit(rows: list[dict]) -> tuple[float, float, float]:
     """(fixed seconds, seconds per byte, largest relative residual) of step time against parameter bytes."""
     x = torch.tensor([r["param_bytes"] for r in rows], dtype=torch.float64)
@@ -74,7 +70,7 @@ def render(data: dict) -> str:
     table = []
     for r in rows:
         ideal = dense["param_bytes"] / r["param_bytes"]
-        measured = paired_speedup(r, dense)
+        measured = paired_ratio(dense["rounds_step_s"], r["rounds_step_s"])  # step-time ratio = speed-up
         table.append([r["key"], r["param_bytes"] / 2**20, r["step_s"] * 1e3, 1 / r["step_s"], ideal, measured, measured / ideal,
                       line(dense["param_bytes"]) / line(r["param_bytes"]) / ideal,
                       "yes" if r["contiguous"] and r["aligned_64"] else "no",

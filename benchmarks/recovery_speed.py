@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import RESULTS, ResultsFile, load_model, markdown_table, provenance  # noqa: E402
+from common import RESULTS, ResultsFile, load_model, markdown_table, paired_ratio, provenance  # noqa: E402
 
 RECOVER_ROWS = ("recover lora/ce", "recover lora/kd", "recover full/ce", "recover full/kd")
 BARE_ROWS = ("floor", "bare full", "bare lora", "bare full+teacher", "bare lora+teacher")
@@ -111,14 +111,6 @@ def time_recover(row: str, student, teacher, tokenizer, config, steps: int) -> t
     return stamps[-1][0] - stamps[0][0], sum(tokens for _, tokens in stamps[1:])
 
 
-def paired_ratio(rounds: list[float], base: dict | None) -> float | None:
-    """The median over rounds of tokens/s over the base row's in the same round: rows of one round ran minutes
-    apart at most, so a slow spell of the machine slows both."""
-    if base is None or len(base["rounds_tokens_per_s"]) != len(rounds):
-        return None
-    return statistics.median(t / b for t, b in zip(rounds, base["rounds_tokens_per_s"]))
-
-
 def render(data: dict) -> str:
     rows = {r["key"]: r for r in data["rows"]}
     table = []
@@ -126,8 +118,9 @@ def render(data: dict) -> str:
         if key not in rows:
             continue
         rounds = rows[key]["rounds_tokens_per_s"]
-        table.append([key, rows[key]["tokens_per_s"], paired_ratio(rounds, rows.get(BASELINE.get(key, ""))),
-                      paired_ratio(rounds, rows.get("floor")), " ".join(f"{t:.1f}" for t in rounds)])
+        base, floor = rows.get(BASELINE.get(key, "")), rows.get("floor")
+        table.append([key, rows[key]["tokens_per_s"], base and paired_ratio(rounds, base["rounds_tokens_per_s"]),
+                      floor and paired_ratio(rounds, floor["rounds_tokens_per_s"]), " ".join(f"{t:.1f}" for t in rounds)])
     p = data["protocol"]
     return (f"# Recovery throughput\n\n{p['model']} pruned 20 % (magnitude), Alpaca rows of {p['seq_len']} tokens, batch "
             f"{p['batch_size']}, LoRA r {p['lora_r']} / alpha {p['lora_alpha']} / dropout {p['lora_dropout']}; "
