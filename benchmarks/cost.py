@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import RESULTS, ResultsFile, load_model, markdown_table, method_arguments, provenance  # noqa: E402
+from common import RESULTS, ResultsFile, load_model, markdown_table, method_arguments, paired_ratio, provenance  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
 import reference  # noqa: E402  - the plain implementations the tests pin the fast scores to
@@ -139,25 +139,41 @@ def worker(spec: dict) -> dict:
     impl, method = spec["impl"], spec["method"]
     with torch.no_grad():  # warm-up: first-call allocations and kernel choices are not scoring cost
         model(input_ids=windows[:1].to(device), use_cache=False)
-    runs = []
     on_gpu = device.type == "cuda"
+
+    def timed(run) -> float:
+        if on_gpu:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        run()
+        if on_gpu:
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    backward = method in GRADIENT_METHODS or method == "forward+backward"
+    floor = lambda: run_floor(model, windows, spec["batch_size"], backward=backward)  # noqa: E731
+    if impl == "floor":
+        cell = floor
+    elif impl == "fidelprune":
+        cell = lambda: run_fast(model, windows, method, spec["batch_size"])  # noqa: E731
+    else:
+        cell = lambda: run_reference(model, windows, method)  # noqa: E731
+    # With paired_floor, each pass of the cell follows a pass of its floor in this process, and time / floor is the
+    # median of the per-pass ratios: on a shared machine the speed moves by 10-30 % between processes and minutes,
+    # far more than between two passes a few seconds apart.
+    paired = spec.get("paired_floor", False) and impl != "floor"
+    runs, floor_runs = [], []
     with PeakCuda() if on_gpu else PeakRSS() as memory:  # the first pass sets the peak; repeats reuse what it freed
         for _ in range(spec.get("repeats", 1)):
-            if on_gpu:
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            if impl == "floor":
-                run_floor(model, windows, spec["batch_size"], backward=method == "forward+backward")
-            elif impl == "fidelprune":
-                run_fast(model, windows, method, spec["batch_size"])
-            else:
-                run_reference(model, windows, method)
-            if on_gpu:
-                torch.cuda.synchronize()
-            runs.append(time.perf_counter() - start)
+            if paired:
+                floor_runs.append(timed(floor))
+            runs.append(timed(cell))
     seconds = statistics.median(runs)
-    return {"seconds": seconds, "runs_seconds": runs, "tokens": windows.numel(), "tokens_per_s": windows.numel() / seconds,
-            "peak_rss_bytes": memory.peak, "extra_rss_bytes": memory.peak - memory.before}
+    out = {"seconds": seconds, "runs_seconds": runs, "tokens": windows.numel(), "tokens_per_s": windows.numel() / seconds,
+           "peak_rss_bytes": memory.peak, "extra_rss_bytes": memory.peak - memory.before}
+    if paired:
+        out.update(floor_runs_seconds=floor_runs, time_over_floor=paired_ratio(runs, floor_runs))
+    return out
 
 
 # glibc keeps freed blocks below its mmap threshold (which it raises itself, up to 32 MiB, after each large free)
@@ -180,11 +196,22 @@ def run_worker(spec: dict, env: dict[str, str]) -> dict:
 def measure(spec: dict, in_process: bool = False) -> dict:
     if in_process:  # smoke tests only: memory figures then include earlier cells' leftovers
         return worker(spec)
-    if spec.get("device", "cpu").startswith("cuda"):  # torch.cuda's peak is exact: one run gives both
-        return run_worker(spec, {})
-    timed, watched = run_worker(spec, {}), run_worker({**spec, "repeats": 1}, EXACT_RSS_ENV)
+    # memory from a run of the cell alone (no floor passes beside it); on a GPU torch.cuda's peak is exact
+    exact_memory = {} if spec.get("device", "cpu").startswith("cuda") else EXACT_RSS_ENV
+    timed, watched = run_worker(spec, {}), run_worker({**spec, "repeats": 1, "paired_floor": False}, exact_memory)
     return {**timed, "peak_rss_bytes": watched["peak_rss_bytes"], "extra_rss_bytes": watched["extra_rss_bytes"],
             "default_allocator_extra_rss_bytes": timed["extra_rss_bytes"]}
+
+
+def time_ratios(ours: dict, floor: dict | None, ref: dict | None) -> tuple[float | None, float | None]:
+    """(time / floor, reference time / ours) of a method's cells: paired with the floor inside each cell's process
+    when the cells have it (protocol paired_floor), else the cells' median times, measured in separate processes."""
+    over_floor = ours.get("time_over_floor") or (floor and ours["seconds"] / floor["seconds"])
+    if ref is None:
+        return over_floor, None
+    if "time_over_floor" in ref and "time_over_floor" in ours:
+        return over_floor, ref["time_over_floor"] / ours["time_over_floor"]
+    return over_floor, ref["seconds"] / ours["seconds"]
 
 
 def render(data: dict) -> str:
@@ -196,9 +223,10 @@ def render(data: dict) -> str:
         fast = rows[(method, "fidelprune")]
         floor = rows.get(("forward+backward" if method in GRADIENT_METHODS else "forward", "floor"))
         ref = rows.get((method, "reference"))
+        over_floor, ref_over_ours = time_ratios(fast, floor, ref)
         table.append([
             method, fast["tokens_per_s"], floor and floor["tokens_per_s"], ref and ref["tokens_per_s"],
-            floor and fast["seconds"] / floor["seconds"], ref and ref["seconds"] / fast["seconds"],
+            over_floor, ref_over_ours,
             fast["extra_rss_bytes"] / 2**20, floor and floor["extra_rss_bytes"] / 2**20,
             floor and fast["extra_rss_bytes"] / max(floor["extra_rss_bytes"], 1), ref and ref["extra_rss_bytes"] / 2**20,
             ref and fast["extra_rss_bytes"] / max(ref["extra_rss_bytes"], 1),
@@ -211,8 +239,12 @@ def render(data: dict) -> str:
     else:
         memory = (f"{p['device']}, {p['dtype']}. Extra memory = torch.cuda.max_memory_allocated during scoring minus what was "
                   f"allocated before it; tok/s the median of {p.get('repeats', 1)} passes.")
+    pairing = ("Time / floor: each pass of a cell follows a pass of the floor in the same process, and the column is the "
+               "median of the per-pass ratios (reference time / ours: the two cells' such ratios divided). "
+               if p.get("paired_floor") else "")
     return (f"# Scoring cost\n\n{p['model']}, {p['samples']} x {p['seq_len']} C4 windows, batch {p['batch_size']}, "
-            f"one process per cell. {memory} sdmprune runs two scoring passes (stage 1 and 2) over the windows.\n\n"
+            f"one process per cell. {memory} {pairing}sdmprune runs two scoring passes (stage 1 and 2) over the "
+            f"windows.\n\n"
             + provenance(data) + "\n" + markdown_table(
                 ["method", "tok/s", "floor tok/s", "reference tok/s", "time / floor", "reference time / ours",
                  "extra MiB", "floor extra MiB", "memory / floor", "reference extra MiB", "memory / reference"], table))
@@ -230,6 +262,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cpu or cuda (the results file then gets a -cuda suffix)")
     parser.add_argument("--dtype", default="float32", help="the model's dtype (bfloat16 on a GPU)")
     parser.add_argument("--output", help="default: results/cost.json, or cost-cuda.json on a GPU")
+    parser.add_argument("--unpaired", action="store_true", help="time / floor across processes, as the tables before "
+                        "2026-12-05 were made (default: each pass paired with a floor pass in the cell's process)")
     parser.add_argument("--in-process", action="store_true", help="no subprocess per cell (fast smoke test; memory not isolated)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -239,6 +273,8 @@ def main() -> None:
     args.output = args.output or str(RESULTS / ("cost.json" if args.device == "cpu" else "cost-cuda.json"))
     protocol = {"model": args.model, "samples": args.samples, "seq_len": args.seq_len, "batch_size": args.batch_size,
                 "repeats": args.repeats, "memory_env": EXACT_RSS_ENV}
+    if not args.unpaired:  # recorded only when set, so that the older tables (unpaired) still resume
+        protocol["paired_floor"] = True
     if args.device != "cpu" or args.dtype != "float32":  # recorded only when set: the committed CPU tables resume
         protocol.update(device=args.device, dtype=args.dtype)
     results = ResultsFile(args.output, protocol)

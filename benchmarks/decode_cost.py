@@ -34,6 +34,7 @@ from common import RESULTS, ResultsFile, load_model, markdown_table, paired_rati
 
 import fidelprune  # noqa: E402
 from fidelprune.evaluation import model_size  # noqa: E402
+from fidelprune.evaluation.speed import cache_keyword, output_cache  # noqa: E402
 
 
 def layout(model) -> dict:
@@ -46,11 +47,12 @@ def layout(model) -> dict:
 def decode_seconds(model, prompt: torch.Tensor, steps: int) -> float:
     """Seconds per decode step after a prefill of `prompt` (greedy, KV cache, batch 1)."""
     out = model(input_ids=prompt, use_cache=True)
-    cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    cache, token = output_cache(out), out.logits[:, -1:].argmax(-1)
+    keyword = cache_keyword(model)
     start = time.perf_counter()
     for _ in range(steps):
-        out = model(input_ids=token, past_key_values=cache, use_cache=True)
-        cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        out = model(input_ids=token, use_cache=True, **{keyword: cache})
+        cache, token = output_cache(out), out.logits[:, -1:].argmax(-1)
     return (time.perf_counter() - start) / steps
 
 

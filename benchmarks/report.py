@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import RESULTS  # noqa: E402
-from cost import FORWARD_METHODS, GRADIENT_METHODS  # noqa: E402
+from cost import FORWARD_METHODS, GRADIENT_METHODS, time_ratios  # noqa: E402
 from quality import SWEEP_METHODS, table_order  # noqa: E402
 from quality import TASKS as TASK_NAMES  # noqa: E402
 
@@ -206,8 +206,9 @@ def cost_tables(by_batch: list[tuple[dict, int]]) -> list[str]:
             if not ours:
                 continue
             floor = cells["forward+backward/floor" if method in GRADIENT_METHODS else "forward/floor"]
-            rows.append([method, str(batch), number(ours["tokens_per_s"]), number(ours["seconds"] / floor["seconds"], 2),
-                         number(ref["seconds"] / ours["seconds"], 2), number(ours["extra_rss_bytes"] / 2**20, 0),
+            over_floor, ref_over_ours = time_ratios(ours, floor, ref)
+            rows.append([method, str(batch), number(ours["tokens_per_s"]), number(over_floor, 2),
+                         number(ref_over_ours, 2), number(ours["extra_rss_bytes"] / 2**20, 0),
                          number(floor["extra_rss_bytes"] / 2**20, 0), number(ours["extra_rss_bytes"] / floor["extra_rss_bytes"], 2),
                          number(ref["extra_rss_bytes"] / 2**20, 0), number(ours["extra_rss_bytes"] / ref["extra_rss_bytes"], 2)])
     return ["\n**Scoring cost** ([`results/cost.md`](results/cost.md), batch 4; [`results/cost-batch1.md`](results/cost-batch1.md), "
@@ -215,7 +216,12 @@ def cost_tables(by_batch: list[tuple[dict, int]]) -> list[str]:
             "from a second run of the cell with glibc's mmap threshold fixed (`MALLOC_MMAP_THRESHOLD_=131072`) so that freed "
             f"tensors leave RSS; tok/s from a run with the default allocator, the median of {by_batch[0][0]['protocol']['repeats']} passes; "
             "the floor is a bare forward+backward (forward for the forward-only methods) of the same batches at the same batch size, "
-            "and memory / floor compares the two peaks; the reference is "
+            "and memory / floor compares the two peaks; "
+            + ("time / floor pairs each pass of a cell with a floor pass just before it in the same process (the median of "
+               "the per-pass ratios) in the batch-4 table, and divides the two cells' times, measured in separate processes, "
+               "in the batch-1 table; " if by_batch[0][0]["protocol"].get("paired_floor")
+               and not by_batch[-1][0]["protocol"].get("paired_floor") else "")
+            + "the reference is "
             "`tests/reference.py`, one sequence at a time with full weight gradients.\n",
             table(["method", "batch", "tok/s", "time / floor", "reference time / ours", "extra MiB", "floor extra MiB",
                    "memory / floor", "reference extra MiB", "memory / reference"], rows)]

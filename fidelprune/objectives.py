@@ -8,6 +8,8 @@ All softmaxes run in fp32 over the full vocabulary, a few rows at a time.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 
 import torch
@@ -22,6 +24,23 @@ from .errors import ConfigError
 # copy of bf16 logits, log-softmax, its exp, their product), each 8.4 GB for 4 x 4,096 tokens of a 128k
 # vocabulary. Each row's arithmetic is unchanged, so chunking changes no value (tested).
 CHUNK_VALUES = 1 << 22
+
+
+# Scoring reads only a loss's gradient, never its value. Under gradients_only() a loss may skip computing a value
+# that its backward does not read; the KL does (its value is then 0). With a sharp teacher (tau = 0.2) a large share
+# of exp(log p_T) lands in float32's denormal range, which x86 CPUs compute about 10x slower, so the KL's value cost
+# more than its gradient. The gradient is the same computation either way.
+_VALUES_NEEDED: ContextVar[bool] = ContextVar("loss_values_needed", default=True)
+
+
+@contextmanager
+def gradients_only() -> Iterator[None]:
+    """Inside the block, losses whose backward does not read their value may return 0 for it (the KL does)."""
+    token = _VALUES_NEEDED.set(False)
+    try:
+        yield
+    finally:
+        _VALUES_NEEDED.reset(token)
 
 
 def _row_chunks(rows: int, vocab: int) -> Iterator[slice]:
@@ -107,13 +126,14 @@ class _KLToTeacher(torch.autograd.Function):
     """Per-position KL(softmax(teacher / tau) || softmax(student)) with its analytic gradient p_S - p_T w.r.t. the
     student logits. Autograd through log_softmax gives p_S * sum(p_T) - p_T, which is ~1e-8 rather than 0 at
     student = teacher because sum(p_T) is 1 only up to rounding; the seed method's premise (zero KD gradient at
-    the unpruned model) holds exactly with the analytic form. Softmaxes are recomputed chunk by chunk."""
+    the unpruned model) holds exactly with the analytic form. Softmaxes are recomputed chunk by chunk. Under
+    gradients_only() the forward returns zeros: the backward does not read the KL."""
 
     @staticmethod
     def forward(ctx, student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
         student, teacher = _rows(student_logits), _rows(teacher_logits)
-        kl = torch.empty(student.shape[0], dtype=torch.float32, device=student.device)
-        for rows in _row_chunks(*student.shape):
+        kl = torch.zeros(student.shape[0], dtype=torch.float32, device=student.device)
+        for rows in _row_chunks(*student.shape) if _VALUES_NEEDED.get() else ():  # backward reads only the logits
             teacher_log_p = F.log_softmax(teacher[rows].float() / temperature, dim=-1)
             student_log_p = F.log_softmax(student[rows].float(), dim=-1)
             kl[rows] = (teacher_log_p.exp() * (teacher_log_p - student_log_p)).sum(dim=-1)

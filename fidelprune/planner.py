@@ -11,6 +11,7 @@ The estimate counts what the code below it keeps (docs/scale.md has the measured
   the weight-element and element forms' hooks hold the MLP's input too (d). Streamed, only one layer's, plus every
   layer's input (L + 1 hidden states).
 - logits: [B, T, V] in the model's dtype, with their gradient for a backward pass and the teacher's for KD.
+- the KD teacher's last-layer output for every calibration token (d each), kept for the KD passes (host memory).
 - score buffers: the weight-element form's per-sequence [B, I, d] fp32 products, the element forms' [I, d] fp32
   sums per layer (on the device unless streamed), the activation form's [B, T, I] product.
 - reconstruction: one layer's fp64 Gram [(I+1)^2] and the solve's copies of it.
@@ -158,6 +159,14 @@ def plan_memory(shapes: AdaptedModel, config, dtype: torch.dtype, device: str, s
         teacher = "kd" in stages
         # KD: the student's logits, the teacher's, and at the backward's peak the KL and CE gradients and their sum
         plan.parts["logits"] = b * tokens * vocab * (5 if teacher else 2) if head_here else 0
+        if teacher and (stages[0] != "kd" or len(stages) > 1):
+            # the original model's last-layer output for every window, kept by the first pass for the KD passes
+            # after it (scoring.taylor_scores' teacher_hidden), in host memory
+            kept = b * config.calibration.samples * seq * d
+            if on_host:
+                plan.parts["teacher hidden states"] = kept
+            else:
+                plan.host_bytes += kept
         if form == "weight-element":
             plan.parts["score buffers"] = 3 * 4 * batch * width * d
         elif form in ("element1", "element2"):
@@ -209,7 +218,11 @@ def plan_memory(shapes: AdaptedModel, config, dtype: torch.dtype, device: str, s
             per_token += 6 * width * d * layers  # per-sequence weight gradients of the three MLP projections
         if streamed:
             per_token += forward  # each layer runs again from its kept input
-        per_token = per_token * len(stages) + stages.count("kd") * forward  # KD: a teacher forward per batch
+        # KD: the teacher's logits. Its layers run only where no pass before kept their output (a first pass with
+        # KD runs them; sdmprune's CE stage 1 keeps it); every KD pass runs the head.
+        head = 2 * d * vocab
+        teacher_layers = forward - head if stages and stages[0] == "kd" else 0
+        per_token = per_token * len(stages) + teacher_layers + stages.count("kd") * head
     else:
         per_token = forward if uses_data else 0
     plan.scoring_flops = float(per_token) * config.calibration.samples * seq

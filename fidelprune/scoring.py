@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from .adapters import AdaptedModel, MLPView, adapt
 from .distributed import is_main, shard, sum_, sum_number
 from .errors import ConfigError, FidelpruneError
+from .objectives import gradients_only
 from .utils import batches, frozen_eval, registered
 
 FORMS = ("activation", "weight-element", "element1", "element2")
@@ -55,7 +56,7 @@ class _LayerState:
         self.x: torch.Tensor | None = None
         self.a: Callable[[], torch.Tensor] | None = None
         self.x_uses = 0
-        self.pending: torch.Tensor | None = None  # weight-element: sum of the P terms seen so far, [B, I, d]
+        self.pending: torch.Tensor | None = None  # weight-element: sum of the P terms seen so far, [B, d, I]
         self.terms_seen = 0
         if form in ("element1", "element2"):
             zeros = lambda *shape: torch.zeros(*shape, dtype=torch.float32, device=self.score.device)  # noqa: E731
@@ -69,25 +70,28 @@ class _LayerState:
         return gate if name == "gate" else up
 
     def add_weight_grad(self, name: str, per_sequence_grad: torch.Tensor) -> None:
-        """per_sequence_grad: [B, *W.shape] fp32, the gradient of each sequence's loss w.r.t. W."""
-        weight = self.weight(name).detach().float()
-        if self.form == "weight-element":
-            # In place: the per-sequence gradient is this call's own tensor, so the three [B, I, d] terms cost no
-            # new buffers. The sums are the same elementwise additions in the same order as out of place.
-            term = per_sequence_grad.mul_(weight)
-            # P for the down term is [B, d, I]; bring every term to [B, I, d] so the sum runs over neuron rows.
-            term = term.transpose(1, 2) if name == "down" else term
-            self.pending = term if self.pending is None else self.pending.add_(term)
-            self.terms_seen += 1
-            if self.terms_seen == 3:
-                self.score += self.pending.abs().mean(dim=2).sum(dim=0).to(self.score.device)
-                self.pending, self.terms_seen = None, 0
-        else:
-            # Accumulators stay with the layer's weights: in host memory when streamed (a 70B model's element
-            # sums are ~3x its MLP weights in fp32), on the device otherwise.
-            self.grad[name] += per_sequence_grad.sum(dim=0).to(self.score.device)
-            if self.fisher is not None:
-                self.fisher[name] += per_sequence_grad.square().sum(dim=0).to(self.score.device)
+        """per_sequence_grad: [B, *W.shape] fp32, the gradient of each sequence's loss w.r.t. W (element forms)."""
+        # Accumulators stay with the layer's weights: in host memory when streamed (a 70B model's element
+        # sums are ~3x its MLP weights in fp32), on the device otherwise.
+        self.grad[name] += per_sequence_grad.sum(dim=0).to(self.score.device)
+        if self.fisher is not None:
+            self.fisher[name] += per_sequence_grad.square().sum(dim=0).to(self.score.device)
+
+    def add_weight_element_term(self, name: str, per_sequence_grad: torch.Tensor) -> None:
+        """per_sequence_grad: [B, d, I] fp32, each sequence's gradient w.r.t. W in down_proj's layout (G^down, and
+        G^up / G^gate transposed), so that P's three terms G * W add as contiguous tensors. The sum is the same
+        elementwise additions in the same order as in any layout, and |P| is reduced over j in this layout as
+        before, so the scores are bitwise those of the [B, I, d] formulation (tests/test_score_digests.py)."""
+        weight = self.weight(name).detach()
+        if name != "down":  # [I, d] -> [d, I], one copy per call (cheaper than a strided multiply over B)
+            weight = weight.t()
+        # In place: the gradient is this call's own tensor, so the three [B, d, I] terms cost no new buffers.
+        term = per_sequence_grad.mul_(weight.to(torch.float32, memory_format=torch.contiguous_format))
+        self.pending = term if self.pending is None else self.pending.add_(term)
+        self.terms_seen += 1
+        if self.terms_seen == 3:
+            self.score += self.pending.abs().mean(dim=1).sum(dim=0).to(self.score.device)
+            self.pending, self.terms_seen = None, 0
 
     def reduce(self) -> None:
         """Sum this layer's accumulators over the processes of a data-parallel run (distributed.py): the summed
@@ -210,19 +214,22 @@ class MLPHooks:
 
         def on_grad(g: torch.Tensor) -> None:
             g = g.float()
+            add = state.add_weight_element_term if self.form == "weight-element" else state.add_weight_grad
             if name == "down":  # G^down_n = sum_t gy_t (x) a_t   -> [B, d, I]
                 grad = torch.einsum(f"btj,bti->{b}ji", g, state.a().float())
                 state.a = None  # let go once used: a layer-by-layer backward then holds one layer's, not all
-                state.add_weight_grad("down", grad if b else grad[None])
+                add("down", grad if b else grad[None])
                 return
             x = state.x.float()
             state.x_uses -= 1
             if state.x_uses == 0:
                 state.x = None
             parts = {"gate": g[..., : state.view.width], "up": g[..., state.view.width :]} if name == "gate_up" else {name: g}
-            for part, grad_out in parts.items():  # G^{gate,up}_n = sum_t g_t (x) x_t   -> [B, I, d]
-                grad = torch.einsum(f"bti,btj->{b}ij", grad_out, x)
-                state.add_weight_grad(part, grad if b else grad[None])
+            # G^{gate,up}_n = sum_t g_t (x) x_t -> [B, I, d]; weight-element takes it transposed, [B, d, I]
+            layout = "ji" if self.form == "weight-element" else "ij"
+            for part, grad_out in parts.items():
+                grad = torch.einsum(f"bti,btj->{b}{layout}", grad_out, x)
+                add(part, grad if b else grad[None])
 
         def hook(module, args, output):
             if self.active and output.requires_grad:
@@ -264,30 +271,43 @@ def taylor_scores(
     batch_size: int = 4,
     mask: dict[int, torch.Tensor] | None = None,
     needs_teacher: bool = False,
+    teacher_hidden: list[torch.Tensor] | None = None,
     progress: bool = True,
     description: str = "scoring",
 ) -> Scores:
     """Taylor importance of every MLP neuron under `objective` (per-sequence losses, summed), in `form`.
 
     With `mask`, only the listed neurons of each layer are active (the student); with `needs_teacher`, each
-    batch is first run with the mask and capture off (the original model, the teacher) under no_grad."""
+    batch also gets the original model's logits (the teacher), under no_grad.
+
+    `teacher_hidden` (a list, shared by the passes of one method over the same windows) holds the original
+    model's last-decoder-layer output for each batch, in host memory. The first pass that computes it appends it
+    (a pass without a mask runs the original model; a teacher forward does); a later KD pass then takes the
+    teacher's logits from it through the model's own final norm and head (AdaptedModel.head_logits) instead of
+    running every layer again: the same arithmetic on the same values, so the same logits (tests/test_scoring.py).
+    """
     adapted = adapt(model)
     model, device = adapted.model, adapted.device
     windows = shard(windows)  # this process's share in a data-parallel run; MLPHooks.scores() sums the shares
+    record = teacher_hidden is not None and not teacher_hidden  # nothing kept yet: this pass keeps it
     bar = tqdm(total=windows.numel(), unit="tok", unit_scale=True, desc=description, disable=not progress or not is_main())
-    with frozen_eval(model), leaf_embeddings(model), MLPHooks(adapted, form, mask) as hooks:
-        for batch in batches(windows, batch_size):
+    with frozen_eval(model), leaf_embeddings(model), MLPHooks(adapted, form, mask) as hooks, gradients_only():
+        for index, batch in enumerate(batches(windows, batch_size)):
             batch = batch.to(device)
+            kept = teacher_hidden[index] if teacher_hidden and not record else None
+            keep = teacher_hidden.append if record else None
             if adapted.streamed:
-                _streamed_backward(adapted, batch, objective, hooks, needs_teacher)
+                _streamed_backward(adapted, batch, objective, hooks, needs_teacher, kept, keep, unmasked=mask is None)
             else:
                 teacher_logits = None
                 if needs_teacher:
                     hooks.active = False
                     with torch.no_grad():
-                        teacher_logits = model(input_ids=batch, use_cache=False).logits
+                        teacher_logits = _teacher_logits(adapted, batch, kept, keep)
                     hooks.active = True
-                logits = model(input_ids=batch, use_cache=False).logits
+                    keep = None
+                with _last_layer_output(adapted, keep if mask is None else None):
+                    logits = model(input_ids=batch, use_cache=False).logits
                 # under a device map the head may sit on another device than the embeddings
                 loss = objective(logits, batch.to(logits.device), teacher_logits).sum()
                 del logits, teacher_logits
@@ -297,23 +317,56 @@ def taylor_scores(
         return check_finite(hooks.scores())
 
 
+def _teacher_logits(adapted: AdaptedModel, batch: torch.Tensor, kept: torch.Tensor | None,
+                    keep: Callable[[torch.Tensor], None] | None) -> torch.Tensor:
+    """The original model's logits for `batch` (hooks off, no_grad): from its kept last-layer output when there is
+    one, else by a whole forward, keeping that output when asked (`keep`)."""
+    if kept is not None:
+        return adapted.head_logits(batch, kept.to(adapted.layer_device(adapted.num_layers - 1)))
+    with _last_layer_output(adapted, keep):
+        return adapted.model(input_ids=batch, use_cache=False).logits
+
+
+@contextmanager
+def _last_layer_output(adapted: AdaptedModel, keep: Callable[[torch.Tensor], None] | None) -> Iterator[None]:
+    """Hand the last decoder layer's output of the forward inside the block to `keep` (host memory, detached)."""
+    if keep is None:
+        yield
+        return
+
+    def hook(module, args, output):
+        keep((output[0] if isinstance(output, tuple) else output).detach().to("cpu"))
+
+    with registered([adapted.layers[-1].register_forward_hook(hook)]):
+        yield
+
+
 def _streamed_backward(adapted: AdaptedModel, batch: torch.Tensor, objective: Objective, hooks: MLPHooks,
-                       needs_teacher: bool) -> None:
+                       needs_teacher: bool, kept: torch.Tensor | None = None,
+                       keep: Callable[[torch.Tensor], None] | None = None, unmasked: bool = False) -> None:
     """One batch's loss and backward pass, one decoder layer at a time (--offload): a forward without gradients
     keeps each layer's input, the loss's gradient reaches the last layer's output through the model's own head,
     then from the last layer down each layer runs again from its kept input with gradients on and passes the
     gradient of its input to the layer below. The recomputed forward is the same arithmetic on the same input,
     so the hooks see the activations and gradients of a whole-model backward; only the order in which autograd
-    adds a few gradient terms may differ (float rounding, tested to 1e-5)."""
+    adds a few gradient terms may differ (float rounding, tested to 1e-5). `kept` / `keep`: the original model's
+    last-layer output, as in taylor_scores."""
     (first,), calls = adapted.layer_inputs(batch, len(batch), adapted.device)
     call = calls[tuple(first.shape)]
     teacher_logits = None
     with torch.no_grad():
         if needs_teacher:
             hooks.active = False
-            teacher_logits = adapted.head_logits(batch, adapted.run_layers(first, call, keep=False)[0])
+            if kept is None:
+                kept = adapted.run_layers(first, call, keep=False)[0]
+                if keep is not None:
+                    keep(kept.to("cpu"))
+                    keep = None
+            teacher_logits = adapted.head_logits(batch, kept.to(adapted.device))
             hooks.active = True
         inputs = adapted.run_layers(first, call)  # the input of every layer, then the last layer's output
+    if keep is not None and unmasked:
+        keep(inputs[-1].detach().to("cpu"))
     last = inputs.pop().requires_grad_(True)
     loss = objective(adapted.head_logits(batch, last), batch, teacher_logits).sum()
     del teacher_logits

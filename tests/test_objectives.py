@@ -72,6 +72,25 @@ def test_kd_value_and_gradient_match_the_plain_formula(chunking):
     torch.testing.assert_close(s1.grad.double(), s2.grad, rtol=1e-4, atol=1e-7)
 
 
+def test_gradients_only_skips_the_kl_value_and_changes_no_gradient(chunking):
+    """Scoring runs its losses under gradients_only(): the KL's value (its costliest part with a sharp teacher) is
+    not computed, and the gradient is bitwise the one computed with it."""
+    student, ids = logits_and_ids(0)
+    teacher, _ = logits_and_ids(1)
+    kd = KD(alpha=0.4, temperature=0.2)
+    with_value = student.clone().float().requires_grad_()
+    loss = kd(with_value, ids, teacher.float())
+    loss.sum().backward()
+    without_value = student.clone().float().requires_grad_()
+    with objectives.gradients_only():
+        skipped = kd(without_value, ids, teacher.float())
+    skipped.sum().backward()
+    assert torch.equal(without_value.grad, with_value.grad)
+    torch.testing.assert_close(skipped, 0.6 * ce(student.float(), ids))  # the CE part only
+    assert not torch.equal(skipped, loss)
+    assert objectives._VALUES_NEEDED.get()  # restored after the block
+
+
 def loss_and_gradient(name: str, dtype: torch.dtype, rounded_to: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Objective `name` on the fixed student/teacher logits (first rounded to `rounded_to`, then cast to dtype):
     the per-sequence loss and the logits' gradient."""

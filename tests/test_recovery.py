@@ -308,8 +308,14 @@ def test_resume_ends_in_the_uninterrupted_weights(mode, tmp_path, tokenizer, tea
 def test_resume_refuses_a_different_run(tmp_path, tokenizer, pruned):
     options = dict(mode="lora", loss="ce", max_steps=4, save_every=2, **FAST)
     recover(pruned, None, DOCS, tokenizer, checkpoint_dir=tmp_path, max_examples=200, **options)
-    with pytest.raises(ValueError, match="lr"):
-        recover(pruned, None, DOCS, tokenizer, checkpoint_dir=tmp_path, resume=True, lr=1e-3, max_examples=200, **options)
+    # the message names the options that continue the saved run (a default that moved, e.g. --lora-dropout)
+    with pytest.raises(ValueError, match=r"lora_dropout: 0.0 -> 0.05; lr: .*pass --lora-dropout 0.0 --lr 0.0002 "
+                                         r"\(in Python: lora_dropout=0.0, lr=0.0002\)$"):
+        recover(pruned, None, DOCS, tokenizer, checkpoint_dir=tmp_path, resume=True, lr=1e-3, lora_dropout=0.05,
+                max_examples=200, **options)
+    # other examples are other data, which no option brings back: no advice
+    with pytest.raises(ValueError, match=r"data: .*; max_examples: 200 -> None\)$"):
+        recover(pruned, None, DOCS, tokenizer, checkpoint_dir=tmp_path, resume=True, **options)
     with pytest.raises(FileExistsError, match="--resume"):
         recover(pruned, None, DOCS, tokenizer, checkpoint_dir=tmp_path, max_examples=200, **options)
     with pytest.raises(FileNotFoundError, match="no complete checkpoint"):

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 import reference
 from conftest import tiny_model, tiny_windows
 from fidelprune import scoring
+from fidelprune.adapters import adapt
 from fidelprune.allocation import select_uniform
 from fidelprune.methods.magnitude import magnitude_scores
 from fidelprune.objectives import KD, ce, entropy
@@ -79,6 +80,44 @@ def test_masked_student_scores_equal_a_physically_pruned_student():
         removed = torch.ones(48, dtype=torch.bool)
         removed[survivors[i]] = False
         assert torch.all(masked[i][removed] == 0)
+
+
+@pytest.mark.parametrize("streamed", [False, True], ids=["whole", "streamed"])
+@pytest.mark.parametrize("family", ["llama", "gemma2"])  # Gemma-2: a soft-capped head after the final norm
+def test_a_kept_teacher_output_gives_the_teacher_forwards_scores(family, streamed):
+    """SDMPrune's stage 1 runs the original model and keeps its last decoder layer's output; stage 2 then takes the
+    teacher's logits from it through the final norm and head alone. Its scores are bitwise those of a whole teacher
+    forward, whether a pass without a mask or the first teacher forward keeps the output."""
+    model, windows = tiny_model(family), tiny_windows(5)  # at batch 2: a short last batch too
+    survivors = select_uniform(magnitude_scores(model), 40)
+    kd = KD(alpha=0.4, temperature=0.2)
+    adapted = adapt(model)
+    if streamed:
+        adapted.stream("cpu")
+    run = dict(batch_size=2, progress=False)
+    last_mlp = []  # how often the last decoder layer's MLP runs: once per stack of layers run
+    handle = adapted.mlps()[-1].module.register_forward_hook(lambda *_: last_mlp.append(1))
+    expected = taylor_scores(adapted, windows, kd, "weight-element", mask=survivors, needs_teacher=True, **run)
+    teacher_forward = len(last_mlp)
+
+    kept = []
+    taylor_scores(adapted, windows, ce, "weight-element", teacher_hidden=kept, **run)  # stage 1: keeps
+    assert [len(h) for h in kept] == [2, 2, 1]
+    assert all(h.device.type == "cpu" and not h.requires_grad for h in kept)
+    last_mlp.clear()
+    reused = taylor_scores(adapted, windows, kd, "weight-element", mask=survivors, needs_teacher=True,
+                           teacher_hidden=kept, **run)
+    assert len(last_mlp) == teacher_forward - 3  # no teacher forward for any of the 3 batches
+    for i, score in expected.items():
+        assert torch.equal(reused[i], score), i
+    handle.remove()
+
+    first_teacher = []  # iterative KD's first step: its teacher forward keeps the output for the next steps
+    taylor_scores(adapted, windows, kd, "weight-element", mask=survivors, needs_teacher=True,
+                  teacher_hidden=first_teacher, **run)
+    assert all(torch.equal(a, b) for a, b in zip(first_teacher, kept, strict=True))
+    if streamed:
+        adapted.unstream()
 
 
 def test_weights_never_get_gradients_and_flags_are_restored():

@@ -67,7 +67,8 @@ def test_the_streamed_pass_runs_layer_by_layer_and_leaves_the_input_model_as_it_
     original = adapt(model).run_layer.__func__
     monkeypatch.setattr(type(adapt(model)), "run_layer", lambda self, i, h, call: ran.append(i) or original(self, i, h, call))
     calls = []
-    monkeypatch.setattr(scoring, "_streamed_backward", lambda *a, _f=scoring._streamed_backward: calls.append(1) or _f(*a))
+    monkeypatch.setattr(scoring, "_streamed_backward",
+                        lambda *a, _f=scoring._streamed_backward, **k: calls.append(1) or _f(*a, **k))
     pruned, report = prune(model, None, keep=24, calibration_ids=tiny_windows(2, 12), batch_size=2, progress=False,
                            stream_on="cpu")
     assert calls == [1]  # one batch, through the streamed backward

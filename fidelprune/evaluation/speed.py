@@ -10,6 +10,7 @@ Speeds depend on the machine and its load: they are measurements, never assertio
 
 from __future__ import annotations
 
+import inspect
 import os
 import platform
 import resource
@@ -108,17 +109,31 @@ class _PeakMemory:
         return int(maxrss if platform.system() == "Darwin" else maxrss * 1024)
 
 
+# transformers 5.25 renamed the KV cache's forward argument and output field from past_key_values to cache (the old
+# names go in 5.40); fidelprune supports transformers 5.x on either side of the change.
+def cache_keyword(model: nn.Module) -> str:
+    """The name under which `model`'s forward takes a KV cache."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def output_cache(out):
+    """The KV cache a forward with use_cache=True returned."""
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
+
+
 @torch.no_grad()
 def _prefill(model: nn.Module, ids: torch.Tensor):
     out = model(input_ids=ids, use_cache=True)
-    return out.past_key_values, out.logits[:, -1:].argmax(-1)
+    return output_cache(out), out.logits[:, -1:].argmax(-1)
 
 
 @torch.no_grad()
 def _decode(model: nn.Module, cache, token: torch.Tensor, steps: int) -> None:
+    keyword = cache_keyword(model)
     for _ in range(steps):
-        out = model(input_ids=token, past_key_values=cache, use_cache=True)
-        cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        out = model(input_ids=token, use_cache=True, **{keyword: cache})
+        cache, token = output_cache(out), out.logits[:, -1:].argmax(-1)
 
 
 def _timed(fn, device: torch.device):

@@ -164,20 +164,24 @@ def step_widths(width_before: int, width_after: int, steps: int) -> list[int]:
 
 def iterative_select(adapted: AdaptedModel, windows: torch.Tensor, config: MethodConfig, plan: WidthPlan,
                      allocation: AllocationConfig, *, kept: dict[int, torch.Tensor] | None = None,
-                     width_before: int | None = None, name: str = "step", progress: bool = True) -> MethodResult:
+                     width_before: int | None = None, name: str = "step", progress: bool = True,
+                     teacher_hidden: list[torch.Tensor] | None = None) -> MethodResult:
     """Iterative pruning (--steps K): score, remove an equal share of the neurons still to go, and score the pruned
     model again, K times; the last step reaches `plan`. The pruned model is the original with the removed neurons
     masked (the same function, tests/test_methods.py checks it against physically smaller models), so a KD
     objective's teacher is the unmasked original. Each step chooses among the survivors of the one before (`kept`:
-    where to start, e.g. sdmprune's stage 1); neurons removed earlier rank -inf in the result."""
+    where to start, e.g. sdmprune's stage 1); neurons removed earlier rank -inf in the result. A KD objective's
+    teacher runs once: its last-layer output is kept (`teacher_hidden`, if a step before did not) for every step."""
     objective = get_objective(config.objective, config.alpha, config.temperature)
+    if config.objective == "kd" and teacher_hidden is None:
+        teacher_hidden = []
     widths = step_widths(width_before or plan.width_before, plan.width_after, config.steps)
     ranked: Scores = {}
     extra: Scores = {}
     stages = []
     for step, width in enumerate(widths, start=1):
         scores = taylor_scores(adapted, windows, objective, config.form, mask=kept, needs_teacher=config.objective == "kd",
-                               batch_size=config.batch_size, progress=progress,
+                               teacher_hidden=teacher_hidden, batch_size=config.batch_size, progress=progress,
                                description=f"{name} {step}/{len(widths)} ({config.objective})")
         ranked = scores if kept is None else {i: survivors_only(score, kept[i]) for i, score in scores.items()}
         kept = select_neurons(ranked, replace(plan, width_after=width), allocation, kept)

@@ -24,19 +24,25 @@ class SDMPrune(GradientMethod):
     def score(self, adapted, windows, config, plan, allocation, progress=True) -> MethodResult:
         common = dict(batch_size=config.batch_size, progress=progress)
         stage1_plan = replace(plan, width_after=max(plan.width_after, int(config.stage1_keep * plan.width_before)))
-        stage1 = taylor_scores(adapted, windows, get_objective("ce"), config.form, description="stage 1 (ce)", **common)
+        stage1_only = stage1_plan.width_after == plan.width_after and allocation.kind == "uniform"
+        # Stage 1 runs the original model, stage 2's teacher, on the same windows: it keeps the last layer's output
+        # so that stage 2 gets the teacher's logits from the head alone (scoring.taylor_scores).
+        teacher_hidden = None if stage1_only else []
+        stage1 = taylor_scores(adapted, windows, get_objective("ce"), config.form, teacher_hidden=teacher_hidden,
+                               description="stage 1 (ce)", **common)
         survivors = select_neurons(stage1, stage1_plan, replace(allocation, kind="uniform"))
         stages = [{"name": "stage1", "objective": "ce", "form": config.form, "keep": stage1_plan.width_after}]
         extra = {f"stage1.layer.{i}": s for i, s in stage1.items()}
-        if stage1_plan.width_after == plan.width_after and allocation.kind == "uniform":
+        if stage1_only:
             return MethodResult(stage1, survivors, extra, stages)
         if config.steps > 1:  # stage 2 as iterative pruning, from the stage-1 width to the final one
             result = iterative_select(adapted, windows, config, plan, allocation, kept=survivors,
-                                      width_before=stage1_plan.width_after, name="stage2-step", progress=progress)
+                                      width_before=stage1_plan.width_after, name="stage2-step", progress=progress,
+                                      teacher_hidden=teacher_hidden)
             return MethodResult(result.scores, result.kept, {**extra, **result.extra_scores}, stages + result.stages)
         stage2 = taylor_scores(
             adapted, windows, KD(config.alpha, config.temperature), config.form, mask=survivors, needs_teacher=True,
-            description="stage 2 (kd)", **common,
+            teacher_hidden=teacher_hidden, description="stage 2 (kd)", **common,
         )
         # neurons stage 1 removed rank below every survivor
         ranked = {i: survivors_only(score, survivors[i]) for i, score in stage2.items()}

@@ -323,7 +323,26 @@ def _check_fingerprint(saved: dict, current: dict, checkpoint: Path) -> None:
     changed = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
     if changed:
         details = "; ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in changed[:4])
-        raise ConfigError(f"cannot resume from {checkpoint}: the run differs ({details})")
+        # Often a default that moved between versions (lora_dropout 0.05 -> 0 did): say what brings the run back.
+        options = [_as_option(k, saved[k]) if k in saved else None for k in changed]
+        fix = ""
+        if options and None not in options:
+            python = ", ".join(f"{k}={saved[k]!r}" for k in changed)
+            fix = f"; to continue it, pass {' '.join(options)} (in Python: {python})"
+        raise ConfigError(f"cannot resume from {checkpoint}: the run differs ({details}){fix}")
+
+
+def _as_option(name: str, value) -> str | None:
+    """The `fidelprune recover` option that sets a RecoveryConfig field back to a saved value (None: no option
+    does, e.g. the data or the student themselves changed)."""
+    if name not in {f.name for f in dataclasses.fields(RecoveryConfig)} or name == "betas":
+        return None
+    flag = {"data_format": "--format"}.get(name, "--" + name.replace("_", "-"))
+    if isinstance(value, bool):
+        return flag if value else None  # a store_true option cannot be passed as off
+    if value is None:
+        return f"{flag} 0" if name == "max_grad_norm" else None
+    return f"{flag} {','.join(map(str, value)) if isinstance(value, list) else value}"
 
 
 # ---------------------------------------------------------------------------------------------------- recover
