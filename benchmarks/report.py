@@ -218,9 +218,8 @@ def cost_tables(by_batch: list[tuple[dict, int]]) -> list[str]:
             "the floor is a bare forward+backward (forward for the forward-only methods) of the same batches at the same batch size, "
             "and memory / floor compares the two peaks; "
             + ("time / floor pairs each pass of a cell with a floor pass just before it in the same process (the median of "
-               "the per-pass ratios) in the batch-4 table, and divides the two cells' times, measured in separate processes, "
-               "in the batch-1 table; " if by_batch[0][0]["protocol"].get("paired_floor")
-               and not by_batch[-1][0]["protocol"].get("paired_floor") else "")
+               "the per-pass ratios); " if all(data["protocol"].get("paired_floor") for data, _ in by_batch) else
+               "time / floor divides the two cells' times, measured in separate processes; ")
             + "the reference is "
             "`tests/reference.py`, one sequence at a time with full weight gradients.\n",
             table(["method", "batch", "tok/s", "time / floor", "reference time / ours", "extra MiB", "floor extra MiB",
