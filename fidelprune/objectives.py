@@ -28,7 +28,7 @@ CHUNK_VALUES = 1 << 22
 
 # Scoring reads only a loss's gradient, never its value. Under gradients_only() a loss may skip computing a value
 # that its backward does not read; the KL does (its value is then 0). With a sharp teacher (tau = 0.2) a large share
-# of exp(log p_T) lands in float32's denormal range, which x86 CPUs compute about 10x slower, so the KL's value cost
+# of exp(log p_T) lands in float32's denormal range, which x86 CPUs compute far more slowly, so the KL's value cost
 # more than its gradient. The gradient is the same computation either way.
 _VALUES_NEEDED: ContextVar[bool] = ContextVar("loss_values_needed", default=True)
 

@@ -295,9 +295,10 @@ def taylor_scores(
         for index, batch in enumerate(batches(windows, batch_size)):
             batch = batch.to(device)
             kept = teacher_hidden[index] if teacher_hidden and not record else None
-            keep = teacher_hidden.append if record else None
+            # what runs the original model here keeps its output: the teacher forward, else an unmasked pass
+            keep = teacher_hidden.append if record and (needs_teacher or mask is None) else None
             if adapted.streamed:
-                _streamed_backward(adapted, batch, objective, hooks, needs_teacher, kept, keep, unmasked=mask is None)
+                _streamed_backward(adapted, batch, objective, hooks, needs_teacher, kept, keep)
             else:
                 teacher_logits = None
                 if needs_teacher:
@@ -306,7 +307,7 @@ def taylor_scores(
                         teacher_logits = _teacher_logits(adapted, batch, kept, keep)
                     hooks.active = True
                     keep = None
-                with _last_layer_output(adapted, keep if mask is None else None):
+                with _last_layer_output(adapted, keep):
                     logits = model(input_ids=batch, use_cache=False).logits
                 # under a device map the head may sit on another device than the embeddings
                 loss = objective(logits, batch.to(logits.device), teacher_logits).sum()
@@ -343,7 +344,7 @@ def _last_layer_output(adapted: AdaptedModel, keep: Callable[[torch.Tensor], Non
 
 def _streamed_backward(adapted: AdaptedModel, batch: torch.Tensor, objective: Objective, hooks: MLPHooks,
                        needs_teacher: bool, kept: torch.Tensor | None = None,
-                       keep: Callable[[torch.Tensor], None] | None = None, unmasked: bool = False) -> None:
+                       keep: Callable[[torch.Tensor], None] | None = None) -> None:
     """One batch's loss and backward pass, one decoder layer at a time (--offload): a forward without gradients
     keeps each layer's input, the loss's gradient reaches the last layer's output through the model's own head,
     then from the last layer down each layer runs again from its kept input with gradients on and passes the
@@ -365,7 +366,7 @@ def _streamed_backward(adapted: AdaptedModel, batch: torch.Tensor, objective: Ob
             teacher_logits = adapted.head_logits(batch, kept.to(adapted.device))
             hooks.active = True
         inputs = adapted.run_layers(first, call)  # the input of every layer, then the last layer's output
-    if keep is not None and unmasked:
+    if keep is not None:
         keep(inputs[-1].detach().to("cpu"))
     last = inputs.pop().requires_grad_(True)
     loss = objective(adapted.head_logits(batch, last), batch, teacher_logits).sum()
