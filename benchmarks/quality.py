@@ -43,14 +43,17 @@ def table_rows(table: str, ratios: list[float], reconstruct: list[str], num_laye
     if table == "sweep":
         # every method, then the non-uniform allocations on the default method (LLM-Pruner spares its first 4 and
         # last 2 of 32 layers; 3 and 2 of SmolLM2's 30 is the same share), then the searched allocation, which
-        # refits in its loop when the row reconstructs
+        # refits in its loop when the row reconstructs, and --recipe best's rows
         allocations = [{"allocation": "global"}]
         if num_layers >= 4:
             allocations.append({"protect_first": max(1, num_layers // 10), "protect_last": max(1, num_layers // 15)})
         return ([{"method": None}]
                 + [{"method": m, "ratio": r, "reconstruct": mode} for mode in reconstruct for r in ratios for m in SWEEP_METHODS]
                 + [{"method": "hfprune", "ratio": r, "reconstruct": "none", **a} for r in ratios for a in allocations]
-                + [{"method": "hfprune", "ratio": r, "reconstruct": mode, "allocation": "search"} for mode in reconstruct for r in ratios])
+                + [{"method": "hfprune", "ratio": r, "reconstruct": mode, "allocation": "search"} for mode in reconstruct for r in ratios]
+                # --recipe best: the searched widths, each layer's neurons chosen by the refit's error (OBS)
+                + [{"method": "hfprune", "ratio": r, "reconstruct": "sequential", "allocation": "search", "reconstruct_select": "obs"}
+                   for r in ratios if "sequential" in reconstruct])
     # ablation: the three objectives under one score form (activation, the cheapest), then calibration size N
     return ([{"method": "hfprune", "ratio": 0.2, "objective": o, "form": "activation"} for o in ("ce", "kd", "entropy")]
             + [{"method": "hfprune", "ratio": 0.2, "samples": n} for n in (32, 128, 512)])

@@ -14,7 +14,8 @@ The estimate counts what the code below it keeps (docs/scale.md has the measured
 - the KD teacher's last-layer output for every calibration token (d each), kept for the KD passes (host memory).
 - score buffers: the weight-element form's per-sequence [B, I, d] fp32 products, the element forms' [I, d] fp32
   sums per layer (on the device unless streamed), the activation form's [B, T, I] product.
-- reconstruction: one layer's fp64 Gram [(I+1)^2] and the solve's copies of it.
+- reconstruction: one layer's fp64 Gram [(I+1)^2] and the solve's copies of it (with --reconstruct-select obs the
+  inverse and its downdate take their place, plus the fp64 coefficients [(I+1), d]).
 """
 
 from __future__ import annotations
@@ -182,6 +183,8 @@ def plan_memory(shapes: AdaptedModel, config, dtype: torch.dtype, device: str, s
         plan.parts["logits"] = 0 if streamed or not head_here else b * tokens * vocab
     if config.reconstruction.mode != "none":
         plan.parts["reconstruction"] = 4 * 8 * (width + 1) ** 2 + b * tokens * saved_per_token_layer
+        if config.reconstruction.select == "obs":
+            plan.parts["reconstruction"] += 8 * (width + 1) * d
         samples = config.reconstruction.samples or config.calibration.samples
         cache = b * samples * seq * d * (2 if config.reconstruction.target == "dense" else 1)  # hidden states, in host memory
         if on_host:

@@ -40,7 +40,7 @@ DEFAULT_RATIO = 0.2
 # Named combinations of settings, chosen by the benchmarks (docs/methods.md, "Recipes"). A recipe fills in the
 # settings it names; giving one of them as well, with another value, is an error.
 RECIPES = {
-    "best": {"method": "hfprune", "allocation": "search", "reconstruct": "sequential"},
+    "best": {"method": "hfprune", "allocation": "search", "reconstruct": "sequential", "reconstruct_select": "obs"},
 }
 __all__ = ["DEFAULT_CALIBRATION", "DEFAULT_RATIO", "DEFAULT_SAMPLES", "DEFAULT_SEQ_LEN", "RECIPES", "PruneConfig",
            "PruneReport", "library_versions", "prune", "save"]
@@ -86,8 +86,9 @@ def _with_recipe(recipe: str | None, **given: str | None) -> tuple[str, ...]:
     named = RECIPES.get(recipe, {})
     for name, value in given.items():
         if value is not None and name in named and value != named[name]:
-            raise ConfigError(f"--recipe {recipe} sets --{name} {named[name]}; drop --{name} {value} or the recipe")
-    defaults = {"method": "hfprune", "allocation": "uniform", "reconstruct": "none"}
+            flag = name.replace("_", "-")
+            raise ConfigError(f"--recipe {recipe} sets --{flag} {named[name]}; drop --{flag} {value} or the recipe")
+    defaults = {"method": "hfprune", "allocation": "uniform", "reconstruct": "none", "reconstruct_select": "scores"}
     return tuple(value or named.get(name, defaults[name]) for name, value in given.items())
 
 
@@ -137,13 +138,15 @@ class PruneConfig:
         reconstruct_calibration: str | Path | None = None,
         reconstruct_samples: int | None = None,
         reconstruct_seed: int | None = None,
+        reconstruct_select: str | None = None,
     ) -> PruneConfig:
         """The flat form, one keyword per CLI flag: `ratio` (default 0.2) or `keep`; `seed` draws the windows
-        and seeds the random method; `recipe` (a RECIPES name) fills in method, allocation and reconstruct, which
-        otherwise default to hfprune, uniform and none."""
+        and seeds the random method; `recipe` (a RECIPES name) fills in method, allocation, reconstruct and
+        reconstruct_select, which otherwise default to hfprune, uniform, none and scores."""
         if ratio is None and keep is None:
             ratio = DEFAULT_RATIO
-        method, allocation, reconstruct = _with_recipe(recipe, method=method, allocation=allocation, reconstruct=reconstruct)
+        method, allocation, reconstruct, reconstruct_select = _with_recipe(
+            recipe, method=method, allocation=allocation, reconstruct=reconstruct, reconstruct_select=reconstruct_select)
         return cls(
             MethodConfig(method, objective, form, alpha, temperature, batch_size=batch_size, seed=seed, aggregation=aggregation,
                          steps=steps),
@@ -153,7 +156,7 @@ class PruneConfig:
                              search_offspring=search_offspring, search_step=search_step, search_seed=search_seed),
             ReconstructionConfig(reconstruct, reconstruct_lambda, reconstruct_target,
                                  None if reconstruct_calibration is None else str(reconstruct_calibration),
-                                 reconstruct_samples, reconstruct_seed),
+                                 reconstruct_samples, reconstruct_seed, reconstruct_select),
         )
 
     def draws_windows(self, scores_given: bool = False) -> bool:
@@ -371,9 +374,10 @@ def _run(
         # On the still-dense copy, before surgery: each layer's Gram needs every neuron's activation. FLAP adds a
         # down_proj bias anyway; there the fitted intercept replaces its mean compensation.
         reconstruction = reconstruct_mlps(pruned, result.kept, reconstruction_ids, recon.mode, recon.lam,
-                                          target=recon.target, fit_bias=shift is not None,
+                                          target=recon.target, select=recon.select, fit_bias=shift is not None,
                                           batch_size=method.batch_size, progress=progress)
         shift = reconstruction.bias_shift if shift is not None else None
+        result.kept = {**result.kept, **reconstruction.kept}  # --reconstruct-select obs chose these layers' neurons
         timings["reconstruction"] = reconstruction.seconds
     start = time.perf_counter()
     remove_neurons(pruned, result.kept, shift)

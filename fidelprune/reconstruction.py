@@ -19,6 +19,10 @@ Layers are processed one at a time from cached decoder-layer inputs, so only one
 - sequential: layer inputs come from the already pruned-and-refit earlier layers, so each layer is fitted to the
               inputs it will really see and errors do not add up. The target of layer l is its own dense output on
               those inputs (Y = A W_down^T + b with the dense weights), so the Gram alone still suffices.
+
+Which neurons a layer keeps is the method's choice (`select="scores"`), or, with `select="obs"`, the refit's own:
+the layer keeps as many neurons as the method gave it, chosen by greedy structured optimal-brain-surgeon removal on
+the same Gram (ZipLM, SlimGPT), so selection and refit minimise the same error (`obs_keep`).
 """
 
 from __future__ import annotations
@@ -41,6 +45,10 @@ from .utils import batches, frozen_eval, registered
 
 MODES = ("none", "parallel", "sequential")
 TARGETS = ("layer", "dense")  # sequential mode's target: the layer's own dense output, or the dense model's
+SELECTIONS = ("scores", "obs")  # who picks a layer's kept neurons: the method's scores, or the refit's error (OBS)
+# obs: a layer's removals are made in at most this many rounds (SlimGPT's batched greedy): one neuron per round
+# while a layer loses at most this many, so every layer is cheap whatever its width
+OBS_ROUNDS = 256
 DEFAULT_MODE = "sequential"  # see README "Reconstruction" and docs/reconstruction.md for the measurement
 DEFAULT_LAMBDA = 1e-3
 # A Cholesky failure retries with lam x 10 until this; beyond it the layer's statistics are unusable.
@@ -51,12 +59,16 @@ class ReconstructionError(FidelpruneError, RuntimeError):
     """The least-squares refit could not be computed reliably (non-finite activations, singular system)."""
 
 
-def check_options(mode: str, lam: float, target: str = "layer") -> None:
+def check_options(mode: str, lam: float, target: str = "layer", select: str = "scores") -> None:
     """One-line errors for bad input, before any compute."""
     if mode not in MODES:
         raise ConfigError(f"unknown reconstruction mode {mode!r}: choose one of {', '.join(MODES)}")
     if target not in TARGETS:
         raise ConfigError(f"unknown reconstruction target {target!r}: choose one of {', '.join(TARGETS)}")
+    if select not in SELECTIONS:
+        raise ConfigError(f"unknown reconstruction selection {select!r}: choose one of {', '.join(SELECTIONS)}")
+    if select == "obs" and mode == "none":
+        raise ConfigError("--reconstruct-select obs chooses neurons by the refit's error: choose --reconstruct parallel or sequential")
     if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not math.isfinite(lam) or lam <= 0:
         raise ConfigError(f"reconstruction lambda must be a positive number (ridge relative to the mean Gram diagonal), got {lam!r}")
 
@@ -73,9 +85,10 @@ class ReconstructionConfig:
     calibration: str | None = None  # "c4" or a file
     samples: int | None = None  # default: the scoring windows' count
     seed: int | None = None  # default: the scoring seed + 1
+    select: str = "scores"  # "obs": each layer keeps the neurons its refit reproduces the target with best
 
     def __post_init__(self) -> None:
-        check_options(self.mode, self.lam, self.target)
+        check_options(self.mode, self.lam, self.target, self.select)
         if self.samples is not None:
             check_int("--reconstruct-samples", self.samples, 1)
         if self.mode == "none" and self.separate:
@@ -114,6 +127,9 @@ class ReconstructionResult:
     # fit_bias on a model without down_proj biases: the refit intercept per layer, for the surgery to add as a new
     # bias (zero for layers that were not refit)
     bias_shift: dict[int, torch.Tensor] | None = None
+    select: str = "scores"
+    # select="obs": the neurons each refit layer keeps instead of the method's (same count, sorted)
+    kept: dict[int, torch.Tensor] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         before = [f.error_before for f in self.layers]
@@ -126,6 +142,7 @@ class ReconstructionResult:
             if self.target == "layer" else "dense model's MLP output on the dense model's input",
             "numerics": "Gram [A, 1]^T [A, 1] from fp32 per-batch products accumulated in fp64; ridge Cholesky solve in fp64",
             "bias_refit": self.bias_refit,
+            "select": {"scores": "the method's scores", "obs": f"greedy structured OBS on each layer's Gram, at most {OBS_ROUNDS} rounds"}[self.select],
             "tokens": self.tokens,
             "seconds": self.seconds,
             "mean_error_before": sum(before) / len(before) if before else None,
@@ -168,6 +185,73 @@ def _quadratic(gram: torch.Tensor, coef: torch.Tensor) -> float:
     return max(float((coef * (gram @ coef)).sum()), 0.0)
 
 
+def _dense_and_target(view: MLPView, gram: Gram) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """The dense coefficients on [A, 1] ((I+1) x d, fp64: rows 0..I-1 are W_down^T, row I the bias, zero when
+    there is none), [A, 1]^T Y for the refit's target Y, and ||Y||^2."""
+    down, width, g = view.down, view.width, gram.matrix
+    dense = torch.zeros(width + 1, view.hidden_size, dtype=torch.float64, device=g.device)
+    dense[:width] = down.weight.detach().T.to(g.device, torch.float64)
+    if down.bias is not None:
+        dense[width] = down.bias.detach().to(g.device, torch.float64)
+    if gram.cross is None:  # the layer's own dense output: [A, 1]^T Y = G [W^T; b]
+        return dense, g @ dense, _quadratic(g, dense)
+    return dense, gram.cross, gram.target_norm  # another target (the dense model's output), accumulated alongside
+
+
+def obs_keep(view: MLPView, gram: Gram, keep: int, lam: float, fit_bias: bool = False,
+             rounds: int | None = None) -> torch.Tensor | None:
+    """The `keep` neurons (sorted indices) whose ridge refit reproduces the layer's target best, by greedy
+    structured optimal-brain-surgeon removal (ZipLM; SlimGPT's batched form): from the refit with every neuron,
+    remove the neuron whose removal raises the squared error least, ||c_i||^2 / [H^-1]_ii (c_i its coefficients,
+    H the ridged Gram), update the refit of the others and H^-1 by the matching rank-one downdate, and repeat.
+    With more removals than `rounds` (default OBS_ROUNDS), each round removes the ceil(removals / rounds)
+    cheapest neurons together (their joint downdate is exact; only their choice is batched). The intercept, when
+    there is one, is never removed. None when there is nothing to choose by (no neuron active on the tokens, or
+    non-finite statistics, which the refit then reports). Memory: H^-1 ((I+1)^2) and the coefficients
+    ((I+1) x d), fp64, on the Gram's device."""
+    width, g = view.width, gram.matrix
+    n = width + 1 if view.down.bias is not None or fit_bias else width
+    _, target, _ = _dense_and_target(view, gram)
+    scale = float(g.diagonal()[:width].mean())
+    remove = width - keep
+    if not math.isfinite(scale) or scale <= 0 or not torch.isfinite(target).all():
+        return None
+    system = g[:n, :n].clone()
+    used = lam
+    system.diagonal()[:width] += used * scale
+    while True:
+        factor, info = torch.linalg.cholesky_ex(system)
+        if int(info) == 0:
+            break
+        if used * 10 > MAX_LAMBDA:
+            raise ReconstructionError(
+                f"layer {view.index}: the OBS selection's system is singular even with lambda {used:g}; "
+                f"use --reconstruct-select scores or check the model's activations")
+        warnings.warn(f"OBS selection in layer {view.index}: Cholesky failed with lambda {used:g}, retrying with {used * 10:g}",
+                      RuntimeWarning, stacklevel=2)
+        system.diagonal()[:width] += 9 * used * scale
+        used *= 10
+    inverse = torch.cholesky_inverse(factor)
+    del system, factor
+    coef = inverse @ target[:n]
+    alive = torch.ones(width, dtype=torch.bool, device=g.device)
+    block = math.ceil(remove / (rounds or OBS_ROUNDS))
+    while remove > 0:
+        cost = coef[:width].square().sum(1) / inverse.diagonal()[:width]
+        cost.masked_fill_(~alive, math.inf)
+        chosen = cost.topk(min(block, remove), largest=False).indices
+        columns = inverse[:, chosen]  # n x b
+        # The joint downdate for removing `chosen`: x -= H^-1[:, B] (H^-1[B, B])^-1 x[B] for H^-1 and the coefficients.
+        step = torch.linalg.solve(columns[chosen], torch.cat([columns.T, coef[chosen]], dim=1))
+        inverse -= columns @ step[:, :n]
+        coef -= columns @ step[:, n:]
+        alive[chosen] = False
+        coef[chosen] = 0  # exactly zero (the downdate leaves rounding)
+        inverse[chosen, chosen] = 1.0  # their rows and columns are zero now; keeps the cost's division finite
+        remove -= len(chosen)
+    return alive.nonzero().squeeze(1)
+
+
 def _refit(view: MLPView, gram: Gram, kept: torch.Tensor, lam: float, fit_bias: bool = False) -> tuple[LayerFit, torch.Tensor | None]:
     """Solve the ridge least squares for `view`'s kept down_proj columns (and bias) and write them in place:
     down_proj keeps its dense shape, removed columns become zero. With `fit_bias` and no down_proj bias, an
@@ -193,17 +277,8 @@ def refit_coefficients(view: MLPView, gram: Gram, kept: torch.Tensor, lam: float
     kept = kept.to(device=device, dtype=torch.long).sort().values
     removed_mask = torch.ones(width, dtype=torch.bool, device=device)
     removed_mask[kept] = False
-    has_bias = down.bias is not None
-    intercept = has_bias or fit_bias
-    # Coefficients on [A, 1]: rows 0..I-1 are W_down^T, row I the bias (zero when there is none).
-    dense = torch.zeros(width + 1, view.hidden_size, dtype=torch.float64, device=device)
-    dense[:width] = down.weight.detach().T.to(device, torch.float64)
-    if has_bias:
-        dense[width] = down.bias.detach().to(device, torch.float64)
-    if gram.cross is None:  # the layer's own dense output: [A, 1]^T Y = G [W^T; b]
-        target, norm = g @ dense, _quadratic(g, dense)
-    else:  # another target (the dense model's output), accumulated alongside the Gram
-        target, norm = gram.cross, gram.target_norm
+    intercept = down.bias is not None or fit_bias
+    dense, target, norm = _dense_and_target(view, gram)
     plain = dense.clone()
     plain[:width][removed_mask] = 0
     rows = torch.cat([kept, torch.tensor([width], device=device)]) if intercept else kept
@@ -300,6 +375,7 @@ def reconstruct(
     lam: float = DEFAULT_LAMBDA,
     *,
     target: str = "layer",
+    select: str = "scores",
     fit_bias: bool = False,
     batch_size: int = 4,
     progress: bool = True,
@@ -312,14 +388,17 @@ def reconstruct(
     Gram alone suffices); "dense" fits it to the dense model's MLP output on the dense model's inputs, which
     also asks it to undo upstream error, at the cost of a second N x L x d cache and a third pass per layer.
 
+    `select="obs"` lets each refit layer keep, instead of the neurons in `kept`, as many chosen by the refit's own
+    error (`obs_keep`); they are in `result.kept`, and the caller removes those.
+
     `fit_bias` also fits an intercept where down_proj has no bias and returns it in `bias_shift` (for a caller
     that adds a bias anyway, i.e. FLAP); models with a down_proj bias always get it refit.
 
     Memory beyond the model: one layer's Gram ((I+1)^2 fp64) on the model's device, and the N x L x d hidden
     states of the windows in the model's dtype on the CPU (one batch at a time on the device)."""
-    check_options(mode, lam, target)
+    check_options(mode, lam, target, select)
     dense_target = mode == "sequential" and target == "dense"
-    result = ReconstructionResult(mode, lam, target=target if mode == "sequential" else "layer")
+    result = ReconstructionResult(mode, lam, target=target if mode == "sequential" else "layer", select=select)
     adapted = adapt(model)
     views = {v.index: v for v in adapted.mlps()}
     # Layers that lose nothing (protected, or kept whole) are left exactly as they are: a ridge refit would
@@ -379,6 +458,10 @@ def reconstruct(
                         for h in hidden:
                             run(index, h)
                 gram.reduce()
+                if select == "obs":
+                    chosen = obs_keep(view, gram, len(todo[index]), lam, fit_bias)
+                    if chosen is not None:
+                        todo[index] = result.kept[index] = chosen.to(todo[index].device)
                 fit, shift = _refit(view, gram, todo[index], lam, fit_bias)
                 result.layers.append(fit)
                 del gram

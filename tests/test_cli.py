@@ -68,4 +68,4 @@ def test_the_best_recipe_prunes_with_searched_widths_and_the_refit(tiny_dir, tmp
                  "--seq-len", "32", "--search-generations", "1", "--output", str(out)]) == 0
     settings = json.loads((out / "pruning.json").read_text())["settings"]
     assert settings["method"]["method"] == "hfprune" and settings["allocation"]["kind"] == "search"
-    assert settings["reconstruction"]["mode"] == "sequential"
+    assert settings["reconstruction"]["mode"] == "sequential" and settings["reconstruction"]["select"] == "obs"

@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM
 from conftest import tiny_model, tiny_windows
 from fidelprune import prune, read_manifest, save
 from fidelprune.adapters import StopForward, adapt, mlp_views
-from fidelprune.reconstruction import ReconstructionError, Gram, _refit, mlp_output_errors
+from fidelprune.reconstruction import ReconstructionError, Gram, _refit, mlp_output_errors, obs_keep
 
 
 def spanned_model(family: str, groups: int = 8):
@@ -195,6 +195,8 @@ def test_data_free_method_reconstructs_on_given_windows_and_protected_layers_sta
     ({"reconstruct": "parallel", "reconstruct_lambda": float("nan")}, "positive"),
     ({"reconstruct": "none", "reconstruct_samples": 8}, "reconstruct is 'none'"),
     ({"reconstruct": "sequential", "calibration_ids": None}, "reconstruction needs a tokenizer"),
+    ({"reconstruct": "sequential", "reconstruct_select": "best"}, "unknown reconstruction selection"),
+    ({"reconstruct": "none", "reconstruct_select": "obs"}, "choose --reconstruct parallel or sequential"),
 ])
 def test_bad_options_are_one_line_errors_before_any_compute(kwargs, message):
     model = tiny_model("llama")
@@ -263,3 +265,57 @@ def test_cli_reconstructs_by_default_and_takes_the_options(tiny_dir, tmp_path, c
     assert main([*common, "--reconstruct-lambda", "0", "--output", str(tmp_path / "bad")]) == 2
     err = capsys.readouterr().err
     assert "error:" in err and "positive" in err and not (tmp_path / "bad").exists()
+
+
+def _ridge_objective(gram: Gram, dense: torch.Tensor, keep: list[int], lam: float, scale: float) -> float:
+    """min_c ||A_K c - Y||^2 + lam * scale * ||c||^2 for Y = A W^T, by a fresh solve on the kept columns only."""
+    g = gram.matrix[:-1, :-1]
+    t = g @ dense
+    h = g[keep][:, keep] + lam * scale * torch.eye(len(keep), dtype=g.dtype)
+    return float((dense * t).sum() - (t[keep] * torch.linalg.solve(h, t[keep])).sum())
+
+
+@pytest.mark.parametrize("lam", [1e-3, 1e-1])
+def test_obs_selection_is_the_greedy_removal_it_claims(lam):
+    """One neuron per round, obs_keep removes at each step the neuron whose removal (with the others refit from
+    scratch) raises the ridge objective least: checked step by step against fresh solves."""
+    model = tiny_model("llama")
+    view = mlp_views(model)[0]
+    gram = _gram_of(view, tiny_windows(8, 16), model)
+    dense = view.down.weight.detach().T.double()
+    scale = float(gram.matrix.diagonal()[:view.width].mean())
+    kept = list(range(view.width))
+    for removed in range(1, 7):
+        costs = {i: _ridge_objective(gram, dense, [k for k in kept if k != i], lam, scale) for i in kept}
+        kept.remove(min(costs, key=costs.get))
+        assert obs_keep(view, gram, view.width - removed, lam, rounds=10_000).tolist() == kept
+    # batched rounds keep the count, and on this layer choose almost the same neurons
+    batched = obs_keep(view, gram, view.width - 24, lam, rounds=4)
+    exact = obs_keep(view, gram, view.width - 24, lam, rounds=10_000)
+    assert len(batched) == view.width - 24 and len(set(batched.tolist()) & set(exact.tolist())) >= view.width - 28
+
+
+@pytest.mark.parametrize("family,mode", [("llama-bias", "sequential"), ("gemma2", "parallel")])
+def test_obs_selection_prunes_what_it_refit_and_beats_the_scores_choice(family, mode):
+    """--reconstruct-select obs: same widths as the method's choice; the kept neurons recorded in pruning.json are
+    the ones the saved model has (its recorded errors are its own); a lower refit error than the scores' choice."""
+    model = tiny_model(family, num_hidden_layers=3)
+    windows = tiny_windows(8, 16)
+    common = dict(keep=32, round_to=1, calibration_ids=windows, reconstruct=mode, progress=False)
+    by_scores, scores_report = prune(model, None, "wanda-sp", **common)
+    by_obs, report = prune(model, None, "wanda-sp", reconstruct_select="obs", **common)
+    recon = report.manifest["reconstruction"]
+    assert recon["select"].startswith("greedy structured OBS") and report.manifest["settings"]["reconstruction"]["select"] == "obs"
+    assert [v.width for v in mlp_views(by_obs)] == [v.width for v in mlp_views(by_scores)] == [32] * 3
+    kept = report.manifest["kept_neurons"]
+    assert kept != scores_report.manifest["kept_neurons"]
+    for view, dense in zip(mlp_views(by_obs), mlp_views(model)):
+        gate = dense.gate_up_weights()[0][torch.tensor(kept[str(view.index)])]
+        assert torch.equal(view.gate_up_weights()[0], gate)
+    recorded = {f["layer"]: f["error_after"] for f in recon["layers"]}
+    measured = _own_layer_errors(model, by_obs, windows, model if mode == "parallel" else by_obs)
+    assert all(recorded[i] == pytest.approx(measured[i], rel=1e-3, abs=1e-4) for i in recorded)
+    if family == "llama-bias":
+        assert all(v.down.bias is not None for v in mlp_views(by_obs))
+    mean = lambda r: r.manifest["reconstruction"]["mean_error_after"]  # noqa: E731
+    assert mean(report) < mean(scores_report)

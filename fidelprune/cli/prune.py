@@ -13,7 +13,7 @@ def add_parser(sub) -> None:
     from ..calibration import DEFAULT_SAMPLES, DEFAULT_SAMPLING, DEFAULT_SEQ_LEN, SAMPLINGS
     from ..methods import AGGREGATIONS, ALIASES, METHODS
     from ..objectives import OBJECTIVES
-    from ..reconstruction import DEFAULT_LAMBDA, DEFAULT_MODE, MODES
+    from ..reconstruction import DEFAULT_LAMBDA, DEFAULT_MODE, MODES, SELECTIONS
     from ..pruning import RECIPES
     from ..scoring import FORMS
 
@@ -71,6 +71,10 @@ def add_parser(sub) -> None:
                    help="separate reconstruction windows from this source ('c4' or a file; default: the scoring windows)")
     p.add_argument("--reconstruct-samples", type=int, default=None, help="separate reconstruction windows: how many (default --samples)")
     p.add_argument("--reconstruct-seed", type=int, default=None, help="separate reconstruction windows: seed (default --seed + 1)")
+    p.add_argument("--reconstruct-select", choices=SELECTIONS, default=None,
+                   help="which neurons a refit layer keeps: scores (default): the method's; obs: as many, chosen by "
+                        "the refit's own error (greedy structured OBS on the layer's Gram); the method's scores then "
+                        "only set the widths of global and search allocation")
     p.add_argument("--offload", choices=("cpu", "disk"), default=None,
                    help="keep the weights in host memory (cpu) or memory-mapped from the safetensors files (disk) and "
                         "run one decoder layer at a time on --device: the same scores for about one layer's device "
@@ -104,6 +108,7 @@ def config_from_args(args):
         search_step=args.search_step, search_seed=args.search_seed, reconstruct=reconstruct,
         reconstruct_lambda=args.reconstruct_lambda, reconstruct_calibration=args.reconstruct_calibration,
         reconstruct_samples=args.reconstruct_samples, reconstruct_seed=args.reconstruct_seed,
+        reconstruct_select=args.reconstruct_select,
     )
 
 
