@@ -198,6 +198,31 @@ def _dense_and_target(view: MLPView, gram: Gram) -> tuple[torch.Tensor, torch.Te
     return dense, gram.cross, gram.target_norm  # another target (the dense model's output), accumulated alongside
 
 
+def _ridged_solve(system: torch.Tensor, penalised: int, scale: float, lam: float, solve, index: int, what: str,
+                  instead: str) -> tuple[torch.Tensor, float]:
+    """`solve(factor)` for the Cholesky factor of `system` ridged in place by lam * scale on its first `penalised`
+    diagonal entries, and the lambda used. A failed factorisation or a non-finite result retries with lambda x 10
+    (with a warning) up to MAX_LAMBDA; beyond it the layer's statistics are unusable and the error names `instead`."""
+    used = lam
+    system.diagonal()[:penalised] += used * scale
+    while True:
+        factor, info = torch.linalg.cholesky_ex(system)
+        if int(info) == 0:
+            result = solve(factor)
+            if torch.isfinite(result).all():
+                return result, used
+        del factor
+        if used * 10 > MAX_LAMBDA:
+            raise ReconstructionError(
+                f"layer {index}: the {what} system is singular even with lambda {used:g}; "
+                f"use {instead} or check the model's activations"
+            )
+        warnings.warn(f"{what} of layer {index}: Cholesky failed with lambda {used:g}, retrying with {used * 10:g}",
+                      RuntimeWarning, stacklevel=3)
+        system.diagonal()[:penalised] += 9 * used * scale
+        used *= 10
+
+
 def obs_keep(view: MLPView, gram: Gram, keep: int, lam: float, fit_bias: bool = False,
              rounds: int | None = None) -> torch.Tensor | None:
     """The `keep` neurons (sorted indices) whose ridge refit reproduces the layer's target best, by greedy
@@ -216,23 +241,8 @@ def obs_keep(view: MLPView, gram: Gram, keep: int, lam: float, fit_bias: bool = 
     remove = width - keep
     if not math.isfinite(scale) or scale <= 0 or not torch.isfinite(target).all():
         return None
-    system = g[:n, :n].clone()
-    used = lam
-    system.diagonal()[:width] += used * scale
-    while True:
-        factor, info = torch.linalg.cholesky_ex(system)
-        if int(info) == 0:
-            break
-        if used * 10 > MAX_LAMBDA:
-            raise ReconstructionError(
-                f"layer {view.index}: the OBS selection's system is singular even with lambda {used:g}; "
-                f"use --reconstruct-select scores or check the model's activations")
-        warnings.warn(f"OBS selection in layer {view.index}: Cholesky failed with lambda {used:g}, retrying with {used * 10:g}",
-                      RuntimeWarning, stacklevel=2)
-        system.diagonal()[:width] += 9 * used * scale
-        used *= 10
-    inverse = torch.cholesky_inverse(factor)
-    del system, factor
+    inverse, _ = _ridged_solve(g[:n, :n].clone(), width, scale, lam, torch.cholesky_inverse, view.index,
+                               "OBS selection", "--reconstruct-select scores")
     coef = inverse @ target[:n]
     alive = torch.ones(width, dtype=torch.bool, device=g.device)
     block = math.ceil(remove / (rounds or OBS_ROUNDS))
@@ -298,28 +308,10 @@ def refit_coefficients(view: MLPView, gram: Gram, kept: torch.Tensor, lam: float
         fit.refit, fit.note = False, "kept neurons never activate on the reconstruction tokens; plain removal"
         return fit, plain
 
-    system = g[rows[:, None], rows]  # ridged in place: the peak is the Gram, this and its factor
-    used = lam
-    system.diagonal()[:k] += used * scale  # the bias (last row, when present) is not penalised
-    while True:
-        factor, info = torch.linalg.cholesky_ex(system)
-        if int(info) == 0:
-            solution = torch.cholesky_solve(target[rows], factor)
-            if torch.isfinite(solution).all():
-                break
-        del factor
-        if used * 10 > MAX_LAMBDA:
-            raise ReconstructionError(
-                f"layer {view.index}: the reconstruction system is singular even with lambda {used:g}; "
-                f"use --reconstruct none or check the model's activations"
-            )
-        warnings.warn(
-            f"reconstruction of layer {view.index}: Cholesky failed with lambda {used:g}, retrying with {used * 10:g}",
-            RuntimeWarning, stacklevel=2,
-        )
-        system.diagonal()[:k] += 9 * used * scale
-        used *= 10
-    del system, factor
+    # ridged in place: the peak is the Gram, this and its factor; the bias (last row, when present) is not penalised
+    solution, used = _ridged_solve(g[rows[:, None], rows], k, scale, lam,
+                                   lambda factor: torch.cholesky_solve(target[rows], factor), view.index,
+                                   "reconstruction", "--reconstruct none")
     refit = torch.zeros_like(dense)
     refit[rows] = solution
     fit.lambda_used, error = used, relative(refit)
@@ -459,6 +451,7 @@ def reconstruct(
                             run(index, h)
                 gram.reduce()
                 if select == "obs":
+                    bar.set_postfix_str(f"layer {index}: choosing neurons (OBS)")  # no tokens move meanwhile
                     chosen = obs_keep(view, gram, len(todo[index]), lam, fit_bias)
                     if chosen is not None:
                         todo[index] = result.kept[index] = chosen.to(todo[index].device)
