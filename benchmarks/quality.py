@@ -2,7 +2,7 @@
 (C4 train; never the evaluation text), each row recording its scoring time. Resumable: rows already in the
 results file are skipped, so a long table fills across runs.
 
-    python benchmarks/quality.py --table main       # dense, llm-pruner, sdmprune, hfprune at 20/30 %: full sets
+    python benchmarks/quality.py --table main       # dense, llm-pruner, sdmprune, hfprune, --recipe best at 20/30 %: full sets
     python benchmarks/quality.py --table sweep      # every method x 10/20/30/40 % x reconstruction: fixed subsets
     python benchmarks/quality.py --table ablation   # objective under one form; calibration size N
     python benchmarks/quality.py --table sweep --only hfprune,flap --ratios 0.2    # a slice of a table
@@ -38,8 +38,10 @@ PROTOCOLS = {
 
 def table_rows(table: str, ratios: list[float], reconstruct: list[str], num_layers: int = 30) -> list[dict]:
     """Row specs: prune() arguments (method None = the dense model)."""
+    recipe_best = [{"method": "hfprune", "ratio": r, "reconstruct": "sequential", "allocation": "search", "reconstruct_select": "obs"}
+                   for r in ratios]  # --recipe best: the searched widths, each layer's neurons chosen by the refit (OBS)
     if table == "main":
-        return [{"method": None}] + [{"method": m, "ratio": r} for r in ratios for m in ("llm-pruner", "sdmprune", "hfprune")]
+        return [{"method": None}] + [{"method": m, "ratio": r} for r in ratios for m in ("llm-pruner", "sdmprune", "hfprune")] + recipe_best
     if table == "sweep":
         # every method, then the non-uniform allocations on the default method (LLM-Pruner spares its first 4 and
         # last 2 of 32 layers; 3 and 2 of SmolLM2's 30 is the same share), then the searched allocation, which
@@ -51,9 +53,7 @@ def table_rows(table: str, ratios: list[float], reconstruct: list[str], num_laye
                 + [{"method": m, "ratio": r, "reconstruct": mode} for mode in reconstruct for r in ratios for m in SWEEP_METHODS]
                 + [{"method": "hfprune", "ratio": r, "reconstruct": "none", **a} for r in ratios for a in allocations]
                 + [{"method": "hfprune", "ratio": r, "reconstruct": mode, "allocation": "search"} for mode in reconstruct for r in ratios]
-                # --recipe best: the searched widths, each layer's neurons chosen by the refit's error (OBS)
-                + [{"method": "hfprune", "ratio": r, "reconstruct": "sequential", "allocation": "search", "reconstruct_select": "obs"}
-                   for r in ratios if "sequential" in reconstruct])
+                + (recipe_best if "sequential" in reconstruct else []))
     # ablation: the three objectives under one score form (activation, the cheapest), then calibration size N
     return ([{"method": "hfprune", "ratio": 0.2, "objective": o, "form": "activation"} for o in ("ce", "kd", "entropy")]
             + [{"method": "hfprune", "ratio": 0.2, "samples": n} for n in (32, 128, 512)])

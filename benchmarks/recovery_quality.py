@@ -1,12 +1,13 @@
 """Recovery on a CPU budget: distil a pruned model for a fixed number of tokens and follow its perplexity on the
 sweep protocol (WikiText-2, the first 64 windows of 512 tokens), against the dense model it was pruned from.
 
-The run is one `fidelprune.recover` call that writes a checkpoint every --eval-every steps (keeping all); each
-checkpoint's adapters are then merged into a fresh copy of the pruned model and evaluated, so the curve comes
-from the very run that produced the final weights. The row budget counts whole rows (padding included), so the
-tokens trained on (non-padding) are at most --tokens.
+The run is one `fidelprune.recover` call (LoRA or full fine-tuning) that writes a checkpoint every --eval-every
+steps (keeping all); each checkpoint's weights (LoRA: its adapters, merged into a fresh copy of the pruned model)
+are then evaluated, so the curve comes from the very run that produced the final weights. The row budget counts
+whole rows (padding included), so the tokens trained on (non-padding) are at most --tokens.
 
     python benchmarks/recovery_quality.py PRUNED_DIR --tokens 200000       # the teacher is pruning.json's source
+    python benchmarks/recovery_quality.py PRUNED_DIR --mode full --lr 1e-4 --output benchmarks/results/recovery-quality-full.json
     python benchmarks/recovery_quality.py PRUNED_DIR --tokens 2048 --batch-size 1 --seq-len 64 --eval-every 8 \
         --ppl-windows 2 --ppl-seq-len 64 --output /tmp/rq.json                # a smoke test's scale
 """
@@ -34,19 +35,28 @@ def evaluate(model, tokenizer, args) -> float:
     return perplexity(model, tokenizer, "wikitext2", seq_len=args.ppl_seq_len, limit_windows=args.ppl_windows, progress=False).ppl
 
 
-def adapters_merged(pruned, checkpoint: Path, config) -> torch.nn.Module:
-    """The pruned model with a checkpoint's LoRA adapters merged in (the same peft wrapping recover() used)."""
+def checkpoint_model(pruned, checkpoint: Path, config: dict) -> torch.nn.Module:
+    """The model a checkpoint holds: for LoRA, its adapters merged into a fresh copy of the pruned model (the same
+    peft wrapping recover() used); for full fine-tuning, the pruned model with every weight replaced."""
     from safetensors.torch import load_file
 
     from fidelprune.recovery.checkpoints import WEIGHTS
     from fidelprune.recovery.modes import apply_lora, merge_lora, trainable_parameters
 
-    model = apply_lora(copy.deepcopy(pruned), config["lora_r"], config["lora_alpha"], config["lora_dropout"], config["target_modules"])
     weights = load_file(str(checkpoint / WEIGHTS))
+    if config["mode"] == "full":
+        model = copy.deepcopy(pruned)
+        params = dict(model.named_parameters())  # tied weights once, as the checkpoint names them
+    else:
+        model = apply_lora(copy.deepcopy(pruned), config["lora_r"], config["lora_alpha"], config["lora_dropout"],
+                           config["lora_target_modules"])
+        params = trainable_parameters(model)
+    if set(weights) != set(params):
+        raise SystemExit(f"{checkpoint}: its weights do not match a {config['mode']} model of {len(params)} tensors")
     with torch.no_grad():
-        for name, p in trainable_parameters(model).items():
+        for name, p in params.items():
             p.copy_(weights[name])
-    return merge_lora(model).eval()
+    return (model if config["mode"] == "full" else merge_lora(model)).eval()
 
 
 def render(data: dict) -> str:
@@ -71,7 +81,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("pruned", help="a fidelprune output directory (its pruning.json names the teacher)")
     parser.add_argument("--tokens", type=int, default=200_000, help="row budget: steps = tokens // (batch x seq-len)")
-    parser.add_argument("--mode", default="lora")
+    parser.add_argument("--mode", default="lora", choices=("lora", "full"))
     parser.add_argument("--loss", default="kd")
     parser.add_argument("--data", default="c4")
     parser.add_argument("--seq-len", type=int, default=256)
@@ -82,8 +92,6 @@ def main() -> None:
     parser.add_argument("--ppl-seq-len", type=int, default=512)
     parser.add_argument("--output", default=str(RESULTS / "recovery-quality.json"))
     args = parser.parse_args()
-    if args.mode != "lora":
-        raise SystemExit("the curve merges each checkpoint's LoRA adapters: --mode lora only")
 
     steps = args.tokens // (args.batch_size * args.seq_len)
     protocol = {k: getattr(args, k) for k in ("tokens", "mode", "loss", "data", "seq_len", "batch_size", "lr", "eval_every",
@@ -109,10 +117,9 @@ def main() -> None:
             on_step=lambda step, metrics: tokens_at.__setitem__(step, tokens_at.get(step - 1, 0) + metrics["tokens"]))
         train_s = time.perf_counter() - start
         config = report.record["hyperparameters"]
-        config["target_modules"] = config["lora_target_modules"]
         for checkpoint in sorted((Path(scratch) / "checkpoints").glob("step-*")):
             step = int(checkpoint.name.split("-")[1])
-            curve.append({"step": step, "tokens": tokens_at[step], "ppl": evaluate(adapters_merged(pruned, checkpoint, config), tokenizer, args)})
+            curve.append({"step": step, "tokens": tokens_at[step], "ppl": evaluate(checkpoint_model(pruned, checkpoint, config), tokenizer, args)})
             print(f"step {step}: {curve[-1]['ppl']:.2f}", flush=True)
     curve.append({"step": steps, "tokens": tokens_at[steps], "ppl": evaluate(recovered, tokenizer, args)})
     training = report.record["training"]

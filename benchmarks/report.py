@@ -81,7 +81,8 @@ def task_cells(row: dict) -> list[str]:
     the five without BoolQ, and how often the model answered BoolQ "yes"; blanks for what has not run."""
     accs = [row.get(f"acc_{t}") for t, _ in TASKS]
     average = six_task_average(row)
-    five = [row[f"acc_{t}"] for t, _ in TASKS if t != "boolq"] if average else None
+    five = [a for a, (t, _) in zip(accs, TASKS) if t != "boolq"]
+    five = five if None not in five else None  # shown once the five have run, BoolQ or not
     yes = boolq_yes_share(row)
     return [*(number(100 * a, 1) if a is not None else "" for a in accs),
             f"{100 * average[0]:.2f} ± {100 * average[1]:.2f}" if average else "",
@@ -131,12 +132,13 @@ def paired_rows(rows: list[dict]) -> list[list[str]]:
         base = next((r for r in rows if r.get("method") == "llm-pruner" and r.get("ratio") == row.get("ratio")), None)
         if row.get("method") in (None, "llm-pruner") or base is None:
             continue
-        if not all(f"items_{t}" in row and f"items_{t}" in base for t, _ in TASKS):
-            continue
-        diffs = [paired_difference(row[f"items_{t}"], base[f"items_{t}"]) for t, _ in TASKS]
+        diffs = [paired_difference(row[f"items_{t}"], base[f"items_{t}"]) if f"items_{t}" in row and f"items_{t}" in base else None
+                 for t, _ in TASKS]
         five = [d for d, (t, _) in zip(diffs, TASKS) if t != "boolq"]
-        out.append([row["key"], base["key"], *(f"{100 * d.mean:+.1f} ({d.p_value:.2g})" for d in diffs),
-                    points(average_difference(diffs)), points(average_difference(five))])
+        if None in five:  # BoolQ alone may be missing: the five-task difference is the one the goals use
+            continue
+        out.append([row["key"], base["key"], *(f"{100 * d.mean:+.1f} ({d.p_value:.2g})" if d else "" for d in diffs),
+                    points(average_difference(diffs)) if None not in diffs else "", points(average_difference(five))])
     return out
 
 

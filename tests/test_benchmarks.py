@@ -85,17 +85,20 @@ def test_recovery_speed_script_pairs_each_recover_mode_with_its_bare_step(tmp_pa
     assert float(line.split("|")[3]) > 0  # paired with bare lora+teacher
 
 
-def test_recovery_quality_script_follows_perplexity_over_checkpoints(tmp_path, tiny_dir):
+@pytest.mark.parametrize("mode", ["lora", "full"])
+def test_recovery_quality_script_follows_perplexity_over_checkpoints(tmp_path, tiny_dir, mode):
     pruned, out = tmp_path / "pruned", tmp_path / "rq.json"
     subprocess.run([sys.executable, "-m", "fidelprune.cli", "prune", str(tiny_dir), "--method", "magnitude", "--ratio", "0.001",
                     "--reconstruct", "none", "-o", str(pruned)], check=True, capture_output=True, text=True)
     subprocess.run([sys.executable, str(BENCHMARKS / "recovery_quality.py"), str(pruned), "--tokens", "640", "--batch-size", "1",
                     "--seq-len", "64", "--eval-every", "4", "--ppl-windows", "2", "--ppl-seq-len", "32", "--data", "alpaca",
-                    "--output", str(out)], check=True, capture_output=True, text=True)
+                    "--mode", mode, "--output", str(out)], check=True, capture_output=True, text=True)
     row = json.loads(out.read_text())["rows"][0]
-    assert [c["step"] for c in row["curve"]] == [0, 4, 8, 10] and row["finite"]
-    assert 0 < row["curve"][1]["tokens"] < row["curve"][2]["tokens"] < row["curve"][3]["tokens"] <= 640
-    assert row["curve"][0]["ppl"] != row["curve"][-1]["ppl"]  # the adapters changed the model
+    curve = row["curve"]
+    assert [c["step"] for c in curve] == [0, 4, 8, 10] and row["finite"]
+    assert 0 < curve[1]["tokens"] < curve[2]["tokens"] < curve[3]["tokens"] <= 640
+    # every checkpoint's weights were loaded: training moved each point, so no two are the same model
+    assert len({c["ppl"] for c in curve}) == 4
     assert "1.5 x dense" in out.with_suffix(".md").read_text()
 
 
