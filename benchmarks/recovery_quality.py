@@ -36,26 +36,17 @@ def evaluate(model, tokenizer, args) -> float:
 
 
 def checkpoint_model(pruned, checkpoint: Path, config: dict) -> torch.nn.Module:
-    """The model a checkpoint holds: for LoRA, its adapters merged into a fresh copy of the pruned model (the same
-    peft wrapping recover() used); for full fine-tuning, the pruned model with every weight replaced."""
-    from safetensors.torch import load_file
+    """The model a checkpoint holds: a fresh copy of the pruned model prepared as recover() prepared it (LoRA
+    adapters, or every weight trainable), its weights loaded, and LoRA's adapters merged."""
+    from fidelprune.recovery.checkpoints import load_weights
+    from fidelprune.recovery.modes import apply_lora, merge_lora, prepare_full
 
-    from fidelprune.recovery.checkpoints import WEIGHTS
-    from fidelprune.recovery.modes import apply_lora, merge_lora, trainable_parameters
-
-    weights = load_file(str(checkpoint / WEIGHTS))
     if config["mode"] == "full":
-        model = copy.deepcopy(pruned)
-        params = dict(model.named_parameters())  # tied weights once, as the checkpoint names them
+        model = prepare_full(copy.deepcopy(pruned))
     else:
         model = apply_lora(copy.deepcopy(pruned), config["lora_r"], config["lora_alpha"], config["lora_dropout"],
                            config["lora_target_modules"])
-        params = trainable_parameters(model)
-    if set(weights) != set(params):
-        raise SystemExit(f"{checkpoint}: its weights do not match a {config['mode']} model of {len(params)} tensors")
-    with torch.no_grad():
-        for name, p in params.items():
-            p.copy_(weights[name])
+    load_weights(checkpoint, model)
     return (model if config["mode"] == "full" else merge_lora(model)).eval()
 
 

@@ -87,8 +87,8 @@ def read_state(checkpoint: Path) -> dict:
     return json.loads((checkpoint / STATE).read_text())
 
 
-def load_checkpoint(checkpoint: Path, model: nn.Module, optimizer, scheduler, accelerator) -> dict:
-    """Restore weights, optimizer, scheduler and this process's RNG from `checkpoint`; return its loop state."""
+def load_weights(checkpoint: Path, model: nn.Module) -> None:
+    """Copy `checkpoint`'s trainable weights into `model` (prepared as the run prepared it: adapters or full)."""
     weights = load_file(str(checkpoint / WEIGHTS))
     params = trainable_parameters(model)
     if set(weights) != set(params):
@@ -97,6 +97,11 @@ def load_checkpoint(checkpoint: Path, model: nn.Module, optimizer, scheduler, ac
     with torch.no_grad():
         for name, p in params.items():
             p.copy_(weights[name])
+
+
+def load_checkpoint(checkpoint: Path, model: nn.Module, optimizer, scheduler, accelerator) -> dict:
+    """Restore weights, optimizer, scheduler and this process's RNG from `checkpoint`; return its loop state."""
+    load_weights(checkpoint, model)
     optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", map_location="cpu", weights_only=True))
     scheduler.load_state_dict(torch.load(checkpoint / "scheduler.pt", map_location="cpu", weights_only=True))
     rng = checkpoint / f"rng-rank{accelerator.process_index}.pt"
