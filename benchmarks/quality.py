@@ -4,7 +4,7 @@ results file are skipped, so a long table fills across runs.
 
     python benchmarks/quality.py --table main       # dense, llm-pruner, sdmprune, hfprune, --recipe best at 20/30 %: full sets
     python benchmarks/quality.py --table sweep      # every method x 10/20/30/40 % x reconstruction: fixed subsets
-    python benchmarks/quality.py --table ablation   # objective under one form; calibration size N
+    python benchmarks/quality.py --table ablation   # objective under one form; calibration size N; the recipe's windows
     python benchmarks/quality.py --table sweep --only hfprune,flap --ratios 0.2    # a slice of a table
 """
 
@@ -54,9 +54,13 @@ def table_rows(table: str, ratios: list[float], reconstruct: list[str], num_laye
                 + [{"method": "hfprune", "ratio": r, "reconstruct": "none", **a} for r in ratios for a in allocations]
                 + [{"method": "hfprune", "ratio": r, "reconstruct": mode, "allocation": "search"} for mode in reconstruct for r in ratios]
                 + (recipe_best if "sequential" in reconstruct else []))
-    # ablation: the three objectives under one score form (activation, the cheapest), then calibration size N
+    # ablation: the three objectives under one score form (activation, the cheapest), then calibration size N,
+    # then --recipe best with 4 x the refit windows (drawn apart, seed + 1) and on two other calibration draws
+    recipe = {"reconstruct": "sequential", "allocation": "search", "reconstruct_select": "obs"}
     return ([{"method": "hfprune", "ratio": 0.2, "objective": o, "form": "activation"} for o in ("ce", "kd", "entropy")]
-            + [{"method": "hfprune", "ratio": 0.2, "samples": n} for n in (32, 128, 512)])
+            + [{"method": "hfprune", "ratio": 0.2, "samples": n} for n in (32, 128, 512)]
+            + [{"method": "hfprune", "ratio": r, **recipe, "reconstruct_samples": 256} for r in (0.2, 0.4)]
+            + [{"method": "hfprune", "ratio": r, **recipe, "seed": s} for r in (0.2, 0.4) for s in (1, 2)])
 
 
 def row_key(spec: dict) -> str:

@@ -196,6 +196,20 @@ def ablation_tables(data: dict, sweep: dict) -> list[str]:
         out += ["\nCalibration size N (windows of 256 C4-train tokens, seed 0), hfprune (entropy objective, activation form: "
                 "its defaults), 20 %; the N = 64 row is the sweep's.\n",
                 table(["N", *columns], [[str(n), *cells(r)] for n, r in sorted(sized + [(64, default)], key=lambda x: x[0])])]
+    recipe = [r for r in data["rows"] if r.get("reconstruct_select") == "obs"]
+    if recipe:
+        # the sweep's own recipe rows are the seed-0, 64-window baseline of each ratio
+        recipe += [r for r in sweep["rows"] if r.get("reconstruct_select") == "obs" and r["ratio"] in {x["ratio"] for x in recipe}]
+        recipe.sort(key=lambda r: (r["ratio"], r.get("seed", 0), r.get("reconstruct_samples", 0)))
+        out += ["\n`--recipe best` against its calibration windows (C4-train, 256 tokens each): the draw (seed) of the 64 "
+                "scoring windows, which the search and the refit reuse, or 256 refit windows drawn apart (seed + 1); the seed-0 "
+                "rows with the scoring windows are the sweep's (their seconds are from the sweep's machine). Scores are hfprune's on "
+                "the 64 windows of the row's seed.\n",
+                table(["ratio", "seed", "refit windows", "search s", "reconstruction s", "WikiText-2 PPL"],
+                      [[f"{r['ratio']:.0%}", str(r.get("seed", 0)),
+                        f"{r['reconstruct_samples']} apart" if "reconstruct_samples" in r else "the 64 scoring windows",
+                        number(r.get("search_s"), 0), number(r.get("reconstruction_s"), 0), number(r.get("ppl_wikitext2_512"), 2)]
+                       for r in recipe if "ppl_wikitext2_512" in r])]
     return out
 
 

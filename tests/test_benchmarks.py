@@ -144,6 +144,20 @@ def report_module():
     return report
 
 
+def test_recipe_rows_are_the_recipes_settings():
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        import quality
+    finally:
+        sys.path.pop(0)
+    from fidelprune.pruning import RECIPES
+
+    rows = [r for table in ("main", "sweep", "ablation") for r in quality.table_rows(table, [0.2], ["sequential"])
+            if r.get("reconstruct_select")]
+    assert len(rows) == 1 + 1 + 6  # main, sweep, ablation: 2 ratios x (256 refit windows, seeds 1 and 2)
+    assert all({k: r[k] for k in RECIPES["best"]} == RECIPES["best"] for r in rows)
+
+
 def test_readme_tables_match_the_committed_results():
     result = subprocess.run([sys.executable, str(BENCHMARKS / "report.py"), "--check"], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
