@@ -141,13 +141,16 @@ class ResultsFile:
 class ScoreCache:
     """Scores of rows that share them, computed once: every method's scores are independent of the ratio,
     the allocation and reconstruction, except sdmprune's (its stage 2 scores the stage-1-pruned model, and its
-    alpha/temperature follow the ratio). The time of the run that computed them is kept beside them."""
+    alpha/temperature follow the ratio) and iterative pruning's (each step scores the model pruned so far). The time of the run that computed them is kept beside them."""
 
     def __init__(self, directory: Path, model: str, command: str) -> None:
         self.directory, self.model, self.command = directory, model, command
 
     def path(self, kwargs: dict) -> Path:
-        fields = ["method", "objective", "form", "alpha", "temperature", "aggregation", "samples", "seq_len", "seed"] + (["ratio"] if kwargs["method"] == "sdmprune" else [])
+        # iterative pruning (--steps K > 1) scores models masked toward the ratio, as sdmprune's stage 2 does
+        steps = kwargs.get("steps") or 1
+        fields = (["method", "objective", "form", "alpha", "temperature", "aggregation", "samples", "seq_len", "seed"]
+                  + (["steps"] if steps > 1 else []) + (["ratio"] if kwargs["method"] == "sdmprune" or steps > 1 else []))
         if kwargs.get("sampling", "spans") != "spans":  # caches made before the seeds' sampling existed drew spans
             fields.append("sampling")
         name = "-".join([self.model] + [f"{kwargs[f]}" for f in fields if kwargs.get(f) is not None])

@@ -144,6 +144,20 @@ def report_module():
     return report
 
 
+def test_score_cache_keeps_iterative_scores_per_ratio_and_steps(tmp_path):
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        from common import ScoreCache
+    finally:
+        sys.path.pop(0)
+    cache = ScoreCache(tmp_path, "smollm2", "test")
+    row = {"method": "hfprune", "samples": 64, "seq_len": 256, "seed": 0}
+    assert cache.path({**row, "ratio": 0.2}).name == "smollm2-hfprune-64-256-0.safetensors"  # the committed caches' name
+    assert cache.path({**row, "ratio": 0.2}) == cache.path({**row, "ratio": 0.4}) == cache.path({**row, "ratio": 0.2, "steps": 1})
+    iterative = {cache.path({**row, "ratio": r, "steps": k}) for r in (0.2, 0.4) for k in (2, 4)}
+    assert len(iterative) == 4 and cache.path({**row, "ratio": 0.2}) not in iterative
+
+
 def test_recipe_rows_are_the_recipes_settings():
     sys.path.insert(0, str(BENCHMARKS))
     try:
