@@ -59,7 +59,7 @@ def table_rows(table: str, ratios: list[float], reconstruct: list[str], num_laye
     recipe = {"reconstruct": "sequential", "allocation": "search", "reconstruct_select": "obs"}
     return ([{"method": "hfprune", "ratio": 0.2, "objective": o, "form": "activation"} for o in ("ce", "kd", "entropy")]
             + [{"method": "hfprune", "ratio": 0.2, "samples": n} for n in (32, 128, 512)]
-            + [{"method": "hfprune", "ratio": r, **recipe, "reconstruct_samples": 256} for r in (0.2, 0.3, 0.4)]
+            + [{"method": "hfprune", "ratio": r, **recipe, "reconstruct_samples": 256} for r in (0.1, 0.2, 0.3, 0.4)]
             + [{"method": "hfprune", "ratio": r, **recipe, "seed": s} for r in (0.2, 0.4) for s in (1, 2)])
 
 

@@ -168,7 +168,7 @@ def test_recipe_rows_are_the_recipes_settings():
 
     rows = [r for table in ("main", "sweep", "ablation") for r in quality.table_rows(table, [0.2], ["sequential"])
             if r.get("reconstruct_select")]
-    assert len(rows) == 1 + 1 + 7  # main, sweep, ablation: 256 refit windows at 3 ratios, seeds 1 and 2 at 2
+    assert len(rows) == 1 + 1 + 8  # main, sweep, ablation: 256 refit windows at 4 ratios, seeds 1 and 2 at 2
     assert all({k: r[k] for k in RECIPES["best"]} == RECIPES["best"] for r in rows)
 
 
