@@ -141,7 +141,8 @@ class ResultsFile:
 class ScoreCache:
     """Scores of rows that share them, computed once: every method's scores are independent of the ratio,
     the allocation and reconstruction, except sdmprune's (its stage 2 scores the stage-1-pruned model, and its
-    alpha/temperature follow the ratio) and iterative pruning's (each step scores the model pruned so far). The time of the run that computed them is kept beside them."""
+    alpha/temperature follow the ratio) and iterative pruning's (each step scores the model pruned so far). The
+    time of the run that computed them is kept beside them."""
 
     def __init__(self, directory: Path, model: str, command: str) -> None:
         self.directory, self.model, self.command = directory, model, command

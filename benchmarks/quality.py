@@ -36,10 +36,13 @@ PROTOCOLS = {
 }
 
 
+# --recipe best's settings besides the method, in the order of the committed row keys
+RECIPE_BEST = {"reconstruct": "sequential", "allocation": "search", "reconstruct_select": "obs"}
+
+
 def table_rows(table: str, ratios: list[float], reconstruct: list[str], num_layers: int = 30) -> list[dict]:
     """Row specs: prune() arguments (method None = the dense model)."""
-    recipe_best = [{"method": "hfprune", "ratio": r, "reconstruct": "sequential", "allocation": "search", "reconstruct_select": "obs"}
-                   for r in ratios]  # --recipe best: the searched widths, each layer's neurons chosen by the refit (OBS)
+    recipe_best = [{"method": "hfprune", "ratio": r, **RECIPE_BEST} for r in ratios]  # --recipe best: the searched widths, each layer's neurons chosen by the refit (OBS)
     if table == "main":
         return [{"method": None}] + [{"method": m, "ratio": r} for r in ratios for m in ("llm-pruner", "sdmprune", "hfprune")] + recipe_best
     if table == "sweep":
@@ -56,11 +59,10 @@ def table_rows(table: str, ratios: list[float], reconstruct: list[str], num_laye
                 + (recipe_best if "sequential" in reconstruct else []))
     # ablation: the three objectives under one score form (activation, the cheapest), then calibration size N,
     # then --recipe best with 4 x the refit windows (drawn apart, seed + 1) and on two other calibration draws
-    recipe = {"reconstruct": "sequential", "allocation": "search", "reconstruct_select": "obs"}
     return ([{"method": "hfprune", "ratio": 0.2, "objective": o, "form": "activation"} for o in ("ce", "kd", "entropy")]
             + [{"method": "hfprune", "ratio": 0.2, "samples": n} for n in (32, 128, 512)]
-            + [{"method": "hfprune", "ratio": r, **recipe, "reconstruct_samples": 256} for r in (0.1, 0.2, 0.3, 0.4)]
-            + [{"method": "hfprune", "ratio": r, **recipe, "seed": s} for r in (0.2, 0.4) for s in (1, 2)])
+            + [{"method": "hfprune", "ratio": r, **RECIPE_BEST, "reconstruct_samples": 256} for r in (0.1, 0.2, 0.3, 0.4)]
+            + [{"method": "hfprune", "ratio": r, **RECIPE_BEST, "seed": s} for r in (0.2, 0.4) for s in (1, 2)])
 
 
 def row_key(spec: dict) -> str:

@@ -1,5 +1,6 @@
 """Each benchmark script runs end to end on a tiny random model, so none of them rots. No speed is asserted."""
 
+import importlib
 import json
 import subprocess
 import sys
@@ -135,22 +136,20 @@ def test_scale_script_compares_whole_with_streamed_and_plans_large_models(tmp_pa
     assert not rows["Llama-3.1-70B", "hfprune", "whole"]["fits_80GB"] and rows["Llama-3.1-70B", "hfprune", "streamed"]["fits_80GB"]
 
 
-def report_module():
+def benchmark_module(name: str):
     sys.path.insert(0, str(BENCHMARKS))
     try:
-        import report
+        return importlib.import_module(name)
     finally:
         sys.path.pop(0)
-    return report
+
+
+def report_module():
+    return benchmark_module("report")
 
 
 def test_score_cache_keeps_iterative_scores_per_ratio_and_steps(tmp_path):
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        from common import ScoreCache
-    finally:
-        sys.path.pop(0)
-    cache = ScoreCache(tmp_path, "smollm2", "test")
+    cache = benchmark_module("common").ScoreCache(tmp_path, "smollm2", "test")
     row = {"method": "hfprune", "samples": 64, "seq_len": 256, "seed": 0}
     assert cache.path({**row, "ratio": 0.2}).name == "smollm2-hfprune-64-256-0.safetensors"  # the committed caches' name
     assert cache.path({**row, "ratio": 0.2}) == cache.path({**row, "ratio": 0.4}) == cache.path({**row, "ratio": 0.2, "steps": 1})
@@ -159,14 +158,9 @@ def test_score_cache_keeps_iterative_scores_per_ratio_and_steps(tmp_path):
 
 
 def test_recipe_rows_are_the_recipes_settings():
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        import quality
-    finally:
-        sys.path.pop(0)
     from fidelprune.pruning import RECIPES
 
-    rows = [r for table in ("main", "sweep", "ablation") for r in quality.table_rows(table, [0.2], ["sequential"])
+    rows = [r for table in ("main", "sweep", "ablation") for r in benchmark_module("quality").table_rows(table, [0.2], ["sequential"])
             if r.get("reconstruct_select")]
     assert len(rows) == 1 + 1 + 8  # main, sweep, ablation: 256 refit windows at 4 ratios, seeds 1 and 2 at 2
     assert all({k: r[k] for k in RECIPES["best"]} == RECIPES["best"] for r in rows)
