@@ -58,7 +58,7 @@ def table_rows(table: str, ratios: list[float], reconstruct: list[str], num_laye
                 + [{"method": "hfprune", "ratio": r, "reconstruct": mode, "allocation": "search"} for mode in reconstruct for r in ratios]
                 + (recipe_best if "sequential" in reconstruct else []))
     # ablation: the three objectives under one score form (activation, the cheapest), then calibration size N,
-    # then --recipe best with 4 x the refit windows (drawn apart, seed + 1) and on two other calibration draws
+    # then --recipe best with 256 windows for its final refit (drawn apart, seed + 1) and on two other calibration draws
     return ([{"method": "hfprune", "ratio": 0.2, "objective": o, "form": "activation"} for o in ("ce", "kd", "entropy")]
             + [{"method": "hfprune", "ratio": 0.2, "samples": n} for n in (32, 128, 512)]
             + [{"method": "hfprune", "ratio": r, **RECIPE_BEST, "reconstruct_samples": 256} for r in (0.1, 0.2, 0.3, 0.4)]

@@ -202,13 +202,15 @@ def ablation_tables(data: dict, sweep: dict) -> list[str]:
         recipe += [r for r in sweep["rows"] if r.get("reconstruct_select") == "obs" and r["ratio"] in {x["ratio"] for x in recipe}]
         recipe.sort(key=lambda r: (r["ratio"], r.get("seed", 0), r.get("reconstruct_samples", 0)))
         out += ["\n`--recipe best` against its calibration windows (C4-train, 256 tokens each): the draw (seed) of the 64 "
-                "scoring windows, which the search and the refit reuse, or 256 refit windows drawn apart (seed + 1); the seed-0 "
-                "rows with the scoring windows are the sweep's (their seconds are from the sweep's machine). Scores are hfprune's on "
-                "the 64 windows of the row's seed.\n",
-                table(["ratio", "seed", "refit windows", "search s", "reconstruction s", "WikiText-2 PPL"],
+                "scoring windows, on which the search runs (its in-loop refit too) and which the final refit reuses, or 256 "
+                "windows drawn apart (seed + 1) for the final refit; the seed-0 rows with the scoring windows are the sweep's "
+                "(their seconds are from the sweep's machine). Scores are hfprune's on the 64 windows of the row's seed. "
+                "Zero-shot: the five tasks without BoolQ, first 300 items each, in points (blank where not run).\n",
+                table(["ratio", "seed", "final refit windows", "search s", "reconstruction s", "WikiText-2 PPL", "zero-shot without BoolQ"],
                       [[f"{r['ratio']:.0%}", str(r.get("seed", 0)),
                         f"{r['reconstruct_samples']} apart" if "reconstruct_samples" in r else "the 64 scoring windows",
-                        number(r.get("search_s"), 0), number(r.get("reconstruction_s"), 0), number(r.get("ppl_wikitext2_512"), 2)]
+                        number(r.get("search_s"), 0), number(r.get("reconstruction_s"), 0), number(r.get("ppl_wikitext2_512"), 2),
+                        task_cells(r)[-2]]
                        for r in recipe if "ppl_wikitext2_512" in r])]
     return out
 

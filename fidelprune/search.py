@@ -124,7 +124,7 @@ def starts(space: SearchSpace, scores: Scores, config: AllocationConfig) -> dict
 
 
 class _Refits:
-    """Per layer the dense model's down_proj-input Gram (from the reconstruction windows, one layer-by-layer pass),
+    """Per layer the dense model's down_proj-input Gram (from the refit windows, one layer-by-layer pass),
     and the parallel-mode ridge refit of any width, kept for the widths in use."""
 
     def __init__(self, adapted: AdaptedModel, windows: torch.Tensor, layers: list[int], lam: float, batch_size: int) -> None:
@@ -350,7 +350,7 @@ def search_widths(
     widths = as_dict(parent)
     record = {
         "fitness": "mean KL(dense || pruned) per token, nats, on the first search windows",
-        "refit_in_loop": None if refits is None else "parallel ridge refit (dense activations of the reconstruction windows)",
+        "refit_in_loop": None if refits is None else f"parallel ridge refit (dense activations of {len(refit_windows)} windows)",
         "search_tokens": fitness.tokens,
         "step": space.step,
         "seed": seed,

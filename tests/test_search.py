@@ -141,6 +141,26 @@ def test_data_free_methods_and_saved_scores_search_on_drawn_windows(tiny_dir, tm
     assert json.loads((again / "pruning.json").read_text())["allocation"]["layer_widths_after"] == widths
 
 
+def test_the_search_refits_on_the_calibration_windows_whatever_the_reconstruction_windows(monkeypatch):
+    """Separate reconstruction windows feed only the final refit: the in-loop refit of the search fits on the
+    calibration windows, so the searched widths are those of a run without separate windows."""
+    import fidelprune.pruning
+
+    seen = []
+    real = fidelprune.pruning.search_widths
+    monkeypatch.setattr(fidelprune.pruning, "search_widths",
+                        lambda *a, **k: seen.append(k["refit_windows"]) or real(*a, **k))
+    calibration = tiny_windows(6, 12)
+    options = dict(method="wanda-sp", keep=24, round_to=4, allocation="search", reconstruct="parallel", search_samples=2,
+                   search_generations=3, search_offspring=2, calibration_ids=calibration, progress=False)
+    _, alone = prune(tiny_model("llama"), None, **options)
+    _, apart = prune(tiny_model("llama"), None, reconstruct_calibration=tiny_windows(9, 12, seed=1), **options)
+    assert all(torch.equal(windows, calibration) for windows in seen) and len(seen) == 2
+    assert apart.manifest["reconstruction"]["windows"]["samples"] == 9
+    assert apart.manifest["allocation"]["search"]["widths"] == alone.manifest["allocation"]["search"]["widths"]
+    assert apart.manifest["allocation"]["search"]["refit_in_loop"].endswith("(dense activations of 6 windows)")
+
+
 @pytest.mark.parametrize("kwargs,error,message", [
     ({"allocation": "uniform", "search_generations": 3}, AllocationError, "--allocation search only"),
     ({"allocation": "global", "search_seed": 1}, AllocationError, "--allocation search only"),
