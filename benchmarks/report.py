@@ -210,7 +210,7 @@ def ablation_tables(data: dict, sweep: dict) -> list[str]:
                       [[f"{r['ratio']:.0%}", str(r.get("seed", 0)),
                         f"{r['reconstruct_samples']} apart" if "reconstruct_samples" in r else "the 64 scoring windows",
                         number(r.get("search_s"), 0), number(r.get("reconstruction_s"), 0), number(r.get("ppl_wikitext2_512"), 2),
-                        task_cells(r)[-2]]
+                        task_cells(r)[TASK_COLUMNS.index("without BoolQ")]]
                        for r in recipe if "ppl_wikitext2_512" in r])]
     return out
 
