@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import RESULTS, SCORE_CACHE, ResultsFile, ScoreCache, load_model, markdown_table, method_arguments, provenance  # noqa: E402
 
 import fidelprune  # noqa: E402
+from fidelprune.pruning import RECIPES  # noqa: E402
 from fidelprune.evaluation import perplexity, zeroshot  # noqa: E402
 
 TASKS = ["arc_easy", "arc_challenge", "piqa", "boolq", "winogrande", "openbookqa"]
@@ -36,8 +37,8 @@ PROTOCOLS = {
 }
 
 
-# --recipe best's settings besides the method, in the order of the committed row keys
-RECIPE_BEST = {"reconstruct": "sequential", "allocation": "search", "reconstruct_select": "obs"}
+# --recipe best's settings besides the method (fidelprune's RECIPES), in the order of the committed row keys
+RECIPE_BEST = {k: RECIPES["best"][k] for k in ("reconstruct", "allocation", "reconstruct_select")}
 
 
 def table_rows(table: str, ratios: list[float], reconstruct: list[str], num_layers: int = 30) -> list[dict]:
