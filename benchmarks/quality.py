@@ -38,7 +38,9 @@ PROTOCOLS = {
 
 
 # --recipe best's settings besides the method (fidelprune's RECIPES), in the order of the committed row keys
-RECIPE_BEST = {k: RECIPES["best"][k] for k in ("reconstruct", "allocation", "reconstruct_select")}
+RECIPE_BEST = {k: RECIPES["best"][k] for k in ("reconstruct", "allocation", "reconstruct_select", "reconstruct_samples")}
+# the recipe with its final refit on the 64 scoring windows instead (reconstruct_samples None: the keys name no windows)
+RECIPE_BEST_SCORING_WINDOWS = {**RECIPE_BEST, "reconstruct_samples": None}
 
 
 def table_rows(table: str, ratios: list[float], reconstruct: list[str], num_layers: int = 30) -> list[dict]:
@@ -59,11 +61,12 @@ def table_rows(table: str, ratios: list[float], reconstruct: list[str], num_laye
                 + [{"method": "hfprune", "ratio": r, "reconstruct": mode, "allocation": "search"} for mode in reconstruct for r in ratios]
                 + (recipe_best if "sequential" in reconstruct else []))
     # ablation: the three objectives under one score form (activation, the cheapest), then calibration size N,
-    # then --recipe best with 256 windows for its final refit (drawn apart, seed + 1) and on two other calibration draws
+    # then --recipe best with its final refit on the 64 scoring windows instead of 256 of their own, on the sweep's
+    # calibration draw and on two others
     return ([{"method": "hfprune", "ratio": 0.2, "objective": o, "form": "activation"} for o in ("ce", "kd", "entropy")]
             + [{"method": "hfprune", "ratio": 0.2, "samples": n} for n in (32, 128, 512)]
-            + [{"method": "hfprune", "ratio": r, **RECIPE_BEST, "reconstruct_samples": 256} for r in (0.1, 0.2, 0.3, 0.4)]
-            + [{"method": "hfprune", "ratio": r, **RECIPE_BEST, "seed": s} for r in (0.2, 0.4) for s in (1, 2)])
+            + [{"method": "hfprune", "ratio": r, **RECIPE_BEST_SCORING_WINDOWS} for r in (0.1, 0.2, 0.3, 0.4)]
+            + [{"method": "hfprune", "ratio": r, **RECIPE_BEST_SCORING_WINDOWS, "seed": s} for r in (0.2, 0.4) for s in (1, 2)])
 
 
 def row_key(spec: dict) -> str:

@@ -145,9 +145,10 @@ class CalibrationRecord:
 
 def sample_windows(
     tokenizer, source: str | Path, samples: int, seq_len: int, seed: int = 0, sampling: str = DEFAULT_SAMPLING,
+    *, samples_flag: str = "--samples",
 ) -> tuple[torch.Tensor, CalibrationRecord]:
     """`samples` windows of `seq_len` tokens from the documents of `source`, seeded. Raises before any compute when
-    the source holds too little text for them.
+    the source holds too little text for them, naming `samples_flag` (the flag that set `samples`) as the fix.
 
     documents (the seed methods' procedure, docs/methods.md): shuffle the documents, walk them in order, skip
     those of `seq_len` tokens or fewer, and cut one window from each of the next `samples`, at a uniform offset
@@ -177,13 +178,13 @@ def sample_windows(
         raise CalibrationError(
             f"calibration source {source} has {len(eligible)} documents longer than {seq_len} tokens, fewer than the "
             f"{samples} windows needed (one per document, as the seed methods draw them): use a larger source, lower "
-            f"--samples / --seq-len, or --sampling spans (windows may share a document)"
+            f"{samples_flag} / --seq-len, or --sampling spans (windows may share a document)"
         )
     if not distinct and eligible_tokens < samples * seq_len:
         raise CalibrationError(
             f"calibration source {source} has {eligible_tokens} tokens in documents longer than {seq_len} tokens, "
             f"fewer than the {samples} x {seq_len} = {samples * seq_len} needed: use a larger file or lower "
-            f"--samples / --seq-len"
+            f"{samples_flag} / --seq-len"
         )
     windows = []
     for index in range(samples):

@@ -86,4 +86,5 @@ def check_calibration(tokenizer, config, scores_given: bool = False) -> None:
         sample_windows(tokenizer, calib.source, calib.samples, calib.seq_len, calib.seed, calib.sampling)
     if recon.mode != "none" and recon.separate:
         sample_windows(tokenizer, recon.calibration or calib.source, recon.samples or calib.samples, calib.seq_len,
-                       calib.seed + 1 if recon.seed is None else recon.seed, calib.sampling)
+                       calib.seed + 1 if recon.seed is None else recon.seed, calib.sampling,
+                       samples_flag="--reconstruct-samples")

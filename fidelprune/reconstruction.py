@@ -355,7 +355,7 @@ def reconstruction_windows(
         return source, {"same_as_scoring": False, "source": "given token ids", "samples": len(source), "seq_len": source.shape[1]}
     if tokenizer is None:
         raise ConfigError("drawing separate reconstruction windows needs a tokenizer (or pass token ids)")
-    ids, record = sample_windows(tokenizer, source, samples, seq_len, seed, sampling)
+    ids, record = sample_windows(tokenizer, source, samples, seq_len, seed, sampling, samples_flag="--reconstruct-samples")
     return ids, {"same_as_scoring": False, **record_dict(record)}
 
 

@@ -53,6 +53,10 @@ CASES = [
     ("prune {tiny} --keep 24 --reconstruct sequential --reconstruct-lambda -1 -o {dir}/out", "lambda", BEFORE_LOAD),
     ("prune {tiny} --keep 24 --reconstruct none --reconstruct-seed 3 -o {dir}/out", "reconstruct is 'none'", BEFORE_LOAD),
     ("prune {tiny} --keep 24 --seq-len 32 --samples 4 --reconstruct-calibration {dir}/short.txt -o {dir}/out", "fewer than", BEFORE_LOAD),
+    # --recipe best's 256 refit windows, one per document, from a source with enough documents for the 4 scoring ones
+    ("prune {tiny} --recipe best --keep 24 --seq-len 32 --samples 4 --calibration {dir}/few.jsonl -o {dir}/out",
+     "fewer than the 256 windows needed (one per document, as the seed methods draw them): use a larger source, lower "
+     "--reconstruct-samples", BEFORE_LOAD),
     # files
     (PRUNE + " --keep 24 --calibration {dir}/none.jsonl -o {dir}/out", "not found", BEFORE_LOAD),
     (PRUNE + " --keep 24 --scores {dir}/wide.safetensors -o {dir}/out", "come from another model", BEFORE_LOAD),
@@ -211,6 +215,7 @@ def _scratch(directory: Path) -> dict[str, Path]:
     save_file({f"layer.{i}": torch.rand(48) for i in range(3)}, str(directory / "deep.safetensors"))
     (directory / "corrupt.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
     (directory / "short.txt").write_text("too short")
+    (directory / "few.jsonl").write_text("".join(json.dumps({"text": f"document {i}: " + "word " * 60}) + "\n" for i in range(8)))
     (directory / "empty.txt").write_text("")
     (directory / "file.txt").write_text("a plain file")
     (directory / "exists.gguf").write_bytes(b"an earlier export")

@@ -69,3 +69,4 @@ def test_the_best_recipe_prunes_with_searched_widths_and_the_refit(tiny_dir, tmp
     settings = json.loads((out / "pruning.json").read_text())["settings"]
     assert settings["method"]["method"] == "hfprune" and settings["allocation"]["kind"] == "search"
     assert settings["reconstruction"]["mode"] == "sequential" and settings["reconstruction"]["select"] == "obs"
+    assert settings["reconstruction"]["samples"] == 256  # its final refit on windows of its own

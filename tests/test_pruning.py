@@ -101,17 +101,19 @@ def test_a_recipe_fills_its_settings_and_refuses_contradictions():
     from fidelprune.pruning import RECIPES, PruneConfig
 
     best = PruneConfig.from_options(recipe="best", ratio=0.3)
-    assert (best.method.method, best.allocation.kind, best.reconstruction.mode, best.reconstruction.select) == (
-        "hfprune", "search", "sequential", "obs")
+    assert (best.method.method, best.allocation.kind, best.reconstruction.mode, best.reconstruction.select,
+            best.reconstruction.samples) == ("hfprune", "search", "sequential", "obs", 256)
     assert best == PruneConfig.from_options(**RECIPES["best"], ratio=0.3)  # nothing but its named settings
     assert best == PruneConfig.from_options("hfprune", 0.3, recipe="best", reconstruct="sequential")  # agreeing is fine
     plain = PruneConfig.from_options()
-    assert (plain.method.method, plain.allocation.kind, plain.reconstruction.mode, plain.reconstruction.select) == (
-        "hfprune", "uniform", "none", "scores")
+    assert (plain.method.method, plain.allocation.kind, plain.reconstruction.mode, plain.reconstruction.select,
+            plain.reconstruction.samples) == ("hfprune", "uniform", "none", "scores", None)
     with pytest.raises(ConfigError, match="--recipe best sets --allocation search; drop --allocation uniform"):
         PruneConfig.from_options(recipe="best", allocation="uniform")
     with pytest.raises(ConfigError, match="--recipe best sets --reconstruct-select obs; drop --reconstruct-select scores"):
         PruneConfig.from_options(recipe="best", reconstruct_select="scores")
+    with pytest.raises(ConfigError, match="--recipe best sets --reconstruct-samples 256; drop --reconstruct-samples 64"):
+        PruneConfig.from_options(recipe="best", reconstruct_samples=64)
     with pytest.raises(ConfigError, match="unknown recipe 'fast'"):
         PruneConfig.from_options(recipe="fast")
 

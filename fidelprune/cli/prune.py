@@ -23,7 +23,7 @@ def add_parser(sub) -> None:
                    help=f"scoring method (default hfprune); {', '.join(f'{old} is now {new}' for old, new in ALIASES.items())}")
     p.add_argument("--recipe", default=None, choices=RECIPES,
                    help="a named combination the benchmarks measured best: " + "; ".join(
-                       f"{name} = " + " ".join(f"--{k} {v}" for k, v in settings.items()) for name, settings in RECIPES.items()))
+                       f"{name} = " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in settings.items()) for name, settings in RECIPES.items()))
     p.add_argument("--ratio", type=float, default=None, help="fraction of total parameters to remove (default 0.2)")
     p.add_argument("--keep", type=int, default=None, help="neurons to keep per layer (instead of --ratio)")
     p.add_argument("--round-to", type=int, default=None, help="kept width is a multiple of this (default 8, or --serve-on's grid)")
