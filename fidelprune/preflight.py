@@ -18,6 +18,7 @@ from .adapters import AdaptedModel, adapt, adapter_for
 from .calibration import CalibrationError, check_source, sample_windows
 from .checkpoint import check_scores_fit, score_shapes
 from .errors import ConfigError
+from .reconstruction import reconstruction_windows
 from .models import ModelLoadError, ModelLocation, local_config
 from .surgery import LAYER_WIDTHS_KEY
 
@@ -85,6 +86,5 @@ def check_calibration(tokenizer, config, scores_given: bool = False) -> None:
     if config.draws_windows(scores_given):
         sample_windows(tokenizer, calib.source, calib.samples, calib.seq_len, calib.seed, calib.sampling)
     if recon.mode != "none" and recon.separate:
-        sample_windows(tokenizer, recon.calibration or calib.source, recon.samples or calib.samples, calib.seq_len,
-                       calib.seed + 1 if recon.seed is None else recon.seed, calib.sampling,
-                       samples_flag="--reconstruct-samples")
+        reconstruction_windows(recon.calibration or calib.source, None, tokenizer, recon.samples or calib.samples,
+                               calib.seq_len, calib.seed + 1 if recon.seed is None else recon.seed, calib.sampling)
