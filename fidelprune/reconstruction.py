@@ -185,14 +185,21 @@ def _quadratic(gram: torch.Tensor, coef: torch.Tensor) -> float:
     return max(float((coef * (gram @ coef)).sum()), 0.0)
 
 
-def _dense_and_target(view: MLPView, gram: Gram) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """The dense coefficients on [A, 1] ((I+1) x d, fp64: rows 0..I-1 are W_down^T, row I the bias, zero when
-    there is none), [A, 1]^T Y for the refit's target Y, and ||Y||^2."""
-    down, width, g = view.down, view.width, gram.matrix
-    dense = torch.zeros(width + 1, view.hidden_size, dtype=torch.float64, device=g.device)
-    dense[:width] = down.weight.detach().T.to(g.device, torch.float64)
+def dense_coefficients(view: MLPView, device: torch.device) -> torch.Tensor:
+    """The dense coefficients on [A, 1]: (I+1) x d, fp64, rows 0..I-1 are W_down^T, row I the bias (zero when
+    there is none)."""
+    down, width = view.down, view.width
+    dense = torch.zeros(width + 1, view.hidden_size, dtype=torch.float64, device=device)
+    dense[:width] = down.weight.detach().T.to(device, torch.float64)
     if down.bias is not None:
-        dense[width] = down.bias.detach().to(g.device, torch.float64)
+        dense[width] = down.bias.detach().to(device, torch.float64)
+    return dense
+
+
+def dense_and_target(view: MLPView, gram: Gram) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """The dense coefficients on [A, 1] (dense_coefficients), [A, 1]^T Y for the refit's target Y, and ||Y||^2."""
+    g = gram.matrix
+    dense = dense_coefficients(view, g.device)
     if gram.cross is None:  # the layer's own dense output: [A, 1]^T Y = G [W^T; b]
         return dense, g @ dense, _quadratic(g, dense)
     return dense, gram.cross, gram.target_norm  # another target (the dense model's output), accumulated alongside
@@ -236,7 +243,7 @@ def obs_keep(view: MLPView, gram: Gram, keep: int, lam: float, fit_bias: bool = 
     ((I+1) x d), fp64, on the Gram's device."""
     width, g = view.width, gram.matrix
     n = width + 1 if view.down.bias is not None or fit_bias else width
-    _, target, _ = _dense_and_target(view, gram)
+    _, target, _ = dense_and_target(view, gram)
     scale = float(g.diagonal()[:width].mean())
     remove = width - keep
     if not math.isfinite(scale) or scale <= 0 or not torch.isfinite(target).all():
@@ -271,10 +278,12 @@ def _refit(view: MLPView, gram: Gram, kept: torch.Tensor, lam: float, fit_bias: 
     return fit, (coef[view.width].float().cpu() if fit_bias and view.down.bias is None else None)
 
 
-def refit_coefficients(view: MLPView, gram: Gram, kept: torch.Tensor, lam: float,
-                       fit_bias: bool = False) -> tuple[LayerFit, torch.Tensor]:
+def refit_coefficients(view: MLPView, gram: Gram, kept: torch.Tensor, lam: float, fit_bias: bool = False,
+                       target: tuple[torch.Tensor, float] | None = None) -> tuple[LayerFit, torch.Tensor]:
     """The refit's coefficients on [A, 1] ((I+1) x d, fp64: rows 0..I-1 are the new W_down^T with removed rows
-    zero, row I the bias) and its LayerFit, without touching the model (the allocation search reads them too)."""
+    zero, row I the bias) and its LayerFit, without touching the model (the allocation search reads them too).
+    `target`: ([A, 1]^T Y, ||Y||^2) of `dense_and_target(view, gram)`, from a caller that refits one layer at many
+    widths (the allocation search): two products with the Gram, the same for every width."""
     down = view.down
     width = view.width
     g = gram.matrix
@@ -288,7 +297,10 @@ def refit_coefficients(view: MLPView, gram: Gram, kept: torch.Tensor, lam: float
     removed_mask = torch.ones(width, dtype=torch.bool, device=device)
     removed_mask[kept] = False
     intercept = down.bias is not None or fit_bias
-    dense, target, norm = _dense_and_target(view, gram)
+    if target is None:
+        dense, target, norm = dense_and_target(view, gram)
+    else:
+        dense, (target, norm) = dense_coefficients(view, device), target
     plain = dense.clone()
     plain[:width][removed_mask] = 0
     rows = torch.cat([kept, torch.tensor([width], device=device)]) if intercept else kept

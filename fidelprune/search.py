@@ -27,6 +27,8 @@ from __future__ import annotations
 import random
 import time
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -36,7 +38,7 @@ from tqdm.auto import tqdm
 from .adapters import AdaptedModel
 from .allocation import AllocationConfig, global_widths, top_k
 from .distributed import is_main, shard, sum_number
-from .reconstruction import Gram, refit_coefficients
+from .reconstruction import Gram, dense_and_target, refit_coefficients
 from .scoring import Scores
 from .utils import batches, frozen_eval, registered
 
@@ -124,12 +126,13 @@ def starts(space: SearchSpace, scores: Scores, config: AllocationConfig) -> dict
 
 
 class _Refits:
-    """Per layer the dense model's down_proj-input Gram (from the refit windows, one layer-by-layer pass),
-    and the parallel-mode ridge refit of any width, kept for the widths in use."""
+    """Per layer the dense model's down_proj-input Gram (from the refit windows, one layer-by-layer pass) and
+    the refit's target made from it, and the parallel-mode ridge refit of any width, kept for the widths in use."""
 
     def __init__(self, adapted: AdaptedModel, windows: torch.Tensor, layers: list[int], lam: float, batch_size: int) -> None:
         self.adapted, self.lam, self.cache = adapted, lam, {}
         self.grams: dict[int, Gram] = {}
+        self.targets: dict[int, tuple[torch.Tensor, float]] = {}  # per layer: the same for every width
         views = {v.index: v for v in adapted.mlps()}
         hidden, calls = adapted.layer_inputs(shard(windows), batch_size, torch.device("cpu"))
         with torch.no_grad(), frozen_eval(adapted.model):
@@ -147,6 +150,7 @@ class _Refits:
                     if index in layers:
                         self.grams[index].reduce()
                         self.grams[index].matrix = self.grams[index].matrix.cpu()
+                        self.targets[index] = dense_and_target(views[index], self.grams[index])[1:]
 
     def weights(self, index: int, kept: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         key = (index, len(kept))
@@ -155,7 +159,7 @@ class _Refits:
             gram = self.grams[index]
             with warnings.catch_warnings():  # a ridge retry only changes one candidate's fitness
                 warnings.simplefilter("ignore", RuntimeWarning)
-                _, coef = refit_coefficients(view, gram, kept, self.lam)
+                _, coef = refit_coefficients(view, gram, kept, self.lam, target=self.targets[index])
             down = view.down.weight
             bias = None if view.down.bias is None else coef[view.width].to(down.device, down.dtype)
             self.cache[key] = (coef[kept.to(coef.device)].T.to(down.device, down.dtype).contiguous(), bias)
@@ -164,6 +168,22 @@ class _Refits:
     def keep_near(self, widths: dict[int, int], step: int) -> None:
         """Keep the refits of `widths` and of the widths one move away, the ones the next children ask for."""
         self.cache = {k: v for k, v in self.cache.items() if abs(widths[k[0]] - k[1]) <= step}
+
+
+@contextmanager
+def _forward_replaced(module: torch.nn.Module, forward) -> Iterator[None]:
+    """`module` computing `forward` instead of its own product until the block ends (a forward hook would compute the
+    dense product and drop it: about a quarter of a layer's products). Set on the instance, as accelerate's hooks set theirs,
+    and whatever instance forward was there before is put back."""
+    before = module.__dict__.get("forward")
+    module.forward = forward
+    try:
+        yield
+    finally:
+        if before is None:
+            del module.forward
+        else:
+            module.forward = before
 
 
 class _Fitness:
@@ -212,17 +232,14 @@ class _Fitness:
         """Layer `index`'s down_proj reading only its kept neurons (refit when the run reconstructs)."""
         view = self.adapted.mlp(index)
         if width is None or width == view.width:
-            return registered([])
+            return nullcontext()
         kept = self.kept(index, width)
         if self.refits is not None:
             weight, bias = self.refits.weights(index, kept)
         else:
             weight, bias = view.down.weight[:, kept.to(view.down.weight.device)], view.down.bias
         columns = kept.to(weight.device)
-        # The forward hook's return replaces the output. down_proj's own dense product is computed and dropped:
-        # simpler than swapping modules, and it is one third of one layer's MLP.
-        hook = view.down.register_forward_hook(lambda m, args, out: F.linear(args[0].index_select(-1, columns), weight, bias))
-        return registered([hook])
+        return _forward_replaced(view.down, lambda a: F.linear(a.index_select(-1, columns), weight, bias))
 
     def kl_sum(self, widths: dict[int, int], parent: list[list[torch.Tensor]], start: int,
                part: range) -> tuple[float, list[list[torch.Tensor]]]:

@@ -62,6 +62,15 @@ def test_speed_script_reports_dense_and_pruned(tmp_path):
     assert [r["ratio"] for r in rows] == [0.0, 0.3] and rows[1]["param_bytes"] < rows[0]["param_bytes"]
 
 
+def test_search_cost_script_times_the_search_against_the_scoring_in_one_run(tmp_path):
+    out = tmp_path / "sc.json"
+    run("search_cost.py", "--samples", "8", "--seq-len", "16", "--ratios", "0.2,0.3", "--output", str(out))
+    data = json.loads(out.read_text())
+    assert [r["key"] for r in data["rows"]] == ["20%", "30%"] and len(data["scoring_s"]) == 2
+    assert all(r["search_s"] > r["grams_s"] > 0 and r["evaluations"] >= 3 for r in data["rows"])  # the three starts at least
+    assert "| search / scoring |" in out.with_suffix(".md").read_text()
+
+
 def test_decode_cost_script_fits_the_fixed_part_over_widths(tmp_path):
     out = tmp_path / "dc.json"
     run("decode_cost.py", "--widths", "128,64", "--rounds", "2", "--steps", "2", "--prompt-len", "8", "--output", str(out))

@@ -66,6 +66,23 @@ def test_children_rerun_from_their_first_change_exactly():
         _reference_kl(model, windows, scores, found.widths), rel=1e-4, abs=1e-7)
 
 
+def test_the_search_puts_back_every_down_proj_forward_as_it_found_it():
+    """Candidates swap down_proj's forward for their cut one; a forward set on the instance before (as accelerate's
+    hooks set one) is there again afterwards, and the others are the class's own again."""
+    model = tiny_model("llama", num_hidden_layers=3)
+    adapted = adapt(model)
+    scores = {i: torch.randn(48, generator=torch.Generator().manual_seed(i)) for i in range(3)}
+    hooked = adapted.mlp(1).down
+    wrapper = hooked.forward = lambda x, own=hooked.forward: own(x)  # an instance forward, like accelerate's
+    space = search_space(scores, [0, 1, 2], 28, 4, None, 4)
+    config = AllocationConfig("search", round_to=4, search_generations=2, search_offspring=3)
+    found = search_widths(adapted, scores, space, tiny_windows(3, 10), config, refit_windows=tiny_windows(4, 10, seed=1),
+                          batch_size=2, progress=False)
+    assert any(w < 48 for w in found.widths.values())  # candidates did cut layers
+    assert hooked.forward is wrapper
+    assert all("forward" not in vars(adapted.mlp(i).down) for i in (0, 2))
+
+
 def test_widths_keep_the_budget_and_bounds_and_the_search_is_seeded():
     model = tiny_model("llama", num_hidden_layers=6, intermediate_size=64)
     windows = tiny_windows(8, 16)
