@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import copy
 import math
+import shlex
 import sys
 import tempfile
 import time
@@ -25,7 +26,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import RESULTS, ResultsFile, markdown_table, provenance  # noqa: E402
+from common import RESULTS, ResultsFile, machine, markdown_table, provenance  # noqa: E402
 
 import fidelprune  # noqa: E402
 from fidelprune.evaluation import perplexity  # noqa: E402
@@ -57,7 +58,9 @@ def render(data: dict) -> str:
         dense = row["dense_ppl"]
         curve = [[c["step"], c["tokens"], c["ppl"], c["ppl"] / dense] for c in row["curve"]]
         reached = next((c for c in row["curve"] if c["ppl"] <= 1.5 * dense), None)
-        lines.append(f"## {row['key']}\n\nDense {dense:.2f}; 1.5 x dense = {1.5 * dense:.2f}: "
+        own = (f"Command: `{row['command']}`  \nMachine: {row['cpu']}  \nStarted: {row['started']}\n\n"
+               if "command" in row else "")
+        lines.append(f"## {row['key']}\n\n{own}Dense {dense:.2f}; 1.5 x dense = {1.5 * dense:.2f}: "
                      + (f"reached after {reached['tokens']:,} tokens (step {reached['step']})" if reached else
                         f"not reached within {row['curve'][-1]['tokens']:,} tokens (best {min(c['ppl'] for c in row['curve']):.2f})")
                      + f". Training {row['train_s']:.0f} s at {row['tokens_per_s']:.1f} tokens/s.\n\n"
@@ -92,6 +95,7 @@ def main() -> None:
     if results.done(key):
         print(f"{key} is already in {args.output}")
         return
+    started = time.strftime("%Y-%m-%d %H:%M:%S %Z")
     pruned, tokenizer, _ = fidelprune.load_model(args.pruned, dtype="float32", device="cpu")
     manifest = fidelprune.read_manifest(Path(args.pruned))
     dense, _, _ = fidelprune.load_model(manifest["source_model"]["name"], dtype="float32", device="cpu")
@@ -114,7 +118,9 @@ def main() -> None:
             print(f"step {step}: {curve[-1]['ppl']:.2f}", flush=True)
     curve.append({"step": steps, "tokens": tokens_at[steps], "ppl": evaluate(recovered, tokenizer, args)})
     training = report.record["training"]
-    results.put({"key": key, "pruned": str(args.pruned), "source": manifest["source_model"]["name"],
+    # a row's own provenance: a resumed file's header names the machine and command of its first row only
+    results.put({"key": key, "command": " ".join(["python", *map(shlex.quote, sys.argv)]), "started": started,
+                 "cpu": machine()["cpu"], "pruned": str(args.pruned), "source": manifest["source_model"]["name"],
                  "allocation": {k: manifest["allocation"][k] for k in ("kind", "achieved_ratio", "layer_widths_after")},
                  "reconstruction": (manifest.get("reconstruction") or {}).get("mode"), "dense_ppl": dense_ppl, "curve": curve, "steps": steps,
                  "train_s": train_s, "tokens_per_s": training["tokens_per_s"], "final_loss": training["final_loss"],
