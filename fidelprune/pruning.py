@@ -306,10 +306,9 @@ def _windows(tokenizer, config: PruneConfig, calibration_ids: torch.Tensor | Non
                           f"calibration windows; choose --search-samples {len(calibration_ids)} or less, or more --samples")
     if recon.mode == "none":
         return calibration_ids, record, None, None
-    ids, recon_record = reconstruction_windows(
-        separate_source, calibration_ids, tokenizer, recon.samples or calib.samples, calib.seq_len,
-        calib.seed + 1 if recon.seed is None else recon.seed, calib.sampling,
-    )
+    samples, seed = recon.own_draw(calib)
+    ids, recon_record = reconstruction_windows(separate_source, calibration_ids, tokenizer, samples, calib.seq_len, seed,
+                                               calib.sampling)
     return calibration_ids, record, ids, recon_record
 
 

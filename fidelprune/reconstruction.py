@@ -38,7 +38,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .adapters import AdaptedModel, MLPView, adapt
-from .calibration import DEFAULT_SAMPLING, record_dict, sample_windows
+from .calibration import DEFAULT_SAMPLING, CalibrationConfig, record_dict, sample_windows
 from .distributed import is_main, shard, sum_, sum_number
 from .errors import ConfigError, FidelpruneError, check_int
 from .utils import batches, frozen_eval, registered
@@ -98,6 +98,11 @@ class ReconstructionConfig:
     def separate(self) -> bool:
         """Whether the refit draws windows of its own rather than reusing the scoring ones."""
         return self.calibration is not None or bool(self.samples) or self.seed is not None
+
+    def own_draw(self, calibration: CalibrationConfig) -> tuple[int, int]:
+        """(samples, seed) that the refit's own windows are drawn with: the scoring windows' count and the scoring
+        seed + 1, unless given."""
+        return self.samples or calibration.samples, calibration.seed + 1 if self.seed is None else self.seed
 
 
 @dataclass

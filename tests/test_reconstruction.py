@@ -13,7 +13,8 @@ from transformers import AutoModelForCausalLM
 from conftest import tiny_model, tiny_windows
 from fidelprune import prune, read_manifest, save
 from fidelprune.adapters import StopForward, adapt, mlp_views
-from fidelprune.reconstruction import ReconstructionError, Gram, _refit, mlp_output_errors, obs_keep
+from fidelprune.calibration import CalibrationConfig
+from fidelprune.reconstruction import ReconstructionConfig, ReconstructionError, Gram, _refit, mlp_output_errors, obs_keep
 
 
 def spanned_model(family: str, groups: int = 8):
@@ -319,3 +320,9 @@ def test_obs_selection_prunes_what_it_refit_and_beats_the_scores_choice(family, 
         assert all(v.down.bias is not None for v in mlp_views(by_obs))
     mean = lambda r: r.manifest["reconstruction"]["mean_error_after"]  # noqa: E731
     assert mean(report) < mean(scores_report)
+
+
+def test_the_refits_own_windows_default_to_the_scoring_count_and_the_next_seed():
+    scoring = CalibrationConfig(samples=64, seed=3)
+    assert ReconstructionConfig("sequential", samples=256).own_draw(scoring) == (256, 4)
+    assert ReconstructionConfig("sequential", seed=9).own_draw(scoring) == (64, 9)
