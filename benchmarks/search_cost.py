@@ -29,8 +29,9 @@ import fidelprune  # noqa: E402
 
 
 def scoring_seconds(model, tokenizer, source, calibration: dict) -> tuple[float, dict]:
-    """(hfprune's scoring time, its scores), from a run that prunes nothing else."""
-    _, report = fidelprune.prune(model, tokenizer, method="hfprune", ratio=0.2, source=source, progress=False, **calibration)
+    """(hfprune's scoring time, its scores), from a run that does nothing after the scoring but cut (no refit)."""
+    _, report = fidelprune.prune(model, tokenizer, method="hfprune", ratio=0.2, reconstruct="none", source=source,
+                                 progress=False, **calibration)
     return report.manifest["timings_s"]["scoring"], report.scores
 
 
@@ -80,7 +81,7 @@ def main() -> None:
     output.with_suffix(".tmp").write_text(json.dumps(data, indent=1) + "\n")
     output.with_suffix(".tmp").rename(output)
     output.with_suffix(".md").write_text(render(data))
-    print(Path(args.output).with_suffix(".md").read_text())
+    print(output.with_suffix(".md").read_text())
 
 
 if __name__ == "__main__":
