@@ -41,6 +41,7 @@ PROTOCOLS = {
 RECIPE_BEST = {k: RECIPES["best"][k] for k in ("reconstruct", "allocation", "reconstruct_select", "reconstruct_samples")}
 # the recipe with its final refit on the 64 scoring windows instead (reconstruct_samples None: the keys name no windows)
 RECIPE_BEST_SCORING_WINDOWS = {**RECIPE_BEST, "reconstruct_samples": None}
+ITERATIVE_STEPS = 4  # the sweep's iterative rows: each step removes a quarter of the neurons to go, then re-scores
 
 
 def table_rows(table: str, ratios: list[float], reconstruct: list[str], num_layers: int = 30) -> list[dict]:
@@ -51,7 +52,8 @@ def table_rows(table: str, ratios: list[float], reconstruct: list[str], num_laye
     if table == "sweep":
         # every method, then the non-uniform allocations on the default method (LLM-Pruner spares its first 4 and
         # last 2 of 32 layers; 3 and 2 of SmolLM2's 30 is the same share), then the searched allocation, which
-        # refits in its loop when the row reconstructs, and --recipe best's rows
+        # refits in its loop when the row reconstructs, --recipe best's rows, and iterative pruning (--steps 4,
+        # LLM-Pruner's iterative option) on the default method
         allocations = [{"allocation": "global"}]
         if num_layers >= 4:
             allocations.append({"protect_first": max(1, num_layers // 10), "protect_last": max(1, num_layers // 15)})
@@ -59,14 +61,16 @@ def table_rows(table: str, ratios: list[float], reconstruct: list[str], num_laye
                 + [{"method": m, "ratio": r, "reconstruct": mode} for mode in reconstruct for r in ratios for m in SWEEP_METHODS]
                 + [{"method": "hfprune", "ratio": r, "reconstruct": "none", **a} for r in ratios for a in allocations]
                 + [{"method": "hfprune", "ratio": r, "reconstruct": mode, "allocation": "search"} for mode in reconstruct for r in ratios]
-                + (recipe_best if "sequential" in reconstruct else []))
+                + (recipe_best if "sequential" in reconstruct else [])
+                + [{"method": "hfprune", "ratio": r, "reconstruct": mode, "steps": ITERATIVE_STEPS} for mode in reconstruct for r in ratios])
     # ablation: the three objectives under one score form (activation, the cheapest), then calibration size N,
     # then --recipe best with its final refit on the 64 scoring windows instead of 256 of their own, on the sweep's
-    # calibration draw and on two others
+    # calibration draw and on two others, then --recipe best on iteratively pruned scores
     return ([{"method": "hfprune", "ratio": 0.2, "objective": o, "form": "activation"} for o in ("ce", "kd", "entropy")]
             + [{"method": "hfprune", "ratio": 0.2, "samples": n} for n in (32, 128, 512)]
             + [{"method": "hfprune", "ratio": r, **RECIPE_BEST_SCORING_WINDOWS} for r in (0.1, 0.2, 0.3, 0.4)]
-            + [{"method": "hfprune", "ratio": r, **RECIPE_BEST_SCORING_WINDOWS, "seed": s} for r in (0.2, 0.4) for s in (1, 2)])
+            + [{"method": "hfprune", "ratio": r, **RECIPE_BEST_SCORING_WINDOWS, "seed": s} for r in (0.2, 0.4) for s in (1, 2)]
+            + [{"method": "hfprune", "ratio": 0.2, **RECIPE_BEST, "steps": ITERATIVE_STEPS}])
 
 
 def row_key(spec: dict) -> str:

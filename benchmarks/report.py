@@ -200,18 +200,19 @@ def ablation_tables(data: dict, sweep: dict) -> list[str]:
     if recipe:
         # the sweep's own recipe rows: the recipe itself (seed 0, 256 refit windows) at each ratio
         recipe += [r for r in sweep["rows"] if r.get("reconstruct_select") == "obs" and r["ratio"] in {x["ratio"] for x in recipe}]
-        recipe.sort(key=lambda r: (r["ratio"], r.get("seed", 0), r.get("reconstruct_samples", 0)))
+        recipe.sort(key=lambda r: (r["ratio"], r.get("seed", 0), r.get("reconstruct_samples", 0), r.get("steps", 1)))
         out += ["\n`--recipe best` against its calibration windows (C4-train, 256 tokens each): the draw (seed) of the 64 "
                 "scoring windows, on which the search runs (its in-loop refit too), and the final refit's windows: 256 "
                 "drawn apart (seed + 1; the recipe, whose seed-0 rows are the sweep's) or the 64 scoring windows reused (the "
-                "recipe before 2026-12-06). Seconds are from the sitting that measured each row: compare search and "
+                "recipe before 2026-12-06); steps 4: iterative scores (`--steps 4`, each step re-scores the model pruned "
+                "so far, the search then choosing among the last step's survivors). Seconds are from the sitting that measured each row: compare search and "
                 "reconstruction with that row's scoring. Scores are hfprune's on the 64 windows of the row's seed. "
                 "Zero-shot: the five tasks without BoolQ, first 300 items each, in points (blank where not run).\n",
-                table(["ratio", "seed", "final refit windows", "scoring s", "search s", "reconstruction s", "WikiText-2 PPL",
+                table(["ratio", "seed", "final refit windows", "steps", "scoring s", "search s", "reconstruction s", "WikiText-2 PPL",
                        "zero-shot without BoolQ"],
                       [[f"{r['ratio']:.0%}", str(r.get("seed", 0)),
                         f"{r['reconstruct_samples']} apart" if "reconstruct_samples" in r else "the 64 scoring windows",
-                        number(r.get("scoring_s"), 0), number(r.get("search_s"), 0), number(r.get("reconstruction_s"), 0),
+                        str(r.get("steps", 1)), number(r.get("scoring_s"), 0), number(r.get("search_s"), 0), number(r.get("reconstruction_s"), 0),
                         number(r.get("ppl_wikitext2_512"), 2),
                         task_cells(r)[TASK_COLUMNS.index("without BoolQ")]]
                        for r in recipe if "ppl_wikitext2_512" in r])]

@@ -86,5 +86,5 @@ def check_calibration(tokenizer, config, scores_given: bool = False) -> None:
     if config.draws_windows(scores_given):
         sample_windows(tokenizer, calib.source, calib.samples, calib.seq_len, calib.seed, calib.sampling)
     if recon.mode != "none" and recon.separate:
-        samples, seed = recon.own_draw(calib)
-        reconstruction_windows(recon.calibration or calib.source, None, tokenizer, samples, calib.seq_len, seed, calib.sampling)
+        source, samples, seed = recon.own_draw(calib)
+        reconstruction_windows(source, None, tokenizer, samples, calib.seq_len, seed, calib.sampling)

@@ -283,11 +283,10 @@ def _windows(tokenizer, config: PruneConfig, calibration_ids: torch.Tensor | Non
     """(scoring windows, their record, reconstruction windows, their record). All are drawn before any compute,
     so a source too small fails at once."""
     calib, recon = config.calibration, config.reconstruction
-    # Separate reconstruction windows: given ids, or from recon.calibration, or from the scoring corpus when only
-    # their count or seed is given; otherwise the refit reuses the scoring windows.
-    separate_source = reconstruction_ids
-    if separate_source is None and recon.separate:
-        separate_source = recon.calibration or calib.source
+    # Separate reconstruction windows: given ids, or drawn from recon.calibration, or from the scoring corpus when
+    # only their count or seed is given; otherwise the refit reuses the scoring windows.
+    own_source, samples, seed = recon.own_draw(calib)
+    separate_source = reconstruction_ids if reconstruction_ids is not None else own_source if recon.separate else None
     needs_data = (scores_need_data or config.allocation.kind == "search"
                   or (recon.mode != "none" and separate_source is None))
     record = None
@@ -306,7 +305,6 @@ def _windows(tokenizer, config: PruneConfig, calibration_ids: torch.Tensor | Non
                           f"calibration windows; choose --search-samples {len(calibration_ids)} or less, or more --samples")
     if recon.mode == "none":
         return calibration_ids, record, None, None
-    samples, seed = recon.own_draw(calib)
     ids, recon_record = reconstruction_windows(separate_source, calibration_ids, tokenizer, samples, calib.seq_len, seed,
                                                calib.sampling)
     return calibration_ids, record, ids, recon_record

@@ -99,10 +99,11 @@ class ReconstructionConfig:
         """Whether the refit draws windows of its own rather than reusing the scoring ones."""
         return self.calibration is not None or bool(self.samples) or self.seed is not None
 
-    def own_draw(self, calibration: CalibrationConfig) -> tuple[int, int]:
-        """(samples, seed) that the refit's own windows are drawn with: the scoring windows' count and the scoring
-        seed + 1, unless given."""
-        return self.samples or calibration.samples, calibration.seed + 1 if self.seed is None else self.seed
+    def own_draw(self, calibration: CalibrationConfig) -> tuple[str, int, int]:
+        """(source, samples, seed) that the refit's own windows are drawn with: the scoring corpus, the scoring
+        windows' count and the scoring seed + 1, unless given."""
+        return (self.calibration or calibration.source, self.samples or calibration.samples,
+                calibration.seed + 1 if self.seed is None else self.seed)
 
 
 @dataclass

@@ -34,18 +34,20 @@ def test_quality_script_fills_columns_across_runs_and_resumes(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert [r["key"] for r in rows] == ["method=hfprune ratio=0.3 reconstruct=none",
                                         "method=hfprune ratio=0.3 reconstruct=none allocation=global",
-                                        "method=hfprune ratio=0.3 reconstruct=none allocation=search"]
+                                        "method=hfprune ratio=0.3 reconstruct=none allocation=search",
+                                        "method=hfprune ratio=0.3 reconstruct=none steps=4"]
     assert rows[0]["ppl_wikitext2_64"] > 1 and "acc_piqa" not in rows[0]
     assert rows[1]["scoring_s"] == rows[0]["scoring_s"] > 0  # the global row reused the uniform row's scores
     assert rows[2]["search_s"] > 0 and "search_s" not in rows[0]  # the search's own time, beside the scoring's
     run("quality.py", *args)  # fills the zero-shot columns of the same rows
     rows = json.loads(out.read_text())["rows"]
-    assert len(rows) == 3 and all(0 <= r["acc_piqa"] <= 1 and len(r["filled_by"]) == 2 for r in rows)
+    assert rows[3]["scoring_s"] > 0 and len(list((tmp_path / "cache").glob("*.safetensors"))) == 2  # iterative scores: their own
+    assert len(rows) == 4 and all(0 <= r["acc_piqa"] <= 1 and len(r["filled_by"]) == 2 for r in rows)
     assert all(len(r["items_piqa"]) == 2 and r["items_piqa"].count("1") / 2 == r["acc_piqa"] for r in rows)  # per item, for paired tests
     assert "| method=hfprune ratio=0.3 reconstruct=none |" in out.with_suffix(".md").read_text()
     run("quality.py", *args)  # resumes: nothing left to do, nothing duplicated
     data = json.loads(out.read_text())
-    assert [len(r["filled_by"]) for r in data["rows"]] == [2, 2, 2]
+    assert [len(r["filled_by"]) for r in data["rows"]] == [2, 2, 2, 2]
     # a refill whose pruned model kept other neurons must not pair its accuracy with the old perplexity
     data["rows"][0]["kept_digest"] = "0" * 16
     del data["rows"][0]["acc_piqa"]
@@ -171,8 +173,10 @@ def test_recipe_rows_are_the_recipes_settings():
 
     rows = [r for table in ("main", "sweep", "ablation") for r in benchmark_module("quality").table_rows(table, [0.2], ["sequential"])
             if r.get("reconstruct_select")]
-    assert len(rows) == 1 + 1 + 8  # main, sweep, ablation: the refit on the scoring windows at 4 ratios, seeds 1 and 2 at 2
-    recipe, on_scoring_windows = rows[:2], rows[2:]
+    # main, sweep, ablation: the refit on the scoring windows at 4 ratios, seeds 1 and 2 at 2; the recipe iterative
+    assert len(rows) == 1 + 1 + 8 + 1
+    recipe, on_scoring_windows = rows[:2] + rows[-1:], rows[2:-1]
+    assert rows[-1]["steps"] == 4 and all("steps" not in r for r in rows[:-1])
     assert all({k: r[k] for k in RECIPES["best"]} == RECIPES["best"] for r in recipe)
     assert all({k: r[k] for k in RECIPES["best"]} == {**RECIPES["best"], "reconstruct_samples": None} for r in on_scoring_windows)
 

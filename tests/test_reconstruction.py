@@ -323,6 +323,6 @@ def test_obs_selection_prunes_what_it_refit_and_beats_the_scores_choice(family, 
 
 
 def test_the_refits_own_windows_default_to_the_scoring_count_and_the_next_seed():
-    scoring = CalibrationConfig(samples=64, seed=3)
-    assert ReconstructionConfig("sequential", samples=256).own_draw(scoring) == (256, 4)
-    assert ReconstructionConfig("sequential", seed=9).own_draw(scoring) == (64, 9)
+    scoring = CalibrationConfig("c4", samples=64, seed=3)
+    assert ReconstructionConfig("sequential", samples=256).own_draw(scoring) == ("c4", 256, 4)
+    assert ReconstructionConfig("sequential", calibration="other.txt", seed=9).own_draw(scoring) == ("other.txt", 64, 9)
