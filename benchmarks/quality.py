@@ -77,6 +77,11 @@ def row_key(spec: dict) -> str:
     return " ".join(f"{k}={v}" for k, v in spec.items() if v is not None) or "dense"
 
 
+def chosen_row(spec: dict, only: str | None) -> bool:
+    """`--only`: a comma list of methods (every row of each) or whole row keys; None = every row."""
+    return not only or spec["method"] in only.split(",") or row_key(spec) in only.split(",")
+
+
 def kept_digest(manifest: dict) -> str:
     """A short fingerprint of which neurons a pruned model kept in every layer."""
     kept = json.dumps(manifest["kept_neurons"], sort_keys=True).encode()
@@ -168,7 +173,7 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2")
     parser.add_argument("--ratios", default=None, help="comma list (main: 0.2,0.3; sweep: 0.1,0.2,0.3,0.4)")
     parser.add_argument("--reconstruct", default="none,sequential", help="sweep: reconstruction modes, comma list")
-    parser.add_argument("--only", default=None, help="comma list of methods to run now (others stay for a later run)")
+    parser.add_argument("--only", default=None, help="comma list of methods, or of row keys, to run now (others stay for a later run)")
     parser.add_argument("--samples", type=int, default=64, help="calibration windows (C4 train)")
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--seed", type=int, default=0)
@@ -211,7 +216,7 @@ def main() -> None:
         key = row_key(spec)
         row = results.get(key) or {"key": key, **spec}
         missing = [m for m in metrics if m not in row]
-        if not missing or (args.only and spec["method"] not in args.only.split(",")):
+        if not missing or not chosen_row(spec, args.only):
             continue
         if args.max_minutes and (time.perf_counter() - started) / 60 > args.max_minutes:
             print(f"stopping after {args.max_minutes} minutes; rerun the same command to continue", flush=True)

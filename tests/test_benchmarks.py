@@ -168,6 +168,14 @@ def test_score_cache_keeps_iterative_scores_per_ratio_and_steps(tmp_path):
     assert len(iterative) == 4 and cache.path({**row, "ratio": 0.2}) not in iterative
 
 
+def test_only_chooses_rows_by_method_or_by_whole_key():
+    quality = benchmark_module("quality")
+    spec = {"method": "hfprune", "ratio": 0.2, "steps": 4}
+    assert quality.chosen_row(spec, None) and quality.chosen_row(spec, "flap,hfprune")
+    assert quality.chosen_row(spec, "flap,method=hfprune ratio=0.2 steps=4")
+    assert not quality.chosen_row(spec, "flap,method=hfprune ratio=0.2") and not quality.chosen_row(spec, "hfprune-x")
+
+
 def test_recipe_rows_are_the_recipes_settings():
     from fidelprune.pruning import RECIPES
 
