@@ -65,11 +65,13 @@ def table_rows(table: str, ratios: list[float], reconstruct: list[str], num_laye
                 + [{"method": "hfprune", "ratio": r, "reconstruct": mode, "steps": ITERATIVE_STEPS} for mode in reconstruct for r in ratios])
     # ablation: the three objectives under one score form (activation, the cheapest), then calibration size N,
     # then --recipe best with its final refit on the 64 scoring windows instead of 256 of their own, on the sweep's
-    # calibration draw and on two others, then --recipe best on iteratively pruned scores
+    # calibration draw and on two others, then --recipe best itself on those two other draws (its seed spread), then
+    # --recipe best on iteratively pruned scores
     return ([{"method": "hfprune", "ratio": 0.2, "objective": o, "form": "activation"} for o in ("ce", "kd", "entropy")]
             + [{"method": "hfprune", "ratio": 0.2, "samples": n} for n in (32, 128, 512)]
             + [{"method": "hfprune", "ratio": r, **RECIPE_BEST_SCORING_WINDOWS} for r in (0.1, 0.2, 0.3, 0.4)]
             + [{"method": "hfprune", "ratio": r, **RECIPE_BEST_SCORING_WINDOWS, "seed": s} for r in (0.2, 0.4) for s in (1, 2)]
+            + [{"method": "hfprune", "ratio": r, **RECIPE_BEST, "seed": s} for r in (0.2, 0.4) for s in (1, 2)]
             + [{"method": "hfprune", "ratio": 0.2, **RECIPE_BEST, "steps": ITERATIVE_STEPS}])
 
 

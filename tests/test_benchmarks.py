@@ -181,10 +181,12 @@ def test_recipe_rows_are_the_recipes_settings():
 
     rows = [r for table in ("main", "sweep", "ablation") for r in benchmark_module("quality").table_rows(table, [0.2], ["sequential"])
             if r.get("reconstruct_select")]
-    # main, sweep, ablation: the refit on the scoring windows at 4 ratios, seeds 1 and 2 at 2; the recipe iterative
-    assert len(rows) == 1 + 1 + 8 + 1
-    recipe, on_scoring_windows = rows[:2] + rows[-1:], rows[2:-1]
+    # main, sweep, ablation: the refit on the scoring windows at 4 ratios, seeds 1 and 2 at 2; the recipe on
+    # seeds 1 and 2 at 2; the recipe iterative
+    assert len(rows) == 1 + 1 + 8 + 4 + 1
+    recipe, on_scoring_windows = rows[:2] + rows[-5:], rows[2:-5]
     assert rows[-1]["steps"] == 4 and all("steps" not in r for r in rows[:-1])
+    assert [r.get("seed", 0) for r in recipe] == [0, 0, 1, 2, 1, 2, 0]
     assert all({k: r[k] for k in RECIPES["best"]} == RECIPES["best"] for r in recipe)
     assert all({k: r[k] for k in RECIPES["best"]} == {**RECIPES["best"], "reconstruct_samples": None} for r in on_scoring_windows)
 
