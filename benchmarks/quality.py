@@ -5,6 +5,7 @@ results file are skipped, so a long table fills across runs.
     python benchmarks/quality.py --table main       # dense, llm-pruner, sdmprune, hfprune, --recipe best at 20/30 %: full sets
     python benchmarks/quality.py --table sweep      # every method x 10/20/30/40 % x reconstruction: fixed subsets
     python benchmarks/quality.py --table ablation   # objective under one form; calibration size N; the recipe's windows
+    python benchmarks/quality.py --table full-tasks # the recipe against each ratio's zero-shot leader: full task sets
     python benchmarks/quality.py --table sweep --only hfprune,flap --ratios 0.2    # a slice of a table
 """
 
@@ -27,6 +28,7 @@ from fidelprune.pruning import RECIPES  # noqa: E402
 from fidelprune.evaluation import perplexity, zeroshot  # noqa: E402
 
 TASKS = ["arc_easy", "arc_challenge", "piqa", "boolq", "winogrande", "openbookqa"]
+FIVE_TASKS = [t for t in TASKS if t != "boolq"]  # issue 25's zero-shot goal: the five-task mean without BoolQ
 SWEEP_METHODS = ["random", "magnitude", "llm-pruner", "llm-pruner-element2", "sdmprune", "hfprune", "wanda-sp", "flap", "activation"]
 
 # table -> evaluation protocol: perplexity (corpus, window, first-N windows or None = all) and zero-shot limit
@@ -34,7 +36,13 @@ PROTOCOLS = {
     "main": {"ppl": [["wikitext2", 128, None], ["ptb", 128, None], ["wikitext2", 2048, None]], "tasks": TASKS, "task_limit": None},
     "sweep": {"ppl": [["wikitext2", 512, 64]], "tasks": TASKS, "task_limit": 300},
     "ablation": {"ppl": [["wikitext2", 512, 64]], "tasks": TASKS, "task_limit": 300},
+    # sweep rows that the sweep's 300 items cannot tell apart, on the five tasks' full sets (7,153 items)
+    "full-tasks": {"ppl": [], "tasks": FIVE_TASKS, "task_limit": None},
 }
+# The method of the sweep's highest five-task zero-shot mean (first 300 items) other than --recipe best's at each
+# ratio, all three with sequential reconstruction; the recipe is 0.07-1.60 points behind each on those 300 items.
+ZERO_SHOT_LEADERS = {0.2: "llm-pruner-element2", 0.3: "wanda-sp", 0.4: "hfprune"}
+MAIN_RATIOS = (0.2, 0.3)  # the main table's: its recipe rows are the sweep's models, on the full sets already
 
 
 # --recipe best's settings besides the method (fidelprune's RECIPES), in the order of the committed row keys
@@ -47,6 +55,9 @@ ITERATIVE_STEPS = 4  # the sweep's iterative rows: each step removes a quarter o
 def table_rows(table: str, ratios: list[float], reconstruct: list[str], num_layers: int = 30) -> list[dict]:
     """Row specs: prune() arguments (method None = the dense model)."""
     recipe_best = [{"method": "hfprune", "ratio": r, **RECIPE_BEST} for r in ratios]  # --recipe best: the searched widths, each layer's neurons chosen by the refit (OBS)
+    if table == "full-tasks":  # each ratio's leader, and the recipe where the main table has not run it
+        return [spec for i, r in enumerate(ratios)
+                for spec in ([{"method": ZERO_SHOT_LEADERS[r], "ratio": r, "reconstruct": "sequential"}] + ([] if r in MAIN_RATIOS else [recipe_best[i]]))]
     if table == "main":
         return [{"method": None}] + [{"method": m, "ratio": r} for r in ratios for m in ("llm-pruner", "sdmprune", "hfprune")] + recipe_best
     if table == "sweep":
@@ -151,6 +162,9 @@ def with_average(row: dict, tasks: list[str]) -> dict:
     return row
 
 
+COUNTS = {5: "five", 6: "six"}
+
+
 def render(data: dict) -> str:
     p = data["protocol"]
     ppl_cols = [f"ppl_{c}_{w}" for c, w, _ in p["ppl"]]
@@ -159,10 +173,10 @@ def render(data: dict) -> str:
     columns = ["row", "achieved ratio", "scoring s", *(["search s"] if searched else []), *ppl_cols, *acc_cols]
     rows = [[r["key"], r.get("achieved_ratio"), r.get("scoring_s"), *([r.get("search_s")] if searched else []),
              *(r.get(c) for c in ppl_cols + acc_cols)] for r in (with_average(r, p["tasks"]) for r in table_order(data))]
-    ppl = "; ".join(f"{c} at {w} tokens, {'all' if n is None else f'first {n}'} windows" for c, w, n in p["ppl"])
+    ppl = "; ".join(f"{c} at {w} tokens, {'all' if n is None else f'first {n}'} windows" for c, w, n in p["ppl"]) or "none"
     subset = "full sets" if p["task_limit"] is None else f"first {p['task_limit']} items each"
     tasks = (f"{', '.join(p['tasks'])} ({subset}; acc_norm for ARC, PIQA, OBQA, acc for BoolQ, WinoGrande; "
-             f"average = mean of these six, not the 7-task average: no HellaSwag is bundled)") if p["tasks"] else "none"
+             f"average = mean of these {COUNTS[len(p['tasks'])]}, not the 7-task average: no HellaSwag is bundled)") if p["tasks"] else "none"
     cal = p["calibration"]
     return (f"# Quality: {p['table']} table, {p['model']}\n\nCalibration: {cal['samples']} windows of {cal['seq_len']} tokens "
             f"from the bundled C4 train sample, seed {cal['seed']}, the same for every row (ablation rows vary N). "
@@ -173,7 +187,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--table", choices=list(PROTOCOLS), default="sweep")
     parser.add_argument("--model", default="smollm2")
-    parser.add_argument("--ratios", default=None, help="comma list (main: 0.2,0.3; sweep: 0.1,0.2,0.3,0.4)")
+    parser.add_argument("--ratios", default=None, help="comma list (main: 0.2,0.3; full-tasks: 0.2,0.3,0.4; sweep, ablation: 0.1,0.2,0.3,0.4)")
     parser.add_argument("--reconstruct", default="none,sequential", help="sweep: reconstruction modes, comma list")
     parser.add_argument("--only", default=None, help="comma list of methods, or of row keys, to run now (others stay for a later run)")
     parser.add_argument("--samples", type=int, default=64, help="calibration windows (C4 train)")
@@ -205,7 +219,7 @@ def main() -> None:
                    **({"sampling": args.sampling} if args.sampling != "spans" else {})}
     protocol.update(table=args.table, model=args.model, calibration=calibration)
     metrics = chosen_metrics(protocol, "ppl" if args.no_tasks else args.metrics)
-    default_ratios = "0.2,0.3" if args.table == "main" else "0.1,0.2,0.3,0.4"
+    default_ratios = {"main": "0.2,0.3", "full-tasks": "0.2,0.3,0.4"}.get(args.table, "0.1,0.2,0.3,0.4")
     ratios = [float(r) for r in (args.ratios or default_ratios).split(",")]
     output = Path(args.output or RESULTS / f"quality-{args.table}.json")
     results = ResultsFile(output, protocol)

@@ -219,6 +219,39 @@ def ablation_tables(data: dict, sweep: dict) -> list[str]:
     return out
 
 
+def full_task_tables(data: dict, main: dict) -> list[str]:
+    """Each ratio's zero-shot leader run on the five tasks' full sets (no BoolQ), and `--recipe best` paired against
+    it: the recipe's row from this table, or from the main table, whose recipe rows are the same models."""
+    five = [(t, title) for t, title in TASKS if t != "boolq"]
+
+    def complete(row: dict) -> bool:
+        return all(f"items_{t}" in row for t, _ in five)
+
+    leaders = [r for r in table_order(data) if "allocation" not in r and complete(r)]
+    recipes = {r["ratio"]: (r, name) for name, d in (("main", main), ("full-tasks", data)) for r in d["rows"]
+               if r.get("reconstruct_select") == "obs" and complete(r)}
+    rows = [(r, "full-tasks", None) for r in leaders]
+    rows += [(*recipes[r["ratio"]], r) for r in leaders if r["ratio"] in recipes]
+    if not rows:
+        return []
+
+    def cells(row: dict, results: str, leader: dict | None) -> list[str]:
+        accs = [row[f"acc_{t}"] for t, _ in five]
+        se = math.sqrt(sum(accuracy_stderr(row[f"acc_{t}"], row[f"n_{t}"]) ** 2 for t, _ in five)) / len(five)
+        paired = "" if leader is None else points(
+            average_difference([paired_difference(row[f"items_{t}"], leader[f"items_{t}"]) for t, _ in five]))
+        return [row["key"], results, *(number(100 * a, 2) for a in accs), f"{100 * sum(accs) / len(accs):.2f} ± {100 * se:.2f}", paired]
+
+    sizes = ", ".join(f"{title} {rows[0][0][f'n_{t}']:,}" for t, title in five)
+    return [f"\n**Zero-shot on the full sets** ([`results/quality-full-tasks.md`](results/quality-full-tasks.md)): at each ratio "
+            "the sweep row with the highest five-task mean other than the recipe's on the first 300 items, and `--recipe best`, "
+            f"on every item of the five tasks without BoolQ ({sizes}), in points, with the sweep's prune settings and "
+            "calibration (the prose below says how closely they match its models). The mean's ± takes the tasks as independent; paired: the recipe minus the leader on "
+            "the same items, ± the paired standard error of the five-task mean.\n",
+            table(["row", "results", *(title for _, title in five), "mean", "paired vs leader"],
+                  [cells(*r) for r in sorted(rows, key=lambda r: (r[0]["ratio"], r[2] is not None))])]
+
+
 def cost_tables(by_batch: list[tuple[dict, int]]) -> list[str]:
     rows = []
     for data, batch in by_batch:
@@ -273,6 +306,7 @@ def render(results: Path = RESULTS) -> str:
 
     sweep = load("quality-sweep")
     parts = [*main_tables(load("quality-main")), *sweep_tables(sweep), *ablation_tables(load("quality-ablation"), sweep),
+             *full_task_tables(load("quality-full-tasks"), load("quality-main")),
              *cost_tables([(load("cost"), 4), (load("cost-batch1"), 1)]), *speed_tables(load("speed"))]
     return "\n".join(parts).strip()
 

@@ -191,6 +191,22 @@ def test_recipe_rows_are_the_recipes_settings():
     assert all({k: r[k] for k in RECIPES["best"]} == {**RECIPES["best"], "reconstruct_samples": None} for r in on_scoring_windows)
 
 
+def test_full_task_rows_are_sweep_rows_on_the_five_tasks():
+    quality = benchmark_module("quality")
+    rows = [quality.row_key(r) for r in quality.table_rows("full-tasks", [0.2, 0.3, 0.4], ["none"])]
+    sweep = [quality.row_key(r) for r in quality.table_rows("sweep", [0.2, 0.3, 0.4], ["none", "sequential"])]
+    # each ratio's zero-shot leader, and the recipe where the main table (20 and 30 %) has not run it on the full sets
+    assert rows == ["method=llm-pruner-element2 ratio=0.2 reconstruct=sequential", "method=wanda-sp ratio=0.3 reconstruct=sequential",
+                    "method=hfprune ratio=0.4 reconstruct=sequential",
+                    "method=hfprune ratio=0.4 reconstruct=sequential allocation=search reconstruct_select=obs reconstruct_samples=256"]
+    # the same prune() arguments as sweep rows, so the same models (quality.py's kept_digest shows it)
+    assert all(key in sweep for key in rows)
+    main = [quality.row_key(r) for r in quality.table_rows("main", [0.2, 0.3], ["none"])]
+    assert all(key.replace("ratio=0.4", f"ratio={r}") in main for r in quality.MAIN_RATIOS for key in rows[-1:])
+    protocol = quality.PROTOCOLS["full-tasks"]
+    assert protocol["task_limit"] is None and "boolq" not in protocol["tasks"] and len(protocol["tasks"]) == 5
+
+
 def test_readme_tables_match_the_committed_results():
     result = subprocess.run([sys.executable, str(BENCHMARKS / "report.py"), "--check"], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
