@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import RESULTS  # noqa: E402
 from cost import FORWARD_METHODS, GRADIENT_METHODS, time_ratios  # noqa: E402
 from quality import SWEEP_METHODS, table_order  # noqa: E402
+from quality import FIVE_TASKS  # noqa: E402
 from quality import TASKS as TASK_NAMES  # noqa: E402
 
 from fidelprune.utils import bundled_path  # noqa: E402
@@ -51,12 +52,13 @@ def accuracy_stderr(acc: float, n: int) -> float:
     return math.sqrt(acc * (1 - acc) / (n - 1))
 
 
-def six_task_average(row: dict) -> tuple[float, float] | None:
-    """(mean accuracy, its standard error with the tasks taken as independent), once all six tasks have run."""
-    if not all(f"acc_{t}" in row for t, _ in TASKS):
+def task_average(row: dict, tasks: list[tuple[str, str]] = TASKS) -> tuple[float, float] | None:
+    """(mean accuracy over `tasks`, its standard error with the tasks taken as independent), once all have run."""
+    if not all(f"acc_{t}" in row for t, _ in tasks):
         return None
-    se = math.sqrt(sum(accuracy_stderr(row[f"acc_{t}"], row[f"n_{t}"]) ** 2 for t, _ in TASKS)) / len(TASKS)
-    return sum(row[f"acc_{t}"] for t, _ in TASKS) / len(TASKS), se
+    se = math.sqrt(sum(accuracy_stderr(row[f"acc_{t}"], row[f"n_{t}"]) ** 2 for t, _ in tasks)) / len(tasks)
+    return sum(row[f"acc_{t}"] for t, _ in tasks) / len(tasks), se
+
 
 
 @functools.cache
@@ -80,7 +82,7 @@ def task_cells(row: dict) -> list[str]:
     """The TASK_COLUMNS cells, in points: the six accuracies, their average ± its standard error, the average of
     the five without BoolQ, and how often the model answered BoolQ "yes"; blanks for what has not run."""
     accs = [row.get(f"acc_{t}") for t, _ in TASKS]
-    average = six_task_average(row)
+    average = task_average(row)
     five = [a for a, (t, _) in zip(accs, TASKS) if t != "boolq"]
     five = five if None not in five else None  # shown once the five have run, BoolQ or not
     yes = boolq_yes_share(row)
@@ -163,12 +165,12 @@ def sweep_tables(data: dict) -> list[str]:
                       [[n, number(variants[n].get(0.2, {}).get("scoring_s"), 0),
                         *(number(variants[n].get(r, {}).get("ppl_wikitext2_512"), 2) for r in ratios)] for n in names])]
         if any(has_tasks(r) for v in variants.values() for r in v.values()):
-            dense_average = six_task_average(dense)
+            dense_average = task_average(dense)
             dense_note = f" (dense: {100 * dense_average[0]:.2f})" if dense_average else ""
             out += [f"\nZero-shot, {title}: average of the six tasks over their first 300 items each, in points{dense_note} "
                     "(blank until all six have run).\n",
                     table(["method", *(f"{r:.0%}" for r in ratios)],
-                          [[n, *(f"{100 * six_task_average(variants[n][r])[0]:.2f}" if r in variants[n] and six_task_average(variants[n][r])
+                          [[n, *(f"{100 * task_average(variants[n][r])[0]:.2f}" if r in variants[n] and task_average(variants[n][r])
                                  else "" for r in ratios)]
                            for n in names])]
             paired = paired_rows([r for n in plain for r in variants[n].values()])
@@ -222,7 +224,7 @@ def ablation_tables(data: dict, sweep: dict) -> list[str]:
 def full_task_tables(data: dict, main: dict) -> list[str]:
     """Each ratio's zero-shot leader run on the five tasks' full sets (no BoolQ), and `--recipe best` paired against
     it: the recipe's row from this table, or from the main table, whose recipe rows are the same models."""
-    five = [(t, title) for t, title in TASKS if t != "boolq"]
+    five = [(t, TITLES[t]) for t in FIVE_TASKS]
 
     def complete(row: dict) -> bool:
         return all(f"items_{t}" in row for t, _ in five)
@@ -236,11 +238,10 @@ def full_task_tables(data: dict, main: dict) -> list[str]:
         return []
 
     def cells(row: dict, results: str, leader: dict | None) -> list[str]:
-        accs = [row[f"acc_{t}"] for t, _ in five]
-        se = math.sqrt(sum(accuracy_stderr(row[f"acc_{t}"], row[f"n_{t}"]) ** 2 for t, _ in five)) / len(five)
+        mean, se = task_average(row, five)
         paired = "" if leader is None else points(
             average_difference([paired_difference(row[f"items_{t}"], leader[f"items_{t}"]) for t, _ in five]))
-        return [row["key"], results, *(number(100 * a, 2) for a in accs), f"{100 * sum(accs) / len(accs):.2f} ± {100 * se:.2f}", paired]
+        return [row["key"], results, *(number(100 * row[f"acc_{t}"], 2) for t, _ in five), f"{100 * mean:.2f} ± {100 * se:.2f}", paired]
 
     sizes = ", ".join(f"{title} {rows[0][0][f'n_{t}']:,}" for t, title in five)
     return [f"\n**Zero-shot on the full sets** ([`results/quality-full-tasks.md`](results/quality-full-tasks.md)): at each ratio "
