@@ -84,6 +84,16 @@ def test_decode_cost_script_fits_the_fixed_part_over_widths(tmp_path):
     assert "ms fixed** + parameter bytes" in out.with_suffix(".md").read_text()
 
 
+def test_packing_script_compares_best_fit_with_in_order_packing(tmp_path):
+    out = tmp_path / "packing.json"
+    subprocess.run([sys.executable, str(BENCHMARKS / "packing.py"), "--data", "alpaca", "--seq-lens", "64,128",
+                    "--output", str(out)], check=True, capture_output=True, text=True)
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["key"] for r in rows] == ["alpaca-64", "alpaca-128"]
+    assert all(r["lower_bound_rows"] <= r["rows"] <= r["in_order_rows"] for r in rows)
+    assert "best-fit decreasing" in out.with_suffix(".md").read_text()
+
+
 def test_recovery_speed_script_pairs_each_recover_mode_with_its_bare_step(tmp_path):
     out = tmp_path / "rs.json"
     run("recovery_speed.py", "--steps", "1", "--rounds", "2", "--output", str(out))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 
 import pytest
@@ -114,13 +115,35 @@ def test_alpaca_truncation_and_dropping(tokenizer):
 def test_packing_boundaries_by_hand():
     a, b, c = Example([10, 11, 12, 13], 2), Example([20, 21, 22], 0), Example([30, 31, 32, 33, 34], 1)
     packed = pack([a, b, c], seq_len=8, pad_id=0)
-    # row 0: a (prompt 10, 11; targets 12, 13) then b (its first token is never a target); row 1: c + padding
-    assert packed.input_ids.tolist() == [[10, 11, 12, 13, 20, 21, 22, 0], [30, 31, 32, 33, 34, 0, 0, 0]]
-    assert packed.labels.tolist() == [[IGNORE, IGNORE, 12, 13, IGNORE, 21, 22, IGNORE],
-                                      [IGNORE, 31, 32, 33, 34, IGNORE, IGNORE, IGNORE]]
-    assert packed.position_ids.tolist() == [[0, 1, 2, 3, 0, 1, 2, 0], [0, 1, 2, 3, 4, 0, 1, 2]]
-    assert packed.segment_ids.tolist() == [[0, 0, 0, 0, 1, 1, 1, -1], [0, 0, 0, 0, 0, -1, -1, -1]]
-    assert packed.target_tokens == 2 + 2 + 4 and packed.real_tokens == 12
+    # longest first: c opens row 0 (room 3), a does not fit there and opens row 1 (room 4), b fits both and goes
+    # where the room is least, row 0
+    assert packed.input_ids.tolist() == [[30, 31, 32, 33, 34, 20, 21, 22], [10, 11, 12, 13, 0, 0, 0, 0]]
+    assert packed.labels.tolist() == [[IGNORE, 31, 32, 33, 34, IGNORE, 21, 22],
+                                      [IGNORE, IGNORE, 12, 13, IGNORE, IGNORE, IGNORE, IGNORE]]
+    assert packed.position_ids.tolist() == [[0, 1, 2, 3, 4, 0, 1, 2], [0, 1, 2, 3, 0, 1, 2, 3]]
+    assert packed.segment_ids.tolist() == [[0, 0, 0, 0, 0, 1, 1, 1], [0, 0, 0, 0, -1, -1, -1, -1]]
+    assert packed.target_tokens == 4 + 2 + 2 and packed.real_tokens == 12
+
+
+def test_packing_is_best_fit_decreasing_and_keeps_every_example_whole():
+    # in the given order, greedy packing needs 4 rows for these 24 tokens (3 | 6 | 5 2 | 4 4); 3 are enough
+    lengths = [3, 6, 5, 2, 4, 4]
+    examples = [Example(list(range(100 * i + 1, 100 * i + 1 + n)), 0) for i, n in enumerate(lengths)]
+    packed = pack(examples, seq_len=8, pad_id=0)
+    assert len(packed) == 3 and packed.real_tokens == 24
+    rows = [[ids[segments == k].tolist() for k in range(int(segments.max()) + 1)]
+            for ids, segments in zip(packed.input_ids, packed.segment_ids)]
+    assert rows == [[examples[1].ids, examples[3].ids], [examples[2].ids, examples[0].ids], [examples[4].ids, examples[5].ids]]
+    # random lengths: each example once and intact, deterministic, and within a row of the lower bound
+    gen = torch.Generator().manual_seed(0)
+    lengths = torch.randint(2, 40, (300,), generator=gen).tolist()
+    examples = [Example([i] * n, 0) for i, n in enumerate(lengths)]
+    packed = pack(examples, seq_len=64, pad_id=-1)
+    found = sorted(tuple(ids[segments == k].tolist()) for ids, segments in zip(packed.input_ids, packed.segment_ids)
+                   for k in range(int(segments.max()) + 1))
+    assert found == sorted(tuple(ex.ids) for ex in examples)
+    assert len(packed) <= math.ceil(sum(lengths) / 64) + 1
+    assert pack(examples, seq_len=64, pad_id=-1).fingerprint() == packed.fingerprint()
 
 
 def test_text_documents_get_eos_and_split_into_chunks(tokenizer):

@@ -11,6 +11,7 @@ last token of one example is never trained to predict the first token of the nex
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import json
 from dataclasses import asdict, dataclass
@@ -206,20 +207,26 @@ class Packed:
 
 
 def pack(examples: list[Example], seq_len: int, pad_id: int) -> Packed:
-    """Greedy packing in the given order: an example goes into the current row if it fits, else it opens a
-    new row; a row's unused tail is padding (its own position segment, no targets)."""
-    rows: list[list[Example]] = []
-    current, used = [], 0
+    """Best-fit decreasing packing: longest example first, each into the open row with the least room that
+    still holds it (else a new row); a row's unused tail is padding (its own position segment, no targets).
+    In-order greedy packing left 14-23 % of the bundled C4 and Alpaca rows' slots as padding, this 0.1-1.9 %
+    (benchmarks/results/packing.md; TRL's `packing_strategy="bfd"` is the same idea). The row order does not matter: training draws rows
+    in a seeded random order every epoch. Ties keep the given order, so the result is deterministic."""
     for ex in examples:
         if len(ex.ids) > seq_len:
             raise ConfigError(f"example of {len(ex.ids)} tokens is longer than seq_len {seq_len}")
-        if used + len(ex.ids) > seq_len and current:
-            rows.append(current)
-            current, used = [], 0
-        current.append(ex)
-        used += len(ex.ids)
-    if current:
-        rows.append(current)
+    rows: list[list[Example]] = []
+    open_rows: list[tuple[int, int]] = []  # (room left, row index) of rows not yet full, sorted
+    for ex in sorted(examples, key=lambda ex: -len(ex.ids)):
+        k = bisect.bisect_left(open_rows, (len(ex.ids), -1))  # the least room that fits; lowest row on a tie
+        if k < len(open_rows):
+            room, r = open_rows.pop(k)
+        else:
+            room, r = seq_len, len(rows)
+            rows.append([])
+        rows[r].append(ex)
+        if room > len(ex.ids):
+            bisect.insort(open_rows, (room - len(ex.ids), r))
     n = len(rows)
     input_ids = torch.full((n, seq_len), pad_id, dtype=torch.long)
     labels = torch.full((n, seq_len), IGNORE, dtype=torch.long)
