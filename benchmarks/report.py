@@ -222,34 +222,36 @@ def ablation_tables(data: dict, sweep: dict) -> list[str]:
 
 
 def full_task_tables(data: dict, main: dict) -> list[str]:
-    """Each ratio's zero-shot leader run on the five tasks' full sets (no BoolQ), and `--recipe best` paired against
-    it: the recipe's row from this table, or from the main table, whose recipe rows are the same models."""
+    """The sweep rows above `--recipe best` on the first 300 items (its contenders), run on the five tasks' full sets
+    (no BoolQ), each paired against the recipe: the recipe's row from this table, or from the main table, whose
+    recipe rows are the same models."""
     five = [(t, TITLES[t]) for t in FIVE_TASKS]
 
     def complete(row: dict) -> bool:
         return all(f"items_{t}" in row for t, _ in five)
 
-    leaders = [r for r in table_order(data) if "allocation" not in r and complete(r)]
+    contenders = [r for r in table_order(data) if r.get("reconstruct_select") != "obs" and complete(r)]
     recipes = {r["ratio"]: (r, name) for name, d in (("main", main), ("full-tasks", data)) for r in d["rows"]
                if r.get("reconstruct_select") == "obs" and complete(r)}
-    rows = [(r, "full-tasks", None) for r in leaders]
-    rows += [(*recipes[r["ratio"]], r) for r in leaders if r["ratio"] in recipes]
+    ratios = sorted({r["ratio"] for r in contenders})
+    rows = [(row, "full-tasks", recipes.get(ratio, (None,))[0]) for ratio in ratios for row in contenders if row["ratio"] == ratio]
+    rows = [(*recipes[ratio], None) for ratio in ratios if ratio in recipes] + rows
     if not rows:
         return []
 
-    def cells(row: dict, results: str, leader: dict | None) -> list[str]:
+    def cells(row: dict, results: str, recipe: dict | None) -> list[str]:
         mean, se = task_average(row, five)
-        paired = "" if leader is None else points(
-            average_difference([paired_difference(row[f"items_{t}"], leader[f"items_{t}"]) for t, _ in five]))
+        paired = "" if recipe is None else points(
+            average_difference([paired_difference(recipe[f"items_{t}"], row[f"items_{t}"]) for t, _ in five]))
         return [row["key"], results, *(number(100 * row[f"acc_{t}"], 2) for t, _ in five), f"{100 * mean:.2f} ± {100 * se:.2f}", paired]
 
     sizes = ", ".join(f"{title} {rows[0][0][f'n_{t}']:,}" for t, title in five)
     return [f"\n**Zero-shot on the full sets** ([`results/quality-full-tasks.md`](results/quality-full-tasks.md)): at each ratio "
-            "the sweep row with the highest five-task mean other than the recipe's on the first 300 items, and `--recipe best`, "
-            f"on every item of the five tasks without BoolQ ({sizes}), in points, with the sweep's prune settings and "
-            "calibration (the prose below says how closely they match its models). The mean's ± takes the tasks as independent; paired: the recipe minus the leader on "
-            "the same items, ± the paired standard error of the five-task mean.\n",
-            table(["row", "results", *(title for _, title in five), "mean", "paired vs leader"],
+            "`--recipe best` and the sweep rows whose five-task mean was above it on the first 300 items (its contenders, "
+            f"those run so far), on every item of the five tasks without BoolQ ({sizes}), in points, with the sweep's prune "
+            "settings and calibration (the prose below says how closely they match its models). The mean's ± takes the tasks "
+            "as independent; paired: the recipe minus the row on the same items, ± the paired standard error of the five-task mean.\n",
+            table(["row", "results", *(title for _, title in five), "mean", "recipe minus row, paired"],
                   [cells(*r) for r in sorted(rows, key=lambda r: (r[0]["ratio"], r[2] is not None))])]
 
 

@@ -205,16 +205,29 @@ def test_full_task_rows_are_sweep_rows_on_the_five_tasks():
     quality = benchmark_module("quality")
     rows = [quality.row_key(r) for r in quality.table_rows("full-tasks", [0.2, 0.3, 0.4], ["none"])]
     sweep = [quality.row_key(r) for r in quality.table_rows("sweep", [0.2, 0.3, 0.4], ["none", "sequential"])]
-    # each ratio's zero-shot leader, and the recipe where the main table (20 and 30 %) has not run it on the full sets
-    assert rows == ["method=llm-pruner-element2 ratio=0.2 reconstruct=sequential", "method=wanda-sp ratio=0.3 reconstruct=sequential",
-                    "method=hfprune ratio=0.4 reconstruct=sequential",
-                    "method=hfprune ratio=0.4 reconstruct=sequential allocation=search reconstruct_select=obs reconstruct_samples=256"]
+    recipe = "method=hfprune ratio=0.4 reconstruct=sequential allocation=search reconstruct_select=obs reconstruct_samples=256"
+    # each ratio's contenders, and the recipe where the main table (20 and 30 %) has not run it on the full sets
+    assert rows == [*(key for r in (0.2, 0.3, 0.4) for key in quality.ZERO_SHOT_CONTENDERS[r]), recipe]
     # the same prune() arguments as sweep rows, so the same models (quality.py's kept_digest shows it)
     assert all(key in sweep for key in rows)
     main = [quality.row_key(r) for r in quality.table_rows("main", [0.2, 0.3], ["none"])]
-    assert all(key.replace("ratio=0.4", f"ratio={r}") in main for r in quality.MAIN_RATIOS for key in rows[-1:])
+    assert all(recipe.replace("ratio=0.4", f"ratio={r}") in main for r in quality.MAIN_RATIOS)
     protocol = quality.PROTOCOLS["full-tasks"]
     assert protocol["task_limit"] is None and "boolq" not in protocol["tasks"] and len(protocol["tasks"]) == 5
+
+
+def test_zero_shot_contenders_are_the_sweep_rows_above_the_recipe():
+    quality = benchmark_module("quality")
+    sweep = json.loads((BENCHMARKS / "results" / "quality-sweep.json").read_text())["rows"]
+
+    def five_task_correct(row: dict) -> int:  # a sum of correct items: means compared without float ties
+        return sum(row[f"items_{t}"].count("1") for t in quality.FIVE_TASKS)
+
+    for ratio, contenders in quality.ZERO_SHOT_CONTENDERS.items():
+        rows = {r["key"]: r for r in sweep if r.get("ratio") == ratio and all(f"items_{t}" in r for t in quality.FIVE_TASKS)}
+        recipe = rows.pop(f"method=hfprune ratio={ratio} reconstruct=sequential allocation=search reconstruct_select=obs reconstruct_samples=256")
+        above = sorted((k for k, r in rows.items() if five_task_correct(r) > five_task_correct(recipe)), key=lambda k: -five_task_correct(rows[k]))
+        assert contenders == above, ratio
 
 
 def test_readme_tables_match_the_committed_results():
