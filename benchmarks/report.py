@@ -233,9 +233,9 @@ def full_task_tables(data: dict, main: dict) -> list[str]:
     contenders = [r for r in table_order(data) if r.get("reconstruct_select") != "obs" and complete(r)]
     recipes = {r["ratio"]: (r, name) for name, d in (("main", main), ("full-tasks", data)) for r in d["rows"]
                if r.get("reconstruct_select") == "obs" and complete(r)}
-    ratios = sorted({r["ratio"] for r in contenders})
-    rows = [(row, "full-tasks", recipes.get(ratio, (None,))[0]) for ratio in ratios for row in contenders if row["ratio"] == ratio]
-    rows = [(*recipes[ratio], None) for ratio in ratios if ratio in recipes] + rows
+    # (row, its results file, the recipe it is paired with): each ratio's recipe, then its contenders
+    rows = [(*recipes[ratio], None) for ratio in sorted({r["ratio"] for r in contenders}) if ratio in recipes]
+    rows += [(row, "full-tasks", recipes.get(row["ratio"], (None,))[0]) for row in contenders]
     if not rows:
         return []
 
