@@ -1,6 +1,7 @@
 """How much of a recovery row is padding: fidelprune's packing (best-fit decreasing) against in-order greedy
 packing (each example into the current row if it fits, else a new row: fidelprune's packing until 2026-12-07),
-on the bundled recovery data, tokenized with the packaged SmolLM2 tokenizer.
+on the bundled recovery data (every record, in the file's order: `recover` shuffles first and holds out a
+validation slice, which moves in-order packing's figures a little), tokenized with the packaged SmolLM2 tokenizer.
 
 Padding costs a full forward and backward but trains nothing, and `recover`'s budgets count rows (`--max-steps`
 x batch), so the packing efficiency (real tokens / row slots) is the share of training compute that trains. The
@@ -38,7 +39,7 @@ def in_order_rows(examples: list[Example], seq_len: int) -> int:
 def render(data: dict) -> str:
     table = [[r["data"], r["seq_len"], r["examples"], f"{r['real_tokens']:,}", r["lower_bound_rows"], r["in_order_rows"],
               f"{r['in_order_efficiency']:.4f}", r["rows"], f"{r['efficiency']:.4f}", f"{r['pack_s']:.2f}"] for r in data["rows"]]
-    return ("# Packing efficiency of the recovery rows\n\nThe bundled data, every record (tokenized as `recover` does), "
+    return ("# Packing efficiency of the recovery rows\n\nThe bundled data, every record in the file's order (tokenized as `recover` does), "
             "packed into rows of seq_len tokens. Efficiency = real tokens / row slots.\n\n" + provenance(data) + "\n"
             + markdown_table(["data", "seq_len", "examples", "real tokens", "rows (lower bound)", "in-order greedy: rows",
                               "efficiency", "best-fit decreasing: rows", "efficiency", "pack s"], table) + "\n")
