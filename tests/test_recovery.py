@@ -337,7 +337,8 @@ def test_resume_refuses_a_different_run(tmp_path, tokenizer, pruned):
         recover(pruned, None, DOCS, tokenizer, checkpoint_dir=tmp_path, resume=True, lr=1e-3, lora_dropout=0.05,
                 max_examples=200, **options)
     # other examples are other data, which no option brings back: no advice
-    with pytest.raises(ValueError, match=r"data: .*; max_examples: 200 -> None\)$"):
+    with pytest.raises(ValueError, match=r"data: .*; max_examples: 200 -> None\); the training rows differ .*"
+                                         r"start a new run in another --checkpoint-dir$"):
         recover(pruned, None, DOCS, tokenizer, checkpoint_dir=tmp_path, resume=True, **options)
     with pytest.raises(FileExistsError, match="--resume"):
         recover(pruned, None, DOCS, tokenizer, checkpoint_dir=tmp_path, max_examples=200, **options)

@@ -329,7 +329,20 @@ def _check_fingerprint(saved: dict, current: dict, checkpoint: Path) -> None:
         if options and None not in options:
             python = ", ".join(f"{k}={saved[k]!r}" for k in changed)
             fix = f"; to continue it, pass {' '.join(options)} (in Python: {python})"
+        else:  # no option brings it back: say which input moved, and what to do instead
+            moved = [_UNOPTIONED_INPUTS[k] for k in changed if k in _UNOPTIONED_INPUTS]
+            fix = f"; {', and '.join(moved) if moved else 'its inputs changed'}: give the run its own inputs, " \
+                  f"or start a new run in another --checkpoint-dir"
         raise ConfigError(f"cannot resume from {checkpoint}: the run differs ({details}){fix}")
+
+
+# Fingerprint keys that no `recover` option sets back, as a user would recognise them.
+_UNOPTIONED_INPUTS = {
+    "data": "the training rows differ (the data, --format, --max-examples, --seq-len, the tokenizer, "
+            "or the packing of another fidelprune version)",
+    "student_sha256": "the model is not the one the run started from",
+    "processes": "it started on another number of processes (launch it on as many)",
+}
 
 
 def _as_option(name: str, value) -> str | None:
