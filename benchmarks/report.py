@@ -247,8 +247,8 @@ def full_task_tables(data: dict, main: dict) -> list[str]:
 
     sizes = ", ".join(f"{title} {rows[0][0][f'n_{t}']:,}" for t, title in five)
     return [f"\n**Zero-shot on the full sets** ([`results/quality-full-tasks.md`](results/quality-full-tasks.md)): at each ratio "
-            "`--recipe best` and the sweep rows whose five-task mean was above it on the first 300 items (its contenders, "
-            f"those run so far), on every item of the five tasks without BoolQ ({sizes}), in points, with the sweep's prune "
+            "`--recipe best` and every sweep row whose five-task mean was above it on the first 300 items (its contenders, "
+            f"quality.py's `ZERO_SHOT_CONTENDERS`), on every item of the five tasks without BoolQ ({sizes}), in points, with the sweep's prune "
             "settings and calibration (the prose below says how closely they match its models). The mean's ± takes the tasks "
             "as independent; paired: the recipe minus the row on the same items, ± the paired standard error of the five-task mean.\n",
             table(["row", "results", *(title for _, title in five), "mean", "recipe minus row, paired"],
