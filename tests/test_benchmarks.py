@@ -225,7 +225,7 @@ def test_zero_shot_contenders_are_the_sweep_rows_above_the_recipe():
 
     for ratio, contenders in quality.ZERO_SHOT_CONTENDERS.items():
         rows = {r["key"]: r for r in sweep if r.get("ratio") == ratio and all(f"items_{t}" in r for t in quality.FIVE_TASKS)}
-        recipe = rows.pop(f"method=hfprune ratio={ratio} reconstruct=sequential allocation=search reconstruct_select=obs reconstruct_samples=256")
+        recipe = rows.pop(quality.row_key({"method": "hfprune", "ratio": ratio, **quality.RECIPE_BEST}))
         above = sorted((k for k, r in rows.items() if five_task_correct(r) > five_task_correct(recipe)), key=lambda k: -five_task_correct(rows[k]))
         assert contenders == above, ratio
 

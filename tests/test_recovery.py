@@ -336,7 +336,7 @@ def test_resume_refuses_a_different_run(tmp_path, tokenizer, pruned):
                                          r"\(in Python: lora_dropout=0.0, lr=0.0002\)$"):
         recover(pruned, None, DOCS, tokenizer, checkpoint_dir=tmp_path, resume=True, lr=1e-3, lora_dropout=0.05,
                 max_examples=200, **options)
-    # other examples are other data, which no option brings back: no advice
+    # other examples are other data, which no option brings back: it says so, and what to do instead
     with pytest.raises(ValueError, match=r"data: .*; max_examples: 200 -> None\); the training rows differ .*"
                                          r"start a new run in another --checkpoint-dir$"):
         recover(pruned, None, DOCS, tokenizer, checkpoint_dir=tmp_path, resume=True, **options)
