@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from fidelprune.checkpoint import load_scores, save_scores
+from fidelprune.outputs import load_scores, save_scores
 from fidelprune.utils import library_versions
 
 RESULTS = Path(__file__).parent / "results"
@@ -69,9 +69,9 @@ def load_model(name: str):
     the smoke tests that keep these scripts from rotting); or a LARGE name + '-random' (e.g. 'Llama-3.2-1B-random':
     that shape with random weights, seed 0, and SmolLM2's tokenizer, whose ids all fit its vocabulary: timing and
     memory depend on the shapes only)."""
-    import fidelprune
     import transformers
 
+    import fidelprune
     from fidelprune.models import ModelSource
 
     if name.endswith("-random") and name.removesuffix("-random") in LARGE:

@@ -30,11 +30,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import RESULTS, ResultsFile, load_model, markdown_table, paired_ratio, provenance  # noqa: E402
-
 import fidelprune  # noqa: E402
 from fidelprune.evaluation import model_size  # noqa: E402
 from fidelprune.evaluation.speed import cache_keyword, output_cache  # noqa: E402
+
+from common import RESULTS, ResultsFile, load_model, markdown_table, paired_ratio, provenance  # noqa: E402
 
 
 def layout(model) -> dict:

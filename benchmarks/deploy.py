@@ -37,11 +37,11 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import RESULTS, header, markdown_table, provenance  # noqa: E402
-
 import fidelprune  # noqa: E402
 from fidelprune.deploy import ExportConfig, export  # noqa: E402
 from fidelprune.deploy.check import check_windows  # noqa: E402
+
+from common import RESULTS, header, markdown_table, provenance  # noqa: E402
 
 PROBE = Path(__file__).with_name("engine_probe.py")
 PROMPT = "The capital of France is"

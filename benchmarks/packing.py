@@ -20,10 +20,10 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import RESULTS, ResultsFile, markdown_table, provenance  # noqa: E402
-
 from fidelprune.models import load_tokenizer  # noqa: E402
 from fidelprune.recovery.data import Example, TokenStats, load_records, pack, tokenize_alpaca, tokenize_text  # noqa: E402
+
+from common import RESULTS, ResultsFile, markdown_table, provenance  # noqa: E402
 
 
 def in_order_rows(examples: list[Example], seq_len: int) -> int:

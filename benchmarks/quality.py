@@ -21,11 +21,10 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import RESULTS, SCORE_CACHE, ResultsFile, ScoreCache, load_model, markdown_table, method_arguments, provenance  # noqa: E402
-
-import fidelprune  # noqa: E402
-from fidelprune.pruning import RECIPES  # noqa: E402
 from fidelprune.evaluation import perplexity, zeroshot  # noqa: E402
+from fidelprune.pruning import RECIPES  # noqa: E402
+
+from common import RESULTS, SCORE_CACHE, ResultsFile, ScoreCache, load_model, markdown_table, method_arguments, provenance  # noqa: E402
 
 TASKS = ["arc_easy", "arc_challenge", "piqa", "boolq", "winogrande", "openbookqa"]
 FIVE_TASKS = [t for t in TASKS if t != "boolq"]  # issue 25's zero-shot goal: the five-task mean without BoolQ

@@ -24,13 +24,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import SCORE_CACHE, ScoreCache  # noqa: E402
-
 import fidelprune  # noqa: E402
 from fidelprune.calibration import sample_windows
 from fidelprune.evaluation import perplexity
-from fidelprune.utils import library_versions
 from fidelprune.reconstruction import mlp_output_errors
+from fidelprune.utils import library_versions
+
+from common import SCORE_CACHE, ScoreCache  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 

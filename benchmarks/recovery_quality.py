@@ -26,10 +26,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import RESULTS, ResultsFile, machine, markdown_table, provenance  # noqa: E402
-
 import fidelprune  # noqa: E402
 from fidelprune.evaluation import perplexity  # noqa: E402
+
+from common import RESULTS, ResultsFile, machine, markdown_table, provenance  # noqa: E402
 
 
 def evaluate(model, tokenizer, args) -> float:

@@ -46,8 +46,9 @@ import torch
 from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import LARGE, RESULTS, ResultsFile, header, load_model, markdown_table, method_arguments, provenance  # noqa: E402
 from cost import EXACT_RSS_ENV, PeakRSS  # noqa: E402
+
+from common import LARGE, RESULTS, ResultsFile, header, load_model, markdown_table, method_arguments, provenance  # noqa: E402
 
 GiB = 2**30
 STREAMING_CELLS = [("hfprune", "none"), ("hfprune", "sequential"), ("sdmprune", "none"), ("llm-pruner", "none"),
@@ -216,8 +217,7 @@ def run_plans(args) -> None:
 
 
 def run_device_map(args) -> None:
-    from fidelprune.models import locate
-    from fidelprune.preflight import model_config, shape_model
+    from fidelprune.models import locate, model_config, shape_model
 
     first, second = args.device, args.split_to
     suffix = "-cuda" if "cuda" in first + second else ""

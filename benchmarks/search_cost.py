@@ -22,10 +22,11 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import RESULTS, header, load_model, markdown_table, provenance  # noqa: E402
 from quality import kept_digest  # noqa: E402
 
 import fidelprune  # noqa: E402
+
+from common import RESULTS, header, load_model, markdown_table, provenance  # noqa: E402
 
 
 def scoring_seconds(model, tokenizer, source, calibration: dict) -> tuple[float, dict]:

@@ -21,10 +21,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import RESULTS, ResultsFile, load_model, markdown_table, provenance  # noqa: E402
-
 import fidelprune  # noqa: E402
 from fidelprune.evaluation import measure_speed, model_size  # noqa: E402
+
+from common import RESULTS, ResultsFile, load_model, markdown_table, provenance  # noqa: E402
 
 
 def render(data: dict) -> str:

@@ -12,23 +12,25 @@ from ._version import __version__
 from .adapters import AdaptedModel, UnsupportedModelError, adapt, supported_families
 from .allocation import AllocationConfig, AllocationError, plan_width
 from .calibration import CalibrationConfig, CalibrationError, sample_windows
-from .checkpoint import OutputExistsError, load_scores, read_manifest
+from .deploy import ExportConfig, ExportError, export
 from .errors import ConfigError, FidelpruneError
 from .evaluation import EvalConfig, evaluate
-from .deploy import ExportConfig, ExportError, export
+from .layout import read_manifest
 from .methods import METHODS, MethodConfig, get_method, register_method
 from .models import ModelLoadError, load_model
-from .pruning import PruneConfig, PruneReport, prune, save
+from .outputs import OutputExistsError, load_scores
+from .pruning import PruneReport, PruneRun, prune, prune_location, save
 from .reconstruction import ReconstructionConfig
 from .recovery import RecoveryConfig, recover, save_recovered
 from .scoring import FORMS, ScoringError
+from .settings import PruneConfig
 
 __all__ = [
     "__version__",
     "AdaptedModel", "AllocationConfig", "AllocationError", "CalibrationConfig", "CalibrationError", "FORMS",
     "METHODS", "MethodConfig", "ModelLoadError", "OutputExistsError", "PruneConfig", "PruneReport",
     "ReconstructionConfig", "ScoringError", "UnsupportedModelError", "adapt", "get_method", "load_model",
-    "load_scores", "plan_width", "prune", "read_manifest", "register_method", "sample_windows", "save",
+    "load_scores", "plan_width", "prune", "prune_location", "PruneRun", "read_manifest", "register_method", "sample_windows", "save",
     "supported_families",
     "RecoveryConfig", "recover", "save_recovered",
     "EvalConfig", "evaluate",

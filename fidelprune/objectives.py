@@ -17,7 +17,6 @@ import torch.nn.functional as F
 
 from .errors import ConfigError
 
-
 # The softmaxes below run over a few rows of the logits at a time, each upcast to fp32 on its own: the
 # full-vocabulary fp32 intermediates of one chunk are about this many values (16 MiB), whatever the batch,
 # sequence length or vocabulary. Done at once, a loss keeps or makes several [B, T, V] fp32 tensors (an fp32

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .adapters import adapt
 from .errors import ConfigError
 
 DEVICE_MAP_KINDS = ("auto", "balanced", "sequential")
@@ -166,8 +167,6 @@ def offloaded(model: nn.Module) -> list[str]:
 def layer_devices(device_map: DeviceMap, model: nn.Module) -> list[str]:
     """The device of each decoder layer under `device_map` (a map that splits a layer is refused by accelerate's
     no-split rule for 'auto'; a hand-written one is read by the layer's first parameter)."""
-    from .adapters import adapt
-
     adapted = adapt(model)
     names = {id(p): n for n, p in model.named_parameters()}
     return [device_map[_owner(device_map, names[id(next(layer.parameters()))])] for layer in adapted.layers]

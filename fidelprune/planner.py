@@ -25,8 +25,9 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from .adapters import AdaptedModel
-from .errors import FidelpruneError
-from .placement import DeviceMap
+from .errors import ConfigError, FidelpruneError
+from .placement import DeviceMap, device_bytes, head_device, layer_devices, resolve_device_map
+from .settings import DEFAULT_RATIO, PruneConfig
 
 GiB = 1 << 30
 HEADROOM = 0.9  # plan to use at most this share of the free memory: allocators fragment, kernels need workspace
@@ -102,7 +103,7 @@ def _layer_params(shapes: AdaptedModel) -> list[int]:
     return [sum(p.numel() for p in layer.parameters()) for layer in shapes.layers]
 
 
-def plan_memory(shapes: AdaptedModel, config, dtype: torch.dtype, device: str, streamed: bool = False,
+def plan_memory(shapes: AdaptedModel, config: PruneConfig, dtype: torch.dtype, device: str, streamed: bool = False,
                 available_bytes: int | None = None, device_map: DeviceMap | None = None,
                 mapped: bool = False) -> MemoryPlan:
     """The plan for pruning the model `shapes` (on the meta device: preflight.shape_model) with `config` (a
@@ -113,7 +114,7 @@ def plan_memory(shapes: AdaptedModel, config, dtype: torch.dtype, device: str, s
     and, on the CPU, the working set is the embeddings, head and one layer, like a GPU's."""
     cfg = shapes.config
     b = torch.finfo(dtype).bits // 8
-    method = config.method.resolved(config.allocation.ratio or 0.2)
+    method = config.method.resolved(config.allocation.ratio or DEFAULT_RATIO)
     kind, form = method.spec.kind, method.form
     stages = method.spec.stage_objectives(method) if kind == "gradient" else []  # sdmprune: ce, then kd
     batch, seq = method.batch_size, config.calibration.seq_len
@@ -134,8 +135,6 @@ def plan_memory(shapes: AdaptedModel, config, dtype: torch.dtype, device: str, s
     # this device's decoder layers, and whether the logits (the head's output) are made here
     layers_here, head_here = layers, True
     if device_map:
-        from .placement import device_bytes, head_device, layer_devices
-
         layers_here = layer_devices(device_map, shapes.model).count(device)
         head_here = head_device(device_map, shapes.model) == device
         plan.parts["weights"] = device_bytes(device_map, shapes.model, b).get(device, 0)
@@ -233,7 +232,17 @@ def plan_memory(shapes: AdaptedModel, config, dtype: torch.dtype, device: str, s
     return plan
 
 
-def plan_device_map(shapes: AdaptedModel, config, dtype: torch.dtype, device_map: DeviceMap) -> list[MemoryPlan]:
+def plan_run(shapes: AdaptedModel, config: PruneConfig, dtype: torch.dtype, device: str, offload: str | None = None,
+             device_map: DeviceMap | None = None) -> list[MemoryPlan]:
+    """The plans of a run as configured, against the memory free now: one per device of a device map, else one
+    (streamed through `device` with `offload` "cpu" or "disk")."""
+    if device_map:
+        return plan_device_map(shapes, config, dtype, device_map)
+    return [plan_memory(shapes, config, dtype, device, streamed=offload is not None,
+                        available_bytes=available_memory(device), mapped=offload == "disk")]
+
+
+def plan_device_map(shapes: AdaptedModel, config: PruneConfig, dtype: torch.dtype, device_map: DeviceMap) -> list[MemoryPlan]:
     """One plan per device of `device_map`, each with that device's free memory now. The host-side refit cache is
     counted once, on the first device's plan."""
     devices = list(dict.fromkeys(device_map.values()))
@@ -244,7 +253,7 @@ def plan_device_map(shapes: AdaptedModel, config, dtype: torch.dtype, device_map
     return plans
 
 
-def check_device_map_fits(plans: list[MemoryPlan], shapes: AdaptedModel, config, dtype: torch.dtype,
+def check_device_map_fits(plans: list[MemoryPlan], shapes: AdaptedModel, config: PruneConfig, dtype: torch.dtype,
                           device_map: DeviceMap) -> None:
     """Stop with one line when a device of the map would overflow: a smaller batch when that is enough, else
     another split or --offload cpu."""
@@ -262,7 +271,7 @@ def check_device_map_fits(plans: list[MemoryPlan], shapes: AdaptedModel, config,
                           f"use --device-map balanced, or --offload cpu instead")
 
 
-def check_fits(plan: MemoryPlan, shapes: AdaptedModel, config, dtype: torch.dtype, mappable: bool = True) -> None:
+def check_fits(plan: MemoryPlan, shapes: AdaptedModel, config: PruneConfig, dtype: torch.dtype, mappable: bool = True) -> None:
     """Stop with one line naming the flags that make the run fit, when it does not: first a smaller batch (the
     scores do not depend on it), then streaming (--offload cpu: one more forward per batch; on the CPU also
     --offload disk, whose weights the page cache holds), then both. A run streamed onto a GPU whose weights would
@@ -292,7 +301,7 @@ def check_fits(plan: MemoryPlan, shapes: AdaptedModel, config, dtype: torch.dtyp
                           f"with more memory")
 
 
-def _check_host_memory(plan: MemoryPlan, shapes: AdaptedModel, config, dtype: torch.dtype, mappable: bool) -> None:
+def _check_host_memory(plan: MemoryPlan, shapes: AdaptedModel, config: PruneConfig, dtype: torch.dtype, mappable: bool) -> None:
     """Streamed onto a GPU (--offload cpu), the host holds the weights: stop naming --offload disk when they would
     not fit the host's free memory and the memory-mapped plan's host share would."""
     host = available_memory("cpu")
@@ -304,11 +313,8 @@ def _check_host_memory(plan: MemoryPlan, shapes: AdaptedModel, config, dtype: to
     raise MemoryPlanError(f"this run keeps about {gib(plan.host_bytes)} in host memory but {gib(host)} is free: {fix}")
 
 
-def _suggest_device_map(where: str, shapes: AdaptedModel, config, dtype: torch.dtype) -> None:
+def _suggest_device_map(where: str, shapes: AdaptedModel, config: PruneConfig, dtype: torch.dtype) -> None:
     """Several GPUs: stop naming --device-map balanced when the visible GPUs hold the run between them."""
-    from .errors import ConfigError
-    from .placement import resolve_device_map
-
     try:
         device_map = resolve_device_map("balanced", shapes.model, dtype)
     except ConfigError:
@@ -318,7 +324,7 @@ def _suggest_device_map(where: str, shapes: AdaptedModel, config, dtype: torch.d
                               f"{torch.cuda.device_count()} visible GPUs; the same scores)")
 
 
-def _with_batch(config, batch_size: int):
+def _with_batch(config: PruneConfig, batch_size: int) -> PruneConfig:
     from dataclasses import replace
 
     return replace(config, method=replace(config.method, batch_size=batch_size))

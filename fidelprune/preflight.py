@@ -7,64 +7,28 @@ same code the real run uses, in seconds, whatever the model's size.
 
 from __future__ import annotations
 
-import json
-import struct
 from pathlib import Path
 
-import torch
-from torch import nn
-
-from .adapters import AdaptedModel, adapt, adapter_for
+from .adapters import AdaptedModel
 from .calibration import CalibrationError, check_source, sample_windows
-from .checkpoint import check_scores_fit, score_shapes
 from .errors import ConfigError
+from .models import ModelLocation, model_config, shape_model
+from .outputs import check_scores_fit, score_shapes
 from .reconstruction import reconstruction_windows
-from .models import ModelLoadError, ModelLocation, local_config
-from .surgery import LAYER_WIDTHS_KEY
+from .settings import PruneConfig, check_width_plan
 
 
-def model_config(where: ModelLocation, trust_remote_code: bool = False):
-    """The model's transformers config, from config.json or the GGUF header; no weights are read."""
-    from transformers import AutoConfig
-
-    if not where.gguf_file and where.directory.is_dir() and (config := local_config(where.directory)) is not None:
-        return config
-    kwargs = {"gguf_file": where.gguf_file} if where.gguf_file else {}
-    try:
-        return AutoConfig.from_pretrained(where.location, trust_remote_code=trust_remote_code, **kwargs)
-    except (OSError, ValueError, json.JSONDecodeError, struct.error, IndexError, KeyError) as err:  # a damaged GGUF: struct
-        raise ModelLoadError(f"cannot read the config of {where.name}: {err}") from err
-
-
-def shape_model(config) -> AdaptedModel:
-    """The model of `config` on the meta device, with a fidelprune checkpoint's per-layer widths applied."""
-    from transformers import AutoModelForCausalLM
-
-    adapter_for(getattr(config, "model_type", None))  # unsupported families stop here
-    with torch.device("meta"):
-        model: nn.Module = AutoModelForCausalLM.from_config(config)
-    adapted = adapt(model)
-    widths = getattr(config, LAYER_WIDTHS_KEY, None)
-    if widths:
-        for view in adapted.mlps():
-            if widths[view.index] < view.width:
-                adapted.slice_mlp(view, torch.arange(widths[view.index], device="meta"))
-    return adapted
-
-
-def check_prune(where: ModelLocation, config, scores: str | Path | None = None, trust_remote_code: bool = False) -> AdaptedModel:
+def check_prune(where: ModelLocation, config: PruneConfig, scores: str | Path | None = None, trust_remote_code: bool = False) -> AdaptedModel:
     """Everything `prune` will require of this model and config, decided before loading it: the family, the
     width plan (ratio or keep, round-to, protected layers, FLAP's bias), the window length against the model's
     positions, and a scores file's layers and widths. Returns the model's shapes (on the meta device) for the
     memory planner."""
-    from .pruning import plan_for
-
     check_source(config.calibration.source)
     if config.reconstruction.calibration is not None:
         check_source(config.reconstruction.calibration)
     model_cfg = model_config(where, trust_remote_code)
     shapes = shape_model(model_cfg)
-    plan_for(shapes, config, scores_given=scores is not None)
+    check_width_plan(shapes, config, scores_given=scores is not None)
     alloc = config.allocation
     if alloc.kind == "search" and alloc.search_samples > config.calibration.samples:
         raise ConfigError(f"--search-samples {alloc.search_samples} is more than the {config.calibration.samples} "
@@ -78,7 +42,7 @@ def check_prune(where: ModelLocation, config, scores: str | Path | None = None, 
     return shapes
 
 
-def check_calibration(tokenizer, config, scores_given: bool = False) -> None:
+def check_calibration(tokenizer, config: PruneConfig, scores_given: bool = False) -> None:
     """Draw the windows once with the model's tokenizer, so that a source with too little text for
     samples x seq_len (or a file that cannot be read) fails before the weights load. The run draws them again
     from the same seed: the same windows, for a few seconds of tokenization."""

@@ -10,7 +10,9 @@ Everything that can be checked from the config and the model's shapes is checked
 from __future__ import annotations
 
 import hashlib
+import logging
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -19,33 +21,40 @@ from torch import nn
 
 from . import distributed
 from ._version import __version__
-from .adapters import AdaptedModel, UnsupportedModelError, adapt
-from .allocation import AllocationConfig, AllocationError, WidthPlan, count_parameters, params_after_widths, plan_width, select_neurons
-from .calibration import (DEFAULT_CALIBRATION, DEFAULT_SAMPLES, DEFAULT_SAMPLING, DEFAULT_SEQ_LEN, CalibrationConfig,
-                          record_dict, sample_windows)
-from .checkpoint import check_scores_fit, load_scores, save_pruned
+from .adapters import AdaptedModel, adapt
+from .allocation import AllocationConfig, WidthPlan, count_parameters, params_after_widths, select_neurons
+from .calibration import record_dict, sample_windows
 from .errors import ConfigError
 from .methods import MethodConfig, MethodResult, run_method
-from .models import ModelSource, parameters_sha256, source_paths
-from .placement import describe, device_map_of
-from .reconstruction import DEFAULT_LAMBDA as RECONSTRUCT_LAMBDA
-from .reconstruction import ReconstructionConfig, ReconstructionResult, reconstruction_windows
+from .models import (
+    DEFAULT_MODEL,
+    ModelSource,
+    load_model,
+    load_tokenizer,
+    locate,
+    mapped_share,
+    parameters_sha256,
+    resolve_device,
+    resolve_dtype,
+    source_paths,
+    stored_dtype,
+)
+from .outputs import check_output_dir, check_scores_fit, load_scores, save_pruned
+from .placement import describe, device_map_of, offloaded, resolve_device_map
+from .planner import MemoryPlan, check_device_map_fits, check_fits, plan_run
+from .preflight import check_calibration, check_prune
+from .reconstruction import ReconstructionResult, reconstruction_windows
 from .reconstruction import reconstruct as reconstruct_mlps
 from .scoring import Scores, ScoringError
 from .search import search_space, search_widths
+from .settings import RECIPES, PruneConfig, check_width_plan
 from .surgery import remove_neurons
-from .utils import check_finite_weights, library_versions
+from .utils import check_finite_weights, library_versions, moved_names
 
-DEFAULT_RATIO = 0.2
-# Named combinations of settings, chosen by the benchmarks (docs/methods.md, "Recipes"). A recipe fills in the
-# settings it names; giving one of them as well, with another value, is an error. best's final refit fits on 256
-# windows of their own (drawn with seed + 1), not the 64 scoring windows: lower perplexity at every ratio measured.
-RECIPES = {
-    "best": {"method": "hfprune", "allocation": "search", "reconstruct": "sequential", "reconstruct_select": "obs",
-             "reconstruct_samples": 256},
-}
-__all__ = ["DEFAULT_CALIBRATION", "DEFAULT_RATIO", "DEFAULT_SAMPLES", "DEFAULT_SEQ_LEN", "RECIPES", "PruneConfig",
-           "PruneReport", "library_versions", "prune", "save"]
+__all__ = ["PruneConfig", "PruneReport", "PruneRun", "RECIPES", "prune", "prune_location", "save"]
+log = logging.getLogger(__name__)
+__getattr__ = moved_names(__name__, {"DEFAULT_RATIO": "fidelprune.settings", "DEFAULT_CALIBRATION": "fidelprune.calibration",
+                                     "DEFAULT_SAMPLES": "fidelprune.calibration", "DEFAULT_SEQ_LEN": "fidelprune.calibration"})
 
 
 def _width_range(widths: list[int]) -> str:
@@ -79,103 +88,6 @@ class PruneReport:
             "scoring s": round(m["timings_s"]["scoring"], 1),
             **extra,
         }
-
-
-def _with_recipe(recipe: str | None, **given: str | int | None) -> tuple:
-    """The settings in `given` with the recipe's filled in where none was given, else the plain defaults."""
-    if recipe is not None and recipe not in RECIPES:
-        raise ConfigError(f"unknown recipe {recipe!r}: choose one of {', '.join(RECIPES)}")
-    named = RECIPES.get(recipe, {})
-    for name, value in given.items():
-        if value is not None and name in named and value != named[name]:
-            flag = name.replace("_", "-")
-            raise ConfigError(f"--recipe {recipe} sets --{flag} {named[name]}; drop --{flag} {value} or the recipe")
-    defaults = {"method": "hfprune", "allocation": "uniform", "reconstruct": "none", "reconstruct_select": "scores",
-                "reconstruct_samples": None}
-    return tuple(value if value is not None else named.get(name, defaults[name]) for name, value in given.items())
-
-
-@dataclass
-class PruneConfig:
-    """Every setting of a pruning run, in the four sections of the pipeline; recorded in pruning.json as
-    `settings` (with the method's defaults filled in), from which `PruneConfig.from_dict` rebuilds it."""
-
-    method: MethodConfig = field(default_factory=MethodConfig)
-    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
-    allocation: AllocationConfig = field(default_factory=lambda: AllocationConfig(ratio=DEFAULT_RATIO))
-    reconstruction: ReconstructionConfig = field(default_factory=ReconstructionConfig)
-
-    @classmethod
-    def from_options(
-        cls,
-        method: str | None = None,
-        ratio: float | None = None,
-        *,
-        recipe: str | None = None,
-        keep: int | None = None,
-        round_to: int = 8,
-        calibration: str | Path = DEFAULT_CALIBRATION,
-        samples: int = DEFAULT_SAMPLES,
-        seq_len: int = DEFAULT_SEQ_LEN,
-        seed: int = 0,
-        sampling: str = DEFAULT_SAMPLING,
-        batch_size: int = 4,
-        objective: str | None = None,
-        form: str | None = None,
-        alpha: float | None = None,
-        temperature: float | None = None,
-        aggregation: str = "mean",
-        steps: int = 1,
-        allocation: str | None = None,
-        protect_first: int = 0,
-        protect_last: int = 0,
-        min_keep: int | None = None,
-        search_samples: int = 4,
-        search_generations: int = 12,
-        search_offspring: int = 8,
-        search_step: int | None = None,
-        search_seed: int = 0,
-        reconstruct: str | None = None,
-        reconstruct_lambda: float = RECONSTRUCT_LAMBDA,
-        reconstruct_target: str = "layer",
-        reconstruct_calibration: str | Path | None = None,
-        reconstruct_samples: int | None = None,
-        reconstruct_seed: int | None = None,
-        reconstruct_select: str | None = None,
-    ) -> PruneConfig:
-        """The flat form, one keyword per CLI flag: `ratio` (default 0.2) or `keep`; `seed` draws the windows
-        and seeds the random method; `recipe` (a RECIPES name) fills in method, allocation, reconstruct,
-        reconstruct_select and reconstruct_samples, which otherwise default to hfprune, uniform, none, scores and
-        None (the refit fits on the calibration windows)."""
-        if ratio is None and keep is None:
-            ratio = DEFAULT_RATIO
-        method, allocation, reconstruct, reconstruct_select, reconstruct_samples = _with_recipe(
-            recipe, method=method, allocation=allocation, reconstruct=reconstruct, reconstruct_select=reconstruct_select,
-            reconstruct_samples=reconstruct_samples)
-        return cls(
-            MethodConfig(method, objective, form, alpha, temperature, batch_size=batch_size, seed=seed, aggregation=aggregation,
-                         steps=steps),
-            CalibrationConfig(str(calibration), samples, seq_len, seed, sampling),
-            AllocationConfig(allocation, round_to, protect_first, protect_last, min_keep, ratio=ratio, keep=keep,
-                             search_samples=search_samples, search_generations=search_generations,
-                             search_offspring=search_offspring, search_step=search_step, search_seed=search_seed),
-            ReconstructionConfig(reconstruct, reconstruct_lambda, reconstruct_target,
-                                 None if reconstruct_calibration is None else str(reconstruct_calibration),
-                                 reconstruct_samples, reconstruct_seed, reconstruct_select),
-        )
-
-    def draws_windows(self, scores_given: bool = False) -> bool:
-        """Whether a run draws the calibration windows: to score, to search the widths on, or to refit on."""
-        return ((not scores_given and self.method.spec.kind != "data-free") or self.allocation.kind == "search"
-                or self.reconstruction.mode != "none")
-
-    @classmethod
-    def from_dict(cls, settings: dict) -> PruneConfig:
-        return cls(MethodConfig(**settings["method"]), CalibrationConfig.from_dict(settings["calibration"]),
-                   AllocationConfig(**settings["allocation"]), ReconstructionConfig(**settings["reconstruction"]))
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def prune(
@@ -235,8 +147,6 @@ def prune(
 def check_placement(model: nn.Module, streamed: bool) -> None:
     """A model spread over devices (placement.py, or transformers' device_map) is scored where it is; weights that
     accelerate offloads (meta tensors between calls) cannot be read by the score forms, surgery or the refit."""
-    from .placement import device_map_of, offloaded
-
     missing = offloaded(model)
     if missing:
         raise ConfigError(f"{len(missing)} weights (e.g. {missing[0]}) are offloaded by accelerate and not in memory; load "
@@ -245,28 +155,6 @@ def check_placement(model: nn.Module, streamed: bool) -> None:
     if streamed and device_map_of(model) and len(set(device_map_of(model).values())) > 1:
         raise ConfigError("stream_on (--offload) runs a model that is on one device; this one is spread over devices by a "
                           "device map: use one or the other")
-
-
-def plan_for(adapted: AdaptedModel, config: PruneConfig, scores_given: bool = False) -> WidthPlan:
-    """The width plan, and every check that needs only the config and the model's shapes."""
-    alloc = config.allocation
-    adds_bias = config.method.spec.adds_down_bias and not scores_given
-    if adds_bias and not adapted.can_add_down_bias():
-        raise UnsupportedModelError(
-            f"{config.method.method} folds its compensation into a down_proj bias, but {adapted.config.model_type} "
-            f"models have no MLP bias option in transformers; use wanda-sp or another method"
-        )
-    protected = alloc.protected(adapted.num_layers)
-    plan = plan_width(adapted, ratio=alloc.ratio, keep=alloc.keep, round_to=alloc.round_to, protected=protected,
-                      adds_mlp_bias=adds_bias)
-    if alloc.kind == "search" and adds_bias:
-        raise AllocationError(f"--allocation search refits down_proj without {config.method.method}'s bias compensation, "
-                              f"so it would search the wrong model; use --allocation global with {config.method.method}")
-    min_keep = alloc.min_keep or alloc.round_to
-    if alloc.kind in ("global", "search") and min_keep > plan.width_after:
-        raise AllocationError(f"--min-keep {min_keep} is more than the {plan.width_after} neurons a layer keeps on average "
-                              f"at this ratio, so nothing could be pruned; choose --min-keep {plan.width_after} or less")
-    return plan
 
 
 def check_token_ids(name: str, ids, vocab: int) -> None:
@@ -325,7 +213,7 @@ def _run(
     model, recon = adapted.model, config.reconstruction
     if recon.mode == "none" and reconstruction_ids is not None:
         raise ConfigError("separate reconstruction windows were given but reconstruct is 'none': choose parallel or sequential")
-    plan = plan_for(adapted, config, scores is not None)
+    plan = check_width_plan(adapted, config, scores is not None)
     method = config.method.resolved(plan.achieved_ratio)
     timings: dict[str, float] = {}
     source = source or ModelSource(getattr(model.config, "_name_or_path", "") or "in-memory", None, None, parameters_sha256(model))
@@ -421,7 +309,7 @@ def _search_widths(adapted: AdaptedModel, scores: Scores, plan: WidthPlan, confi
     The in-loop refit fits on the calibration windows, not on separate reconstruction windows: the search then
     works on one set of windows and costs the same whatever `--reconstruct-samples` is, and only the final refit
     uses the reconstruction windows. On SmolLM2 with 256 reconstruction windows this measured no worse than
-    searching on them (benchmarks/README.md, "More refit windows, and the calibration draw")."""
+    searching on them (benchmarks/RESULTS.md, "More refit windows, and the calibration draw")."""
     alloc, recon = config.allocation, config.reconstruction
     protected = set(plan.protected_layers)
     layers = [i for i in sorted(scores) if i not in protected]
@@ -486,3 +374,135 @@ def save(model: nn.Module, tokenizer, report: PruneReport, output: str | Path, o
                        inputs=inputs)
     report.manifest["timings_s"]["save"] = time.perf_counter() - start  # in memory only: the file is already written
     return path
+
+
+@dataclass
+class PruneRun:
+    """What `prune_location` did: the output written (None on a dry run), its report, and the memory plan printed
+    before the load (one per device of a device map)."""
+
+    output: Path | None
+    report: PruneReport | None
+    memory_plans: list[MemoryPlan]
+
+
+def default_output(source: str | Path | None, config: PruneConfig) -> Path:
+    """pruned-MODEL-METHOD-AMOUNT in the working directory."""
+    name = Path(str(source or DEFAULT_MODEL)).name.removesuffix(".gguf")
+    alloc = config.allocation
+    amount = f"keep{alloc.keep}" if alloc.keep else f"{alloc.ratio:g}"
+    return Path(f"pruned-{name}-{config.method.method}-{amount}")
+
+
+def prune_location(
+    source: str | Path | None = None,
+    config: PruneConfig | None = None,
+    output: str | Path | None = None,
+    *,
+    scores: str | Path | None = None,
+    overwrite: bool = False,
+    dtype: str | None = None,
+    device: str | None = None,
+    offload: str | None = None,
+    device_map: str | Path | dict | None = None,
+    trust_remote_code: bool = False,
+    dry_run: bool = False,
+    progress: bool = True,
+    say: Callable[[str], None] | None = None,
+    show: Callable[[str, dict], None] | None = None,
+) -> PruneRun:
+    """`fidelprune prune` as a function: prune the model at `source` (a HF directory, a .gguf file, a hub id, or
+    None for the packaged default) with `config` (default PruneConfig()) and save it to `output` (default
+    pruned-MODEL-METHOD-AMOUNT), with everything the CLI does around `prune`: every check that needs no weights
+    (settings, files, the output, the device, the model's shapes), the memory plan (`show(title, rows)` gets its
+    table; a run that will not fit stops with one line naming the flags that fit), then load, prune, save.
+
+    `offload` ("cpu" or "disk") streams one decoder layer at a time through `device`; `device_map` spreads the
+    modules over devices (placement.py); under torchrun each process scores a share of the windows and rank 0
+    writes. `dry_run` stops after the memory plan. `say` gets the lines meant for people (default: logging)."""
+    say = say or log.info
+    show = show or (lambda title, rows: log.info("%s: %s", title, rows))
+    config = config or PruneConfig()
+    distributed.init_from_environment()  # under torchrun: each process scores a share
+    _check_execution(device_map, offload, device)
+    where = locate(source)
+    output = Path(output) if output is not None else default_output(source, config)
+    inputs = [*where.input_paths(), *([scores] if scores else []),
+              *(Path(p) for p in (config.calibration.source, config.reconstruction.calibration) if p and Path(p).exists())]
+    if not dry_run:
+        check_output_dir(output, overwrite, inputs)  # rank 0 also clears what killed runs left beside the output
+    distributed.barrier()
+    device = distributed.local_device(resolve_device(device))
+    torch_dtype = resolve_dtype(dtype, device)
+    if offload == "disk":
+        torch_dtype = _disk_dtype(where, dtype, torch_dtype)
+    shapes = check_prune(where, config, scores, trust_remote_code)
+    placement = resolve_device_map(device_map, shapes.model, torch_dtype) if device_map else None
+    plans = _memory_plans(shapes, config, torch_dtype, device, offload, placement, dry_run, where.gguf_file is None, say, show)
+    if dry_run:
+        return PruneRun(None, None, plans)
+    start = time.perf_counter()
+    tokenizer = load_tokenizer(where, trust_remote_code)
+    check_calibration(tokenizer, config, scores_given=scores is not None)
+    say(f"loading {source or 'packaged SmolLM2-135M-Instruct'}")
+    model, tokenizer, model_source = load_model(source, dtype=torch_dtype, device="cpu" if offload else device,
+                                                trust_remote_code=trust_remote_code, tokenizer=tokenizer,
+                                                device_map=placement)
+    load_s = time.perf_counter() - start
+    mapped = mapped_share(model) if offload == "disk" else None
+    if mapped is not None and mapped < 0.9:
+        say(f"[yellow]warning:[/] only {mapped:.0%} of the weights are memory-mapped from their files "
+            f"(this transformers copied the rest into memory): --offload disk saves little over --offload cpu")
+    pruned, report = prune(model, tokenizer, config, scores=scores, inplace=True, source=model_source,
+                           progress=progress and distributed.is_main(), stream_on=device if offload else None)
+    report.manifest["timings_s"]["load"] = load_s
+    if mapped is not None:
+        report.manifest["execution"].update(offload="disk", weights_on="memory-mapped from the safetensors files",
+                                            weights_mapped_share=mapped)
+    report.manifest["memory_plan"] = plans[0].to_dict() if len(plans) == 1 else [plan.to_dict() for plan in plans]
+    path = save(pruned, tokenizer, report, output, overwrite=overwrite) if distributed.is_main() else output
+    distributed.barrier()  # every process holds the same pruned model; one writes it
+    return PruneRun(path, report, plans)
+
+
+def _check_execution(device_map, offload: str | None, device: str | None) -> None:
+    """Settings that decide where the run computes and exclude each other, before anything is read."""
+    if offload not in (None, "cpu", "disk"):
+        raise ConfigError(f"offload {offload!r}: choose cpu or disk")
+    if device_map and offload:
+        raise ConfigError("--device-map spreads the layers over devices and --offload streams them through one; "
+                          "choose one")
+    if device_map and distributed.world_size() > 1:
+        raise ConfigError("--device-map under torchrun is not supported yet: each process would place the whole "
+                          "model on every GPU; use torchrun with one GPU per process, or one process with --device-map")
+    if device_map and device not in (None, "auto"):
+        raise ConfigError("--device-map places every module itself; drop --device (or drop --device-map)")
+
+
+def _disk_dtype(where, asked: str | None, resolved: torch.dtype) -> torch.dtype:
+    """--offload disk computes in the dtype the weights are stored in, so that they stay mapped from the files
+    (a conversion would copy them all into memory): that dtype by default, and an error for another one."""
+    stored = stored_dtype(where)
+    if asked not in (None, "auto") and resolved != stored:
+        name = str(stored).replace("torch.", "")
+        raise ConfigError(f"--offload disk keeps the weights as stored ({name}) so that they stay memory-mapped; "
+                          f"pass --dtype {name}, or use --offload cpu to convert them in host memory")
+    return stored
+
+
+def _memory_plans(shapes: AdaptedModel, config: PruneConfig, dtype: torch.dtype, device: str, offload: str | None,
+                  device_map, dry_run: bool, mappable: bool, say, show) -> list[MemoryPlan]:
+    """The planner's estimate for this run, shown on rank 0 (one table per device of a device map); stops with one
+    line when it will not fit."""
+    plans = plan_run(shapes, config, dtype, device, offload, device_map)
+    title = "memory plan (fidelprune prune --dry-run)" if dry_run else "memory plan"
+    if distributed.is_main():
+        if device_map:
+            say(f"device map: {describe(device_map, shapes.model)}")
+        for plan in plans:
+            show(title + (f": {plan.device}" if device_map else ""), dict(plan.rows()))
+    if device_map:
+        check_device_map_fits(plans, shapes, config, dtype, device_map)
+    else:
+        check_fits(plans[0], shapes, config, dtype, mappable)
+    return plans

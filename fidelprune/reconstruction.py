@@ -475,7 +475,7 @@ def reconstruct(
                         todo[index] = result.kept[index] = chosen.to(todo[index].device)
                 fit, shift = _refit(view, gram, todo[index], lam, fit_bias)
                 result.layers.append(fit)
-                del gram
+                gram = None  # one layer's Gram at a time
                 if shift is not None:
                     result.bias_shift[index] = shift
                 if mode == "sequential" and index < last:

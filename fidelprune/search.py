@@ -262,13 +262,13 @@ class _Fitness:
         self.evaluations += 1
         return sum_number(total) / self.tokens, states
 
-    def screen(self, widths: dict[int, int], parent: list[list[torch.Tensor]], start: int) -> "_Screened":
+    def screen(self, widths: dict[int, int], parent: list[list[torch.Tensor]], start: int) -> _Screened:
         """F(widths) on the screening windows alone, kept so `complete` can finish it on the others."""
         total, states = self.kl_sum(widths, parent, start, range(self.screen_batches))
         self.screenings += 1
         return _Screened(sum_number(total) / self.screen_tokens, total, states, start)
 
-    def complete(self, widths: dict[int, int], screened: "_Screened", parent: list[list[torch.Tensor]]) -> tuple[float, list[list[torch.Tensor]]]:
+    def complete(self, widths: dict[int, int], screened: _Screened, parent: list[list[torch.Tensor]]) -> tuple[float, list[list[torch.Tensor]]]:
         """(F(widths), its layer inputs) on every search window, from a screening and the parent's other batches."""
         rest, states = self.kl_sum(widths, parent, screened.start, range(self.screen_batches, len(self.batches)))
         self.evaluations += 1

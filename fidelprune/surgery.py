@@ -6,10 +6,7 @@ import torch
 from torch import nn
 
 from .adapters import AdaptedModel, adapt
-
-# config key holding per-layer MLP widths when they differ (transformers has no per-layer intermediate_size for
-# these families; fidelprune.load_model / load_pruned read it back)
-LAYER_WIDTHS_KEY = "fidelprune_layer_widths"
+from .layout import LAYER_WIDTHS_KEY
 
 
 def remove_neurons(

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import hashlib
+import importlib
+import importlib.metadata
 import platform
-from collections.abc import Iterator
+import warnings
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from importlib import resources
 from pathlib import Path
@@ -13,6 +16,7 @@ import torch
 from torch import nn
 
 from ._version import __version__
+from .errors import FidelpruneError
 
 
 @contextmanager
@@ -52,8 +56,6 @@ def registered(handles: list) -> Iterator[None]:
 
 def check_finite_weights(model: nn.Module, what: str = "the model") -> None:
     """NaN or inf in the weights makes every score, loss and perplexity meaningless: stop with a clear error."""
-    from .errors import FidelpruneError
-
     for name, p in model.named_parameters():
         if not torch.isfinite(p).all():
             raise FidelpruneError(f"{what} has NaN or inf weights ({name}): it is damaged; load the checkpoint again or "
@@ -78,9 +80,24 @@ def file_sha256(path: str | Path, chunk: int = 1 << 24) -> str:
     return digest.hexdigest()
 
 
-def library_versions() -> dict[str, str]:
-    """The versions a result depends on, recorded in every manifest and results file."""
+def moved_names(module: str, moves: dict[str, str]) -> Callable[[str], object]:
+    """A module `__getattr__` that still finds the names `moves` took to other modules ({name: new module}), with a
+    DeprecationWarning saying where to import them from (fidelprune 0.2 moved them; a later version drops them)."""
+
+    def __getattr__(name: str) -> object:
+        if name not in moves:
+            raise AttributeError(f"module {module!r} has no attribute {name!r}")
+        warnings.warn(f"{module}.{name} moved to {moves[name]}.{name}; import it from there", DeprecationWarning, stacklevel=2)
+        return getattr(importlib.import_module(moves[name]), name)
+
+    return __getattr__
+
+
+def library_versions(*packages: str) -> dict[str, str]:
+    """The versions a result depends on, recorded in every manifest and results file; `packages` adds those of
+    other installed packages (recovery: peft, accelerate)."""
     import transformers
 
     return {"fidelprune": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
-            "python": platform.python_version(), "platform": platform.platform()}
+            "python": platform.python_version(), "platform": platform.platform(),
+            **{name: importlib.metadata.version(name) for name in packages}}

@@ -2,10 +2,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import tiny_model, tiny_windows
 from fidelprune import UnsupportedModelError, prune, save
 from fidelprune.adapters import get_adapter, mlp_views
 from fidelprune.scoring import MLPHooks
+
+from conftest import tiny_model, tiny_windows
 
 
 def test_prune_save_reload_gives_same_logits(family, tmp_path):

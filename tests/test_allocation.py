@@ -1,8 +1,9 @@
 import pytest
 import torch
 
-from conftest import tiny_model
 from fidelprune.allocation import AllocationError, count_parameters, params_after_widths, plan_width, select_uniform, top_k
+
+from conftest import tiny_model
 
 
 @pytest.mark.parametrize("family,ratio,round_to", [

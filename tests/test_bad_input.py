@@ -13,11 +13,12 @@ import torch
 import transformers
 from safetensors.torch import save_file
 
-from conftest import tiny_model, tiny_windows, tree_digest
 from fidelprune import prune
-from fidelprune.checkpoint import remove_stale_siblings, temporary_sibling
 from fidelprune.cli import main
 from fidelprune.errors import FidelpruneError
+from fidelprune.outputs import remove_stale_siblings, temporary_sibling
+
+from conftest import tiny_model, tiny_windows, tree_digest
 
 BEFORE_LOAD = True  # the case must fail before any weight loads (False: it can only fail once they are in memory)
 

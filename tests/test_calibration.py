@@ -3,9 +3,9 @@ import json
 import pytest
 import torch
 
-import reference
 from fidelprune.calibration import CalibrationError, read_documents, sample_windows
 
+import reference
 
 BOS = 96
 

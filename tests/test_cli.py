@@ -3,7 +3,6 @@
 import json
 
 import pytest
-
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from fidelprune.cli import main
@@ -70,3 +69,33 @@ def test_the_best_recipe_prunes_with_searched_widths_and_the_refit(tiny_dir, tmp
     assert settings["method"]["method"] == "hfprune" and settings["allocation"]["kind"] == "search"
     assert settings["reconstruction"]["mode"] == "sequential" and settings["reconstruction"]["select"] == "obs"
     assert settings["reconstruction"]["samples"] == 256  # its final refit on windows of its own
+
+
+def test_prune_location_is_the_cli_run_in_python(tiny_dir, tmp_path):
+    """A Python user gets what `fidelprune prune` writes: the same model, the memory plan and the load time in
+    pruning.json; a dry run plans and writes nothing; bad settings stop before the load as in the CLI."""
+    import warnings
+
+    import fidelprune
+    from fidelprune.errors import ConfigError
+
+    flags = ["--keep", "40", "--samples", "4", "--seq-len", "32", "--round-to", "4", "--reconstruct", "parallel"]
+    assert main(["prune", str(tiny_dir), *flags, "--output", str(tmp_path / "cli")]) == 0
+    config = fidelprune.PruneConfig.from_options(keep=40, samples=4, seq_len=32, round_to=4, reconstruct="parallel")
+    run = fidelprune.prune_location(tiny_dir, config, tmp_path / "api", progress=False)
+    assert run.output == tmp_path / "api" and len(run.memory_plans) == 1
+    cli, api = (json.loads((tmp_path / name / "pruning.json").read_text()) for name in ("cli", "api"))
+    assert api["kept_neurons"] == cli["kept_neurons"] and api["settings"] == cli["settings"]
+    assert (tmp_path / "api" / "model.safetensors").read_bytes() == (tmp_path / "cli" / "model.safetensors").read_bytes()
+    assert api["memory_plan"]["peak_bytes"] == run.memory_plans[0].peak_bytes and api["timings_s"]["load"] > 0
+    dry = fidelprune.prune_location(tiny_dir, config, tmp_path / "dry", dry_run=True)
+    assert dry.output is None and dry.report is None and dry.memory_plans and not (tmp_path / "dry").exists()
+    with pytest.raises(ConfigError, match="choose one"):
+        fidelprune.prune_location(tiny_dir, config, tmp_path / "bad", offload="cpu", device_map="auto")
+    # names that moved in 0.2 are still found where they were, with a warning that says where they went
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        from fidelprune import checkpoint, pruning
+
+        assert checkpoint.read_manifest(tmp_path / "api") == api and pruning.DEFAULT_RATIO == 0.2
+    assert any("fidelprune.layout.read_manifest" in str(w.message) for w in caught)

@@ -12,11 +12,13 @@ import pytest
 import torch
 import transformers
 
-from conftest import FAMILIES, VOCAB, template_fields, tiny_model
 from fidelprune.adapters import adapt
 from fidelprune.cli import main
 from fidelprune.deploy.check import TRANSFORMERS_GGUF_ARCHS
 from fidelprune.deploy.gguf import GGUF_ARCH, ExportError, Template, read_gguf_state, target_arch, write_gguf
+from fidelprune.layout import LayerShape, ModelShape
+
+from conftest import FAMILIES, VOCAB, template_fields, tiny_model
 
 
 def _template(model, path):
@@ -75,14 +77,18 @@ def test_per_layer_widths_become_llama_cpps_deci_architecture(tmp_path):
     assert torch.equal(_logits(_read_back(path, model), ids), _logits(model, ids))
 
 
+def _shape(widths: list[int]) -> ModelShape:
+    return ModelShape(32, tuple(LayerShape(w, 4, 2) for w in widths))
+
+
 def test_families_without_a_per_layer_architecture_are_refused():
-    assert target_arch("llama", [8, 16]) == "deci" and target_arch("mistral", [8, 16]) == "deci"
-    assert target_arch("qwen2", [16, 16]) == "qwen2"
+    assert target_arch("llama", _shape([8, 16])) == "deci" and target_arch("mistral", _shape([8, 16])) == "deci"
+    assert target_arch("qwen2", _shape([16, 16])) == "qwen2"
     for model_type in ("qwen2", "gemma3_text", "phi3"):
         with pytest.raises(ExportError, match="one width for every layer"):
-            target_arch(model_type, [8, 16])
+            target_arch(model_type, _shape([8, 16]))
     with pytest.raises(ExportError, match="supports the families"):
-        target_arch("gpt2", [8, 8])
+        target_arch("gpt2", _shape([8, 8]))
 
 
 @pytest.mark.parametrize("outtype,types", [("f16", {"F16", "F32"}), ("bf16", {"BF16", "F32"}), ("q8_0", {"Q8_0", "F16", "F32"})])
@@ -215,8 +221,8 @@ def test_vllm_export_is_the_model_files_alone(tiny_dir, tmp_path):
     (dict(check_seq_len="128"), "--check-seq-len must be a whole number"),
 ])
 def test_bad_export_settings_raise_config_error(kwargs, message):
-    from fidelprune.errors import ConfigError
     from fidelprune.deploy import ExportConfig
+    from fidelprune.errors import ConfigError
 
     with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
         ExportConfig(**kwargs)

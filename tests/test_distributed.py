@@ -16,9 +16,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
-from conftest import tiny_model, tiny_windows
 from fidelprune import prune
 from fidelprune.distributed import DistributedError
+
+from conftest import tiny_model, tiny_windows
 
 # 7 windows: an uneven split (4 + 3) must give the single-process result too
 CASES = {

@@ -51,7 +51,7 @@ def _kill_at(module: str, function: str, argv: list[str], marker: Path, call: in
 
 @pytest.mark.parametrize("module,function", [
     ("fidelprune.methods.base", "taylor_scores"),  # while scoring
-    ("fidelprune.checkpoint", "save_scores"),  # mid-save: the weights are in the temporary folder already
+    ("fidelprune.outputs", "save_scores"),  # mid-save: the weights are in the temporary folder already
 ])
 def test_prune_killed_leaves_nothing_and_the_next_run_is_exact(module, function, tiny_dir, tmp_path):
     from fidelprune.cli import main
@@ -99,7 +99,7 @@ def test_prune_killed_in_the_middle_of_an_overwrite_swap_keeps_the_previous_outp
     argv = ["prune", str(tiny_dir), "--keep", "24", "--samples", "4", "--seq-len", "32", "--reconstruct", "none", "-o", str(out)]
     assert main(argv) == 0
     previous = tree_digest(out)
-    _kill_at("fidelprune.checkpoint", "_rename", [*argv[:-2], "--keep", "16", "-o", str(out), "--overwrite"],
+    _kill_at("fidelprune.outputs", "_rename", [*argv[:-2], "--keep", "16", "-o", str(out), "--overwrite"],
              tmp_path / "marker", call=2)
     assert not out.exists()  # moved aside, the new output not yet in: the moment the test is about
     assert main(["report", str(out)]) == 2  # a run that writes elsewhere leaves it alone...

@@ -4,13 +4,14 @@ formulas from docs/methods.md, "Baselines users will ask for"), with FLAP's bias
 import pytest
 import torch
 
-import reference
-from conftest import tiny_model, tiny_windows
 from fidelprune import prune
 from fidelprune.adapters import adapt, mlp_views
 from fidelprune.methods import METHODS, MethodConfig, get_method
 from fidelprune.methods.base import METHOD_REGISTRY, DataFreeMethod, register_method
 from fidelprune.scoring import activation_statistics
+
+import reference
+from conftest import tiny_model, tiny_windows
 
 FORWARD = (("minitron", "mean"), ("minitron", "l2"), ("wanda-sp", "mean"), ("flap", "mean"))
 

@@ -1,9 +1,10 @@
 import pytest
 import torch
 
-from conftest import tiny_model, tiny_windows
 from fidelprune import ModelLoadError, load_model, prune, save
 from fidelprune.models import load_pruned
+
+from conftest import tiny_model, tiny_windows
 
 
 @pytest.mark.parametrize("family", ["llama", "phi3", "gemma3"])

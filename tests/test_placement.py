@@ -12,9 +12,8 @@ import json
 import pytest
 import torch
 import transformers
-
-from conftest import tiny_model, tiny_windows, tree_digest
 from test_streaming import CASES  # every score form and objective, as the streaming tests run them
+
 from fidelprune import load_model, prune, save
 from fidelprune.adapters import adapt
 from fidelprune.cli import main
@@ -22,6 +21,8 @@ from fidelprune.errors import ConfigError
 from fidelprune.placement import check_device_map, describe, device_map_of, layer_devices, place, resolve_device_map
 from fidelprune.planner import plan_device_map, plan_memory
 from fidelprune.pruning import PruneConfig
+
+from conftest import tiny_model, tiny_windows, tree_digest
 
 
 def per_module_map(model) -> dict[str, str]:
@@ -117,7 +118,7 @@ def test_streaming_a_placed_model_is_refused():
 # ------------------------------------------------------------------------------------------- resolving maps
 def test_auto_maps_cover_the_model_from_its_shapes_alone():
     """accelerate's maps are made on the meta-device model preflight builds: no weight is needed."""
-    from fidelprune.preflight import shape_model
+    from fidelprune.models import shape_model
 
     shapes = shape_model(tiny_model("llama").config).model
     visible = {f"cuda:{i}" for i in range(torch.cuda.device_count())} or {"cpu"}
@@ -151,7 +152,7 @@ def test_layer_devices_follow_the_map():
 def test_the_plan_splits_weights_and_logits_by_device(monkeypatch):
     """Per device: the weights it holds, its layers' activations, and the logits on the head's device only. Two
     devices are faked by relabelling one map entry; the plan reads no device but the free memory."""
-    from fidelprune import planner, placement
+    from fidelprune import placement, planner
 
     model = tiny_model("llama")
     config = PruneConfig.from_options("hfprune", keep=24, samples=4, seq_len=32)

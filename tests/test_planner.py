@@ -6,13 +6,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import tiny_model
 from fidelprune.adapters import adapt
 from fidelprune.cli import main
 from fidelprune.planner import plan_memory
 from fidelprune.pruning import PruneConfig
 from fidelprune.scoring import leaf_embeddings
 from fidelprune.utils import frozen_eval
+
+from conftest import tiny_model
 
 SHAPES = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
               vocab_size=96)
@@ -64,8 +65,7 @@ def smollm2_shapes_dir(tmp_path_factory, tiny_dir):
     weights file: a model the planner sees at full size that the run must never load."""
     import shutil
 
-    from fidelprune.models import locate
-    from fidelprune.preflight import model_config
+    from fidelprune.models import locate, model_config
 
     path = tmp_path_factory.mktemp("smollm2-shapes")
     model_config(locate(None)).save_pretrained(path)

@@ -4,9 +4,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import tiny_model, tiny_windows
 from fidelprune import OutputExistsError, load_scores, prune, read_manifest, save
 from fidelprune.methods import SDMPRUNE_STAGE1_KEEP, sdmprune_defaults
+
+from conftest import tiny_model, tiny_windows
 
 
 def test_manifest_records_everything_needed_to_reproduce(tmp_path):
@@ -75,7 +76,7 @@ def test_refuses_non_empty_output_and_overwrites_only_when_asked(tmp_path):
 def test_failed_save_leaves_nothing_that_looks_complete(tmp_path, monkeypatch):
     model = tiny_model("llama")
     pruned, report = prune(model, None, "magnitude", 0.1, progress=False)
-    monkeypatch.setattr("fidelprune.checkpoint.save_scores", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
+    monkeypatch.setattr("fidelprune.outputs.save_scores", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
     with pytest.raises(OSError, match="disk full"):
         save(pruned, None, report, tmp_path / "out")
     assert list(tmp_path.iterdir()) == []
@@ -146,8 +147,9 @@ def test_output_top_level_holds_only_what_engines_load(tmp_path):
     transformers 4: side files go to fidelprune/, the tokenizer class is one both transformers read."""
     from transformers import AutoTokenizer
 
-    from conftest import tiny_model
     from fidelprune.models import packaged_gguf
+
+    from conftest import tiny_model
 
     gguf = packaged_gguf()
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)

@@ -10,11 +10,12 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from conftest import tiny_model, tiny_windows
 from fidelprune import prune, read_manifest, save
 from fidelprune.adapters import StopForward, adapt, mlp_views
 from fidelprune.calibration import CalibrationConfig
-from fidelprune.reconstruction import ReconstructionConfig, ReconstructionError, Gram, _refit, mlp_output_errors, obs_keep
+from fidelprune.reconstruction import Gram, ReconstructionConfig, ReconstructionError, _refit, mlp_output_errors, obs_keep
+
+from conftest import tiny_model, tiny_windows
 
 
 def spanned_model(family: str, groups: int = 8):
@@ -138,7 +139,7 @@ def test_layer_by_layer_propagation_reproduces_the_model(family):
     assert all(type(layer).forward is layer.forward.__func__ for layer in layers)  # stubs removed
     for b in range(2):
         h = hidden[b]
-        for index, layer in enumerate(layers):
+        for index in range(len(layers)):
             torch.testing.assert_close(h, inputs[b * len(layers) + index], atol=1e-6, rtol=1e-6)
             with torch.no_grad():
                 h = adapted.run_layer(index, h, calls[tuple(h.shape)][index])

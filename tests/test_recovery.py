@@ -9,13 +9,23 @@ import re
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_model, tree_digest
 
 import fidelprune
-from fidelprune.recovery import ALPACA_PROMPT, ALPACA_PROMPT_INPUT, IGNORE, build_data, check_packing, pack, recover, render_alpaca
+from fidelprune.recovery import (
+    ALPACA_PROMPT,
+    ALPACA_PROMPT_INPUT,
+    IGNORE,
+    build_data,
+    check_packing,
+    pack,
+    recover,
+    render_alpaca,
+)
 from fidelprune.recovery.data import Example, TokenStats, load_records, tokenize_alpaca, tokenize_text
 from fidelprune.recovery.losses import teacher_log_probs, token_loss_sums
 from fidelprune.recovery.modes import apply_lora, merge_lora, resolve_target_modules
+
+from conftest import tiny_model, tree_digest
 
 BYTE_VOCAB = 258  # 256 byte tokens + <eos> + <pad>
 

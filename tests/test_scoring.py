@@ -8,8 +8,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import reference
-from conftest import tiny_model, tiny_windows
 from fidelprune import scoring
 from fidelprune.adapters import adapt
 from fidelprune.allocation import select_uniform
@@ -17,6 +15,9 @@ from fidelprune.methods.magnitude import magnitude_scores
 from fidelprune.objectives import KD, ce, entropy
 from fidelprune.scoring import ScoringError, check_finite, taylor_scores
 from fidelprune.surgery import remove_neurons
+
+import reference
+from conftest import tiny_model, tiny_windows
 
 
 def assert_scores_close(scores, expected):

@@ -7,7 +7,6 @@ import random
 import pytest
 import torch
 
-from conftest import tiny_model, tiny_windows
 from fidelprune import load_model
 from fidelprune.adapters import adapt
 from fidelprune.allocation import AllocationConfig, AllocationError
@@ -18,6 +17,8 @@ from fidelprune.pruning import prune
 from fidelprune.reconstruction import reconstruct
 from fidelprune.search import SearchSpace, search_space, search_widths
 from fidelprune.surgery import remove_neurons
+
+from conftest import tiny_model, tiny_windows
 
 
 def _reference_kl(model, windows, scores, widths, refit_windows=None, lam=1e-3):

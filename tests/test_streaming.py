@@ -10,10 +10,11 @@ import json
 import pytest
 import torch
 
-from conftest import tiny_model, tiny_windows
 from fidelprune import prune
 from fidelprune.adapters import adapt
 from fidelprune.cli import main
+
+from conftest import tiny_model, tiny_windows
 
 CASES = {
     "hfprune (entropy, activation form) + sequential refit": dict(method="hfprune", reconstruct="sequential"),

@@ -9,12 +9,12 @@ import os
 import sys
 import traceback
 
+from ..errors import FidelpruneError
 from . import eval as eval_command
 from . import export as export_command
 from . import prune as prune_command
 from . import recover as recover_command
 from . import report as report_command
-from ..errors import FidelpruneError
 from .common import console
 
 SUBCOMMANDS = (prune_command, eval_command, report_command, recover_command, export_command)
@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
         message = " ".join(str(err).split())  # one line, unwrapped, so scripts can grep it
         print(f"error: {message}", file=sys.stderr)
         return 2
-    except Exception:
+    except Exception:  # noqa: BLE001 - anything but a user error is a bug: show the traceback
         traceback.print_exc()
         print("error: this is a bug in fidelprune, not in your input: please report it with the command and the "
               "traceback above", file=sys.stderr)

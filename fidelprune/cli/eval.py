@@ -4,12 +4,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..errors import ConfigError
+from ..evaluation import EvalConfig, evaluate_location
+from ..evaluation.report import rich_table, write_results
+from ..evaluation.zeroshot import TASKS
+from ..outputs import check_output_dir
 from .common import add_device_map_flag, add_model_flags, add_output_flags, console
 
 
 def add_parser(sub) -> None:
-    from ..evaluation.zeroshot import TASKS
-
     p = sub.add_parser("eval", help="perplexity, zero-shot accuracy and speed, model beside its dense baseline",
                        description="Evaluate a model (a pruned output directory, an HF directory, a .gguf file or a "
                                    "hub id; default: the packaged SmolLM2) and its dense baseline with one protocol; "
@@ -47,12 +50,6 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from ..checkpoint import check_output_dir
-    from ..errors import ConfigError
-    from ..evaluation import EvalConfig, evaluate_location
-    from ..evaluation.baseline import run_manifest
-    from ..evaluation.report import rich_table, write_results
-
     if args.device_map and args.speed_devices:
         raise ConfigError("--device-map: speed is measured on the device map; drop --speed-devices")
     inputs = [Path(p) for p in (args.model, args.baseline) if p and Path(p).exists()]
@@ -65,8 +62,7 @@ def run(args) -> int:
                                 device_map=args.device_map, trust_remote_code=args.trust_remote_code, progress=args.progress,
                                 verbose=args.verbose, say=console.print)
     results["cli_args"] = {key: value for key, value in vars(args).items() if key != "run"}
-    run_dir = args.model if run_manifest(args.model) else None
-    path = write_results(results, output, overwrite=args.overwrite, run_dir=run_dir)
+    path = write_results(results, output, overwrite=args.overwrite, run_dir=args.model)
     console.print(rich_table(results))
     console.print(f"wrote {path / 'results.json'} and {path / 'results.md'}")
     return 0

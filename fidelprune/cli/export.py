@@ -5,13 +5,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..deploy import FORMATS, ExportConfig, export, report_path
+from ..deploy.gguf import OUTTYPES
 from .common import console
 
 
 def add_parser(sub) -> None:
-    from ..deploy import FORMATS
-    from ..deploy.gguf import OUTTYPES
-
     p = sub.add_parser("export", help="write a checkpoint as a GGUF (llama.cpp) or a folder vLLM serves, and check it",
                        description="Export a fidelprune output (or any Hugging Face checkpoint directory) for an "
                                    "inference engine. The written file is read back by another reader and its "
@@ -38,8 +37,6 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from ..deploy import ExportConfig, export, report_path
-
     config = ExportConfig(to=args.to, outtype=args.outtype, template=args.template, llama_cpp=args.llama_cpp,
                           converter_python=args.converter_python, check=args.check,
                           check_windows=args.check_windows, check_seq_len=args.check_seq_len)

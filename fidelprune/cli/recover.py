@@ -6,16 +6,18 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..outputs import OutputExistsError, check_output_dir, overlaps
+from ..recovery import recover, save_recovered
+from ..recovery.checkpoints import remove_checkpoints
+from ..recovery.data import BUNDLED_DATA, FORMATS
+from ..recovery.modes import DEFAULT_TARGETS
+from ..recovery.train import LOSSES, MODES, PRECISIONS, RecoveryConfig
 from .common import add_output_flags, print_summary
 
 DEFAULT_EVAL_WINDOWS = 64
 
 
 def add_parser(sub) -> None:
-    from ..recovery.data import FORMATS
-    from ..recovery.modes import DEFAULT_TARGETS
-    from ..recovery.train import LOSSES, MODES, PRECISIONS, RecoveryConfig
-
     d = RecoveryConfig()
     p = sub.add_parser("recover", help="fine-tune a pruned model (LoRA or full; CE or distillation) into a standard checkpoint",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -60,12 +62,6 @@ def add_parser(sub) -> None:
 
 def run(args) -> int:
     from accelerate import PartialState
-
-    from ..checkpoint import OutputExistsError, check_output_dir, overlaps
-    from ..recovery import recover, save_recovered
-    from ..recovery.checkpoints import remove_checkpoints
-    from ..recovery import RecoveryConfig
-    from ..recovery.data import BUNDLED_DATA
 
     model_dir = Path(args.model)
     if not model_dir.is_dir():

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..evaluation.report import REPORT_PNG, RESULTS_JSON, plot_run, read_results, rich_table, run_summary
+from ..layout import MANIFEST
 from .common import console
 
 
@@ -18,9 +20,6 @@ def add_parser(sub) -> None:
 
 def run(args) -> int:
     from rich.table import Table
-
-    from ..checkpoint import MANIFEST
-    from ..evaluation.report import REPORT_PNG, RESULTS_JSON, plot_run, read_results, rich_table, run_summary
 
     run_dir = Path(args.run_dir)
     if not run_dir.is_dir():

@@ -20,7 +20,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..errors import ConfigError, check_int
-from .gguf import OUTTYPES, ExportError, Template, target_arch
+from ..layout import ModelShape, manifest_or_none
+from ..models import load_model, locate, model_config, model_shape, shape_model, source_paths
+from ..outputs import atomic_directory_write, atomic_file_write, check_output_dir, check_output_file
+from ..utils import library_versions
+from .check import check_gguf, check_vllm
+from .gguf import OUTTYPES, ExportError, Template, target_arch, write_gguf
+from .vllm import check_servable, write_vllm
 
 FORMATS = ("gguf", "vllm")
 __all__ = ["ExportConfig", "ExportError", "export", "FORMATS"]
@@ -62,55 +68,48 @@ def report_path(output: Path) -> Path:
 
 
 @dataclass
-class Plan:
+class ExportPlan:
     """What the validation phase decided, before any weight is read."""
 
     directory: Path
     output: Path
     model_config: object
-    widths: list[int]
+    shape: ModelShape
     manifest: dict | None
     template: Template | None = None
     arch: str | None = None
 
 
-def plan_export(directory: str | Path, config: ExportConfig, output: str | Path | None = None, overwrite: bool = False) -> Plan:
+def plan_export(directory: str | Path, config: ExportConfig, output: str | Path | None = None, overwrite: bool = False) -> ExportPlan:
     """Every check that needs no weights: a fidelprune / HF checkpoint directory, a family the format serves, the
     widths it can serve, a template that fits, and a writable output outside the input."""
-    from ..checkpoint import check_output_dir, check_output_file, read_manifest
-    from ..models import locate
-    from ..preflight import model_config, shape_model
-
     directory = Path(directory)
     if str(directory).endswith(".gguf") or not directory.is_dir():
         raise ExportError(f"{directory} is not a model directory: export takes a fidelprune output or a Hugging Face "
                           f"checkpoint directory (config.json + safetensors)")
     where = locate(directory)
     hf_config = model_config(where)
-    widths = shape_model(hf_config).widths()
-    manifest = read_manifest(directory) if (directory / "pruning.json").is_file() else None
+    shape_model(hf_config)  # a family fidelprune adapts, whose shapes transformers builds
+    shape = model_shape(hf_config)
+    manifest = manifest_or_none(directory)
     output = Path(output) if output else default_output(directory, config)
     inputs = [directory] + ([Path(config.template)] if config.template else [])
     if config.to == "gguf":
         if output.suffix != ".gguf":
             raise ExportError(f"--output {output}: a GGUF export is one file; give a name ending in .gguf")
         check_output_file(output, overwrite, inputs)
-        plan = Plan(directory, output, hf_config, widths, manifest, arch=target_arch(hf_config.model_type, widths))
+        plan = ExportPlan(directory, output, hf_config, shape, manifest, arch=target_arch(hf_config.model_type, shape))
         plan.template = resolve_template(plan, config)
         plan.template.check_fits(hf_config, plan.arch)
         return plan
-    from .vllm import check_servable
-
-    check_servable(hf_config, widths)
+    check_servable(hf_config, shape)
     check_output_dir(output, overwrite, inputs)
-    return Plan(directory, output, hf_config, widths, manifest)
+    return ExportPlan(directory, output, hf_config, shape, manifest)
 
 
-def resolve_template(plan: Plan, config: ExportConfig) -> Template:
+def resolve_template(plan: ExportPlan, config: ExportConfig) -> Template:
     """The template GGUF: --template, else the GGUF the run was pruned from (pruning.json), else llama.cpp's
     converter's vocabulary-only output (--llama-cpp)."""
-    from ..models import source_paths
-
     if config.template:
         if not Path(config.template).is_file():
             raise ExportError(f"--template {config.template}: file not found")
@@ -147,11 +146,6 @@ def export(directory: str | Path, config: ExportConfig | None = None, *, output:
            overwrite: bool = False, progress: bool = True, say=print) -> dict:
     """Export a checkpoint (validate, load, write atomically, load-check); returns the report, also written as
     OUTPUT.export.json."""
-    from ..checkpoint import atomic_directory_write, atomic_file_write
-    from ..models import load_model
-    from ..utils import library_versions
-    from .check import check_gguf, check_vllm
-
     config = config or ExportConfig()
     plan = plan_export(directory, config, output, overwrite)
     started = time.perf_counter()
@@ -162,14 +156,10 @@ def export(directory: str | Path, config: ExportConfig | None = None, *, output:
 
     def write_and_check(path: Path) -> None:
         if config.to == "gguf":
-            from .gguf import write_gguf
-
-            report["written"] = write_gguf(model, plan.template, path, config.outtype, plan.widths, progress=progress)
+            report["written"] = write_gguf(model, plan.template, path, config.outtype, progress=progress)
             check = check_gguf if config.check else None
         else:
-            from .vllm import write_vllm
-
-            report["written"] = write_vllm(model, tokenizer, plan.directory, path)
+            report["written"] = write_vllm(plan.directory, path)
             check = check_vllm if config.check else None
         report["seconds"] = {"load": round(loaded - started, 2), "write": round(time.perf_counter() - loaded, 2)}
         if check is not None:

@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..evaluation.perplexity import load_corpus
+from ..models import load_model
 from ..utils import eval_mode
 from .gguf import ExportError, read_gguf_state
 
@@ -33,8 +35,6 @@ TRANSFORMERS_GGUF_ARCHS = {"llama", "qwen2", "gemma2", "gemma3"}
 
 
 def check_windows(tokenizer, windows: int, seq_len: int) -> torch.Tensor:
-    from ..evaluation.perplexity import load_corpus
-
     ids = tokenizer(load_corpus("wikitext2")[:CHECK_TEXT_CHARS], return_tensors="pt")["input_ids"][0]
     windows = min(windows, len(ids) // seq_len)
     return ids[: windows * seq_len].view(windows, seq_len)
@@ -93,8 +93,6 @@ def check_gguf(model: nn.Module, tokenizer, path: Path, config, arch: str) -> di
 
 
 def check_vllm(model: nn.Module, tokenizer, path: Path, config, arch: str | None = None) -> dict:
-    from ..models import load_model
-
     candidate, _, _ = load_model(path, dtype="float32", device="cpu")
     windows = check_windows(tokenizer, config.check_windows, config.check_seq_len)
     metrics = compare(model, candidate, windows)

@@ -26,6 +26,8 @@ import torch
 from torch import nn
 
 from ..errors import FidelpruneError
+from ..layout import ModelShape
+from ..models import model_shape
 
 # transformers model_type -> llama.cpp architecture (the one llama.cpp's converter writes for that family)
 GGUF_ARCH = {
@@ -55,13 +57,14 @@ def gguf_module():
     return gguf
 
 
-def target_arch(model_type: str, widths: list[int]) -> str:
+def target_arch(model_type: str, shape: ModelShape) -> str:
     """The llama.cpp architecture to write; decidable from config.json alone."""
     if model_type not in GGUF_ARCH:
         raise ExportError(f"GGUF export supports the families {', '.join(sorted(GGUF_ARCH))}, not {model_type!r}")
     arch = GGUF_ARCH[model_type]
-    if len(set(widths)) == 1:
+    if shape.uniform:
         return arch
+    widths = shape.mlp_widths
     if arch not in PER_LAYER_ARCH:
         raise ExportError(
             f"this model's MLP widths differ per layer ({min(widths)}..{max(widths)}) and llama.cpp builds "
@@ -187,31 +190,29 @@ def _encode(array: np.ndarray, outtype: str):
     return array.astype(np.float16), None
 
 
-def write_gguf(model: nn.Module, template: Template, path: str | Path, outtype: str = "f16", widths: list[int] | None = None,
-               progress: bool = False) -> dict:
-    """Write `model` to `path` with the template's metadata and vocabulary; returns what was written.
-    `progress` shows the tensor write (minutes for a large model)."""
+def write_gguf(model: nn.Module, template: Template, path: str | Path, outtype: str = "f16", progress: bool = False) -> dict:
+    """Write `model` to `path` with the template's metadata and vocabulary, and the model's per-layer shape;
+    returns what was written. `progress` shows the tensor write (minutes for a large model)."""
     gguf = gguf_module()
     if outtype not in OUTTYPES:
         raise ExportError(f"unknown GGUF --outtype {outtype!r}: choose one of {', '.join(OUTTYPES)}")
     config = model.config
-    from ..adapters import adapt
-
-    widths = widths or adapt(model).widths()
-    arch = target_arch(config.model_type, widths)
+    shape = model_shape(config)
+    arch = target_arch(config.model_type, shape)
     template.check_fits(config, arch)
     writer = gguf.GGUFWriter(str(path), arch)
     prefix = f"{template.arch}."
-    width_key = f"{arch}.feed_forward_length"
+    per_layer = {f"{arch}.{key}": value for key, value in shape.gguf_values().items()}
     for key, (value, kind, sub) in template.fields.items():
         if key.startswith(prefix):
             key = f"{arch}.{key[len(prefix):]}"
-        if key not in (width_key, "general.file_type"):  # both set below
+        if key not in per_layer and key != "general.file_type":  # both set below
             writer.add_key_value(key, value, kind, sub)
-    if len(set(widths)) == 1:
-        writer.add_key_value(width_key, widths[0], gguf.GGUFValueType.UINT32)
-    else:
-        writer.add_key_value(width_key, list(widths), gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.INT32)
+    for key, value in per_layer.items():
+        if isinstance(value, list):
+            writer.add_key_value(key, value, gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.INT32)
+        else:
+            writer.add_key_value(key, value, gguf.GGUFValueType.UINT32)
     writer.add_key_value("general.file_type", int(getattr(gguf.LlamaFileType, FILE_TYPES[outtype])), gguf.GGUFValueType.UINT32)
 
     state = model.state_dict()
@@ -229,7 +230,7 @@ def write_gguf(model: nn.Module, template: Template, path: str | Path, outtype: 
     counts = {}
     for kind in types.values():
         counts[kind] = counts.get(kind, 0) + 1
-    return {"architecture": arch, "feed_forward_length": widths if len(set(widths)) > 1 else widths[0],
+    return {"architecture": arch, "feed_forward_length": per_layer[f"{arch}.feed_forward_length"],
             "tensors": len(names), "tensor_types": counts, "template": str(template.path)}
 
 

@@ -1,9 +1,9 @@
 """Evaluation: perplexity, zero-shot accuracy (lm-evaluation-harness), speed, reports."""
 
+from .baseline import evaluate_location
 from .perplexity import CORPORA, PerplexityResult, load_corpus, perplexity
 from .report import plot_run, read_results, to_markdown, write_results
 from .speed import SpeedResult, measure_speed, model_size
-from .baseline import evaluate_location
 from .suite import EvalConfig, evaluate, evaluate_model
 from .zeroshot import BUNDLED_TASKS, COMMONSENSE_7, TASKS, ZeroShotResult, load_tasks, zeroshot
 

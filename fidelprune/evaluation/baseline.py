@@ -11,28 +11,22 @@ from pathlib import Path
 import torch
 
 from ..errors import ConfigError
-from ..checkpoint import MANIFEST, read_manifest
+from ..layout import manifest_or_none
+from ..models import PACKAGED, load_model, locate, model_config, resolve_device, shape_model
+from ..placement import resolve_device_map
+from .report import combine
 from .suite import EvalConfig, evaluate_model
 
 log = logging.getLogger(__name__)
 SOURCE_BASELINES = ("auto", "source")  # read pruning.json's source_model ("auto": only if there is one)
 
 
-def run_manifest(path: str | Path | None) -> dict | None:
-    """The pruning.json of a fidelprune output directory, or None for any other model location."""
-    if path and Path(path).is_dir() and (Path(path) / MANIFEST).is_file():
-        return read_manifest(path)
-    return None
-
-
 def source_location(source: dict) -> str:
     """Where pruning.json's source_model can be loaded from: its GGUF file, its directory, else its name."""
-    from ..models import _PACKAGED
-
     path, gguf, name = source.get("path"), source.get("gguf_file"), source.get("name")
     if gguf and path and (Path(path) / gguf).is_file():
         return str(Path(path) / gguf)
-    if name in _PACKAGED:  # the packaged model, installed somewhere else on this machine
+    if name in PACKAGED:  # the packaged model, installed somewhere else on this machine
         return name
     if path and Path(path).exists():
         return path
@@ -46,7 +40,7 @@ def resolve_baseline(spec: str, model: str | Path | None) -> tuple[str | None, d
     if spec == "none":
         return None, None
     if spec in SOURCE_BASELINES:
-        manifest = run_manifest(model)
+        manifest = manifest_or_none(model)
         if manifest is None:
             if spec == "source":
                 raise ConfigError(f"--baseline source needs a pruning.json in {model}; pass --baseline PATH instead")
@@ -68,10 +62,6 @@ def pruning_info(manifest: dict | None) -> dict:
 def _evaluate_location(location: str | None, config: EvalConfig, info: dict, role: str, load_options: dict,
                        progress: bool, verbose: bool, say: Callable[[str], None]) -> dict:
     """Load, evaluate and free one model, so that only one is in memory at a time."""
-    import torch
-
-    from ..models import load_model
-
     say(f"[bold]{role}[/]: loading {location or 'packaged SmolLM2-135M-Instruct'}")
     model, tokenizer, source = load_model(location, **load_options)
     info = {"name": source.name, "source": source.to_dict(), **info}
@@ -90,10 +80,6 @@ def check_evaluation(sources: list[str | None], config: EvalConfig, device: str 
     """Before any weight loads: every model source exists, the device does, a device map fits each model's modules,
     and the perplexity window fits each model's positions (so a bad baseline does not fail after the model's whole
     evaluation)."""
-    from ..models import locate, resolve_device
-    from ..placement import resolve_device_map
-    from ..preflight import model_config, shape_model
-
     if device_map is not None and device not in (None, "auto"):
         raise ConfigError("--device-map places every module itself; drop --device (or drop --device-map)")
     resolve_device(device)
@@ -127,12 +113,10 @@ def evaluate_location(
     file, a hub id, or None for the packaged default) and its `baseline` with one protocol; return results.json's
     dict. A baseline resolved from pruning.json whose weights differ from the recorded source is flagged
     (`sha256_matches_source`) and warned about."""
-    from .report import combine
-
     say = say or (lambda message: log.info(message))
     load_options = {"dtype": dtype, "device": device, "device_map": device_map, "trust_remote_code": trust_remote_code}
     model = None if model is None else str(model)
-    manifest = run_manifest(model)
+    manifest = manifest_or_none(model)
     location, expected = resolve_baseline(baseline, model)
     check_evaluation([model] + ([location] if location is not None else []), config, device, trust_remote_code, device_map)
     evaluated = _evaluate_location(model, config, pruning_info(manifest), "model", load_options, progress, verbose, say)

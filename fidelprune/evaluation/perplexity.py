@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..calibration import read_documents
 from ..errors import ConfigError, FidelpruneError
 from ..utils import bundled_path, eval_mode
 
@@ -50,7 +51,6 @@ def load_corpus(name_or_path: str | Path) -> str:
         raise FileNotFoundError(f"perplexity corpus not found: {name} (bundled: {', '.join(CORPORA)}; or a local file)")
     if path.suffix == ".txt":
         return path.read_text(encoding="utf-8")
-    from ..calibration import read_documents
 
     return "\n\n".join(read_documents(path))
 

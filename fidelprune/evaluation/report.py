@@ -4,11 +4,17 @@ from __future__ import annotations
 
 import json
 import math
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
+import torch
+
+from ..layout import SCORES_FILE, manifest_or_none, read_manifest, side_file
+from ..outputs import atomic_directory_write, load_scores
+from ..utils import library_versions
 from .paired import PairedDifference, average_difference, paired_difference
 from .perplexity import EvaluationError
+from .zeroshot import lm_eval_version
 
 RESULTS_JSON = "results.json"
 RESULTS_MD = "results.md"
@@ -18,9 +24,6 @@ SCHEMA = "fidelprune-eval/1"
 
 # ------------------------------------------------------------------------------------------------ combine
 def versions() -> dict:
-    from ..utils import library_versions
-    from .zeroshot import lm_eval_version
-
     return {**library_versions(), "lm_eval": lm_eval_version()}
 
 
@@ -28,7 +31,7 @@ def combine(model: dict, baseline: dict | None, config) -> dict:
     """The results.json document: protocol, both models' results, the side-by-side rows, versions, seed."""
     return {
         "schema": SCHEMA,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "protocol": config.protocol(),
         "seed": config.seed,
         "model": model,
@@ -241,9 +244,7 @@ def rich_table(results: dict):
 # ---------------------------------------------------------------------------------------------------- write
 def write_results(results: dict, output: str | Path, *, overwrite: bool = False, run_dir: str | Path | None = None) -> Path:
     """results.json + results.md (+ report.png when `run_dir` is a pruning run), written atomically."""
-    from ..checkpoint import MANIFEST, atomic_directory_write
-
-    plot_from = Path(run_dir) if run_dir and (Path(run_dir) / MANIFEST).is_file() else None
+    plot_from = Path(run_dir) if manifest_or_none(run_dir) is not None else None
 
     def write(tmp: Path) -> None:
         (tmp / RESULTS_JSON).write_text(json.dumps(results, indent=2, default=str) + "\n")
@@ -275,10 +276,6 @@ def read_results(path: str | Path) -> dict:
 def run_summary(run_dir: str | Path) -> list[dict]:
     """Per layer: width before, kept width, and score statistics over the neurons scored (-inf = removed by an
     earlier stage, left out)."""
-    import torch
-
-    from ..checkpoint import SCORES_FILE, load_scores, read_manifest, side_file
-
     manifest = read_manifest(run_dir)
     kept = {int(k): v for k, v in manifest["kept_neurons"].items()}
     before = manifest["allocation"].get("layer_widths_before") or [manifest["allocation"]["width_before"]] * len(kept)
@@ -304,8 +301,6 @@ def plot_run(run_dir: str | Path, path: str | Path) -> Path:
 
     matplotlib.use("Agg")  # files only; never a window
     import matplotlib.pyplot as plt
-
-    from ..checkpoint import read_manifest
 
     manifest = read_manifest(run_dir)
     layers = run_summary(run_dir)

@@ -23,8 +23,8 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from ..utils import eval_mode
 from ..placement import device_map_of
+from ..utils import eval_mode
 
 _CLEAR_REFS = Path("/proc/self/clear_refs")
 _STATUS = Path("/proc/self/status")
@@ -173,14 +173,14 @@ def measure_speed(
         try:
             cache, token = _prefill(model, ids)  # warm-up: first-call allocations, kernel selection
             _decode(model, cache, token, new_tokens)
-            del cache
+            cache = None  # each cache is freed before the next prefill
             peak.reset()
             prefill, decode = [], []
             for _ in range(repeats):
                 seconds, (cache, token) = _timed(lambda: _prefill(model, ids), device)
                 prefill.append(seconds)
                 decode.append(_timed(lambda: _decode(model, cache, token, new_tokens), device)[0])
-                del cache
+                cache = None
             peak_bytes = peak.read()
         finally:
             if not placed:

@@ -15,10 +15,12 @@ from pathlib import Path
 
 from torch import nn
 
+from ..adapters import adapt
 from ..errors import ConfigError, check_int
+from ..models import resolve_device
 from ..placement import device_map_of
-
 from .perplexity import CORPORA, perplexity
+from .report import combine
 from .speed import default_devices, measure_speed, model_size
 from .zeroshot import lm_eval_version, parse_tasks, tokenizer_adds_bos, zeroshot
 
@@ -58,8 +60,6 @@ class EvalConfig:
         if self.hellaswag and not Path(self.hellaswag).is_file():
             raise ConfigError(f"--hellaswag {self.hellaswag}: file not found (the original hellaswag_val.jsonl)")
         if self.speed:
-            from ..models import resolve_device
-
             for device in self.speed_devices:
                 resolve_device(device)
 
@@ -89,8 +89,6 @@ class EvalConfig:
 
 def mlp_widths(model: nn.Module) -> list[int] | None:
     try:
-        from ..adapters import adapt
-
         return adapt(model).widths()
     except ValueError:  # an architecture fidelprune cannot prune is still evaluated, without widths
         return None
@@ -160,8 +158,6 @@ def evaluate(
     `ppl`/`tasks` as names, comma lists, or "none"; tasks "all" = the six bundled ones, + hellaswag when
     `hellaswag` gives its jsonl; `limit`, `seq_len`, `speed`, ...). For a model on disk and its source model
     from pruning.json, see `evaluate_location`."""
-    from .report import combine
-
     if config is None:
         config = EvalConfig.build(**options)
     elif options:

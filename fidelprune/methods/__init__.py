@@ -4,13 +4,29 @@
     get_method("hfprune").kind     # "gradient"
 """
 
-from ..errors import ConfigError
 from ..adapters import adapt
-from . import hfprune, sdmprune, llm_pruner, wanda_sp, flap, minitron, magnitude, random  # noqa: F401 - registers each
+from ..errors import ConfigError
 from ..objectives import sdmprune_defaults
+
+# isort: off
+# registers each, in this order: METHODS and the CLI's --method choices list them so
+from . import hfprune, sdmprune, llm_pruner, wanda_sp, flap, minitron, magnitude, random  # noqa: F401
+# isort: on
 from .base import (
-    AGGREGATIONS, ALIASES, KINDS, METHOD_REGISTRY, SDMPRUNE_STAGE1_KEEP, DataFreeMethod, ForwardMethod,
-    GradientMethod, Method, MethodConfig, MethodResult, canonical_name, get_method, register_method,
+    AGGREGATIONS,
+    ALIASES,
+    KINDS,
+    METHOD_REGISTRY,
+    SDMPRUNE_STAGE1_KEEP,
+    DataFreeMethod,
+    ForwardMethod,
+    GradientMethod,
+    Method,
+    MethodConfig,
+    MethodResult,
+    canonical_name,
+    get_method,
+    register_method,
 )
 
 METHODS = tuple(METHOD_REGISTRY)

@@ -145,7 +145,8 @@ class GradientMethod(Method):
         """The objective of each Taylor pass over the windows, in order (what the memory planner counts)."""
         return [config.objective] * config.steps
 
-    def score(self, adapted, windows, config, plan, allocation, progress=True) -> MethodResult:
+    def score(self, adapted: AdaptedModel, windows: torch.Tensor | None, config: MethodConfig, plan: WidthPlan,
+              allocation: AllocationConfig, progress: bool = True) -> MethodResult:
         """One shot (one Taylor pass with the resolved objective and form), or `config.steps` of them."""
         if config.steps > 1:
             return iterative_select(adapted, windows, config, plan, allocation, progress=progress)
@@ -220,7 +221,8 @@ class ForwardMethod(Method):
         return check_finite({view.index: self.neuron_scores(view, stats[view.index], config).float().cpu()
                              for view in adapted.mlps()})
 
-    def score(self, adapted, windows, config, plan, allocation, progress=True) -> MethodResult:
+    def score(self, adapted: AdaptedModel, windows: torch.Tensor | None, config: MethodConfig, plan: WidthPlan,
+              allocation: AllocationConfig, progress: bool = True) -> MethodResult:
         stats = activation_statistics(adapted, windows, batch_size=config.batch_size, progress=progress,
                                       statistics=self.statistics(config))
         scores = self.scores_from(adapted, stats, config)
@@ -237,6 +239,7 @@ class DataFreeMethod(Method):
     def neuron_scores(self, adapted: AdaptedModel, config: MethodConfig) -> Scores:
         raise NotImplementedError
 
-    def score(self, adapted, windows, config, plan, allocation, progress=True) -> MethodResult:
+    def score(self, adapted: AdaptedModel, windows: torch.Tensor | None, config: MethodConfig, plan: WidthPlan,
+              allocation: AllocationConfig, progress: bool = True) -> MethodResult:
         scores = self.neuron_scores(adapted, config)
         return MethodResult(scores, select_neurons(scores, plan, allocation), stages=[{"name": self.name}])

@@ -10,10 +10,13 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from ..allocation import select_neurons
+import torch
+
+from ..adapters import AdaptedModel
+from ..allocation import AllocationConfig, WidthPlan, select_neurons
 from ..objectives import KD, get_objective
 from ..scoring import taylor_scores
-from .base import GradientMethod, MethodResult, iterative_select, register_method, survivors_only
+from .base import GradientMethod, MethodConfig, MethodResult, iterative_select, register_method, survivors_only
 
 
 class SDMPrune(GradientMethod):
@@ -21,7 +24,8 @@ class SDMPrune(GradientMethod):
         # stage 2 (config.steps passes with --steps) is skipped when stage 1 already reaches the final width
         return ["ce"] + [config.objective] * config.steps
 
-    def score(self, adapted, windows, config, plan, allocation, progress=True) -> MethodResult:
+    def score(self, adapted: AdaptedModel, windows: torch.Tensor | None, config: MethodConfig, plan: WidthPlan,
+              allocation: AllocationConfig, progress: bool = True) -> MethodResult:
         common = dict(batch_size=config.batch_size, progress=progress)
         stage1_plan = replace(plan, width_after=max(plan.width_after, int(config.stage1_keep * plan.width_before)))
         stage1_only = stage1_plan.width_after == plan.width_after and allocation.kind == "uniform"

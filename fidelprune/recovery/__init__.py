@@ -4,8 +4,9 @@
     fidelprune.recovery.save_recovered(recovered, tokenizer, report, "recovered/")
 """
 
+from ..layout import RECOVERY_FILE
 from .data import ALPACA_PROMPT, ALPACA_PROMPT_INPUT, IGNORE, Packed, build_data, pack, render_alpaca
-from .save import RECOVERY_FILE, save_recovered
+from .save import save_recovered
 from .train import RecoveryConfig, RecoveryReport, check_packing, recover
 
 __all__ = [

@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..errors import ConfigError
-from ..checkpoint import remove_stale_siblings, temporary_sibling
+from ..outputs import remove_stale_siblings, temporary_sibling
 from .modes import trainable_parameters
 
 STATE = "state.json"

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-from ..errors import ConfigError
 from ..calibration import BUNDLED_TEXTS, read_documents
+from ..errors import ConfigError
 from ..utils import bundled_path, file_sha256
 
 IGNORE = -100  # label of a token that is not a target (prompt, padding, first token of an example)

@@ -7,10 +7,9 @@ from pathlib import Path
 
 from torch import nn
 
-from ..checkpoint import MANIFEST, atomic_directory_write, save_tokenizer
+from ..layout import MANIFEST, RECOVERY_FILE
+from ..outputs import atomic_directory_write, save_model
 from .train import RecoveryReport
-
-RECOVERY_FILE = "recovery.json"
 
 
 def save_recovered(model: nn.Module, tokenizer, report: RecoveryReport, output: str | Path, overwrite: bool = False) -> Path:
@@ -24,9 +23,7 @@ def save_recovered(model: nn.Module, tokenizer, report: RecoveryReport, output: 
     tokenizer = tokenizer if tokenizer is not None else report.tokenizer
 
     def write(tmp: Path) -> None:
-        model.save_pretrained(tmp)
-        if tokenizer is not None:
-            save_tokenizer(tokenizer, tmp)
+        save_model(model, tokenizer, tmp)
         (tmp / RECOVERY_FILE).write_text(json.dumps(report.record, indent=2, default=str) + "\n")
         if report.pruning_manifest is not None:
             r = report.record

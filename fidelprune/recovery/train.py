@@ -14,22 +14,23 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from .._version import __version__
-from ..checkpoint import MANIFEST, read_manifest
-from ..models import load_model, parameters_sha256
 from ..errors import ConfigError, check_float, check_int
-from ..utils import check_finite_weights, eval_mode
-from .checkpoints import complete_checkpoints, latest_checkpoint, load_checkpoint, save_checkpoint
-from .data import Packed, RecoveryData, build_data
+from ..evaluation.perplexity import perplexity
+from ..layout import manifest_or_none
+from ..models import load_model, locate, model_config, parameters_sha256, shape_model
+from ..utils import check_finite_weights, eval_mode, library_versions
+from .checkpoints import complete_checkpoints, latest_checkpoint, load_checkpoint, read_state, remove_checkpoints, save_checkpoint
+from .data import Packed, RecoveryData, build_data, load_records
 from .losses import teacher_log_probs, token_loss_sums
 from .modes import DEFAULT_TARGETS, apply_lora, merge_lora, prepare_full, resolve_target_modules, trainable_parameters
 
@@ -153,15 +154,6 @@ def resolve_precision(precision: str) -> str:
     return "no" if precision == "fp32" else precision
 
 
-def library_versions() -> dict:
-    import accelerate
-    import peft
-
-    from ..utils import library_versions as base
-
-    return {**base(), "peft": peft.__version__, "accelerate": accelerate.__version__}
-
-
 @torch.no_grad()
 def check_packing(model: nn.Module) -> float:
     """Packed examples must give the logits each gives alone; raise if this model's attention ignores the
@@ -219,7 +211,6 @@ def validate(model: nn.Module, val: Packed, batch_size: int, accelerator) -> dic
 def _eval_ppl(model: nn.Module, tokenizer, corpus: str, windows: int, seq_len: int, progress: bool) -> dict | None:
     if not windows or tokenizer is None:
         return None
-    from ..evaluation.perplexity import perplexity
 
     return perplexity(model, tokenizer, corpus, seq_len=seq_len, limit_windows=windows, progress=progress).to_dict()
 
@@ -257,10 +248,6 @@ class _Schedule:
 def _check_before_load(source_dir: Path, teacher, data, config: RecoveryConfig, manifest: dict | None) -> None:
     """What the configs and files decide, before any weight loads: LoRA targets the model has, a teacher that
     exists, and data that parses."""
-    from ..models import locate
-    from ..preflight import model_config, shape_model
-    from .data import load_records
-
     load_records(data, config.data_format)
     if config.mode == "lora":
         resolve_target_modules(shape_model(model_config(locate(source_dir))).model, config.target_modules)
@@ -312,7 +299,6 @@ def _prepare_checkpoint_dir(checkpoint_dir: Path | None, resume: bool | str | Pa
     if checkpoint_dir is not None and complete_checkpoints(checkpoint_dir):
         if not overwrite:
             raise FileExistsError(f"{checkpoint_dir} holds checkpoints of an earlier run: resume it (--resume) or start over (--overwrite)")
-        from .checkpoints import remove_checkpoints
 
         remove_checkpoints(checkpoint_dir)
     return None
@@ -401,7 +387,7 @@ def recover(
     source_dir, manifest = None, None
     if isinstance(model, (str, Path)):
         source_dir = Path(model)
-        manifest = read_manifest(source_dir) if (source_dir / MANIFEST).is_file() else None
+        manifest = manifest_or_none(source_dir)
         _check_before_load(source_dir, teacher, data, config, manifest)
         model, loaded_tokenizer, _ = load_model(source_dir, dtype="float32", device=str(device))
         tokenizer = tokenizer if tokenizer is not None else loaded_tokenizer
@@ -440,8 +426,6 @@ def recover(
     state = {"step": 0, "tokens": 0, "target_tokens": 0, "train_wall_s": 0.0, "history": [], "validation": [],
              "resumed_at": [], "eval": {}, "fingerprint": fingerprint}
     if resume_from is not None:
-        from .checkpoints import read_state
-
         saved = read_state(resume_from)
         _check_fingerprint(saved["fingerprint"], fingerprint, resume_from)
     else:
@@ -610,5 +594,5 @@ def _record(config, state, data_, schedule, total_steps, accelerator, timings, t
         "validation": state["validation"],
         "eval": {"corpus": eval_corpus, "windows": eval_windows, "seq_len": eval_seq_len, **state["eval"]},
         "timings_s": timings,
-        "versions": library_versions(),
+        "versions": library_versions("peft", "accelerate"),
     }

@@ -3,9 +3,10 @@
 import json
 
 import pytest
-from eval_helpers import save_tiny
 
 from fidelprune.cli import main
+
+from eval_helpers import save_tiny
 
 QUICK = ["--tasks", "arc_easy,winogrande", "--limit", "2", "--ppl", "wikitext2", "--seq-len", "32", "--limit-windows",
          "2", "--prompt-len", "8", "--new-tokens", "4", "--repeats", "1", "--no-progress"]

@@ -5,9 +5,10 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from eval_helpers import smollm2_tokenizer, tiny_lm
 
 from fidelprune.evaluation import CORPORA, load_corpus, perplexity
+
+from eval_helpers import smollm2_tokenizer, tiny_lm
 
 
 @pytest.fixture(scope="module")

@@ -6,10 +6,11 @@ import math
 import pytest
 
 import fidelprune
-from conftest import tiny_model, tiny_windows
-from fidelprune.checkpoint import OutputExistsError
 from fidelprune.evaluation import EvalConfig, plot_run, read_results, to_markdown, write_results
 from fidelprune.evaluation.report import combine, comparison_rows, run_summary
+from fidelprune.outputs import OutputExistsError
+
+from conftest import tiny_model, tiny_windows
 
 
 def fake_result(ppl: float, acc: float, params: int, rate: float, per_item: list[float] | None = None) -> dict:

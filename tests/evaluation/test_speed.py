@@ -4,8 +4,9 @@ import math
 
 import pytest
 
-from conftest import tiny_model
 from fidelprune.evaluation import measure_speed, model_size
+
+from conftest import tiny_model
 
 
 def test_model_size_counts_tied_weights_once():

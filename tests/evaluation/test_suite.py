@@ -3,10 +3,11 @@
 import json
 
 import pytest
-from eval_helpers import smollm2_tokenizer, tiny_lm
 
 import fidelprune
 from fidelprune.evaluation import EvalConfig, load_corpus
+
+from eval_helpers import smollm2_tokenizer, tiny_lm
 
 
 def test_evaluate_in_memory_model_beside_baseline(tmp_path):

@@ -7,13 +7,14 @@ from pathlib import Path
 
 import lm_eval
 import pytest
-from eval_helpers import read_jsonl, smollm2_tokenizer, tiny_lm
 from lm_eval.tasks._yaml_loader import load_yaml
 
-from fidelprune.utils import bundled_path
 from fidelprune.evaluation import BUNDLED_TASKS, load_tasks, zeroshot
 from fidelprune.evaluation.tasks import TASKS_DIR
 from fidelprune.evaluation.zeroshot import TaskResult, commonsense_average, parse_tasks
+from fidelprune.utils import bundled_path
+
+from eval_helpers import read_jsonl, smollm2_tokenizer, tiny_lm
 
 FIRST = 3  # documents whose rendered requests are checked
 
