@@ -1,6 +1,6 @@
-"""The "Latest results" tables of benchmarks/README.md, rendered from results/*.json.
+"""The "Latest results" tables of benchmarks/RESULTS.md, rendered from results/*.json.
 
-    python benchmarks/report.py           # rewrite the block between the report markers in benchmarks/README.md
+    python benchmarks/report.py           # rewrite the block between the report markers in benchmarks/RESULTS.md
     python benchmarks/report.py --check   # exit 1 if that block no longer matches the results files
 
 Only the tables are generated; the prose around them is written by people. Each table links the results file
@@ -19,17 +19,21 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import RESULTS  # noqa: E402
 from cost import FORWARD_METHODS, GRADIENT_METHODS, time_ratios  # noqa: E402
-from quality import SWEEP_METHODS, table_order  # noqa: E402
-from quality import FIVE_TASKS  # noqa: E402
+from quality import (  # noqa: E402
+    FIVE_TASKS,  # noqa: E402
+    SWEEP_METHODS,
+    table_order,
+)
 from quality import TASKS as TASK_NAMES  # noqa: E402
 
-from fidelprune.utils import bundled_path  # noqa: E402
 from fidelprune.evaluation.paired import average_difference, paired_difference  # noqa: E402
 from fidelprune.evaluation.tasks.loaders import boolq_docs  # noqa: E402
+from fidelprune.utils import bundled_path  # noqa: E402
 
-README = Path(__file__).parent / "README.md"
+from common import RESULTS  # noqa: E402
+
+PAGE = Path(__file__).parent / "RESULTS.md"  # the generated results page
 START, END = "<!-- report:start (python benchmarks/report.py) -->", "<!-- report:end -->"
 TITLES = {"arc_easy": "ARC-e", "arc_challenge": "ARC-c", "piqa": "PIQA", "boolq": "BoolQ", "winogrande": "WinoGrande",
           "openbookqa": "OBQA"}
@@ -316,22 +320,22 @@ def render(results: Path = RESULTS) -> str:
 
 def spliced(readme: str, tables: str) -> str:
     if START not in readme or END not in readme:
-        raise SystemExit(f"{README} lacks the report markers: put {START} and {END} where the tables go")
+        raise SystemExit(f"{PAGE} lacks the report markers: put {START} and {END} where the tables go")
     head, rest = readme.split(START, 1)
     return f"{head}{START}\n{tables}\n{END}{rest.split(END, 1)[1]}"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--check", action="store_true", help="exit 1 if README.md's tables differ from the results files")
+    parser.add_argument("--check", action="store_true", help="exit 1 if RESULTS.md's tables differ from the results files")
     args = parser.parse_args()
-    readme = README.read_text()
+    readme = PAGE.read_text()
     updated = spliced(readme, render())
     if args.check:
         if updated != readme:
-            sys.exit("benchmarks/README.md is out of date with results/: run python benchmarks/report.py")
+            sys.exit("benchmarks/RESULTS.md is out of date with results/: run python benchmarks/report.py")
         return
-    README.write_text(updated)
+    PAGE.write_text(updated)
 
 
 if __name__ == "__main__":
