@@ -4,6 +4,7 @@
     pruned, report = fidelprune.prune(model, tokenizer, method="hfprune", ratio=0.2)
     fidelprune.save(pruned, tokenizer, report, "pruned/")
     fidelprune.export("pruned/", fidelprune.ExportConfig(to="gguf", outtype="q8_0"))   # llama.cpp; or to="vllm"
+    fidelprune.prune_location("smollm2", fidelprune.PruneConfig(), "pruned/")   # `fidelprune prune`: load, prune, save
 
 The data flow and which module owns which step: docs/architecture.md.
 """

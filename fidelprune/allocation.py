@@ -8,7 +8,7 @@ layers by one global ranking (global allocation), with protected layers kept who
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 import torch
 from torch import nn
@@ -80,8 +80,8 @@ class AllocationConfig:
             check_int("--search-step", self.search_step, 1)
             if self.search_step % self.round_to:
                 raise AllocationError(f"--search-step {self.search_step} must be a multiple of --round-to {self.round_to}")
-        searched = (self.search_samples, self.search_generations, self.search_offspring, self.search_step, self.search_seed)
-        if self.kind != "search" and searched != (4, 12, 8, None, 0):
+        searched = {f.name for f in fields(self) if f.name.startswith("search_") and getattr(self, f.name) != f.default}
+        if self.kind != "search" and searched:
             raise AllocationError("--search-* options apply to --allocation search only")
         if self.kind == "uniform" and self.min_keep is not None:
             raise AllocationError("--min-keep applies to --allocation global or search (uniform keeps the same width everywhere)")

@@ -1,8 +1,10 @@
-"""The end-to-end pruning recipe: plan width -> calibrate -> score -> select -> (refit) -> remove -> (save).
+"""The pruning run: plan width -> calibrate -> score -> select -> (refit) -> remove -> (save), and around it, for a
+model given by location, the checks before the load, the memory plan, the load and the save.
 
     config = PruneConfig(MethodConfig("sdmprune"), allocation=AllocationConfig(ratio=0.3))
     pruned, report = fidelprune.prune(model, tokenizer, config)
     pruned, report = fidelprune.prune(model, tokenizer, method="sdmprune", ratio=0.3)   # the same, as keywords
+    run = fidelprune.prune_location("smollm2", config, "pruned/")   # `fidelprune prune`: load, prune, save
 
 Everything that can be checked from the config and the model's shapes is checked before any compute.
 """
@@ -451,7 +453,7 @@ def prune_location(
     load_s = time.perf_counter() - start
     mapped = mapped_share(model) if offload == "disk" else None
     if mapped is not None and mapped < 0.9:
-        say(f"[yellow]warning:[/] only {mapped:.0%} of the weights are memory-mapped from their files "
+        say(f"warning: only {mapped:.0%} of the weights are memory-mapped from their files "
             f"(this transformers copied the rest into memory): --offload disk saves little over --offload cpu")
     pruned, report = prune(model, tokenizer, config, scores=scores, inplace=True, source=model_source,
                            progress=progress and distributed.is_main(), stream_on=device if offload else None)
