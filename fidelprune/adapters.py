@@ -169,6 +169,9 @@ class AdaptedModel:
     def __init__(self, model: nn.Module, adapter: Adapter | None = None) -> None:
         self.model = model
         self.adapter = adapter or get_adapter(model)
+        if model.get_output_embeddings() is None:  # a bare decoder (LlamaModel): nothing to score predictions with
+            raise UnsupportedModelError(f"{type(model).__name__} has no language-model head: fidelprune prunes causal "
+                                        f"LMs; load the model with AutoModelForCausalLM (or fidelprune.load_model)")
         self.home: torch.device | None = None  # streamed (--offload): where the decoder layers live between runs
         self._outside: _Moved | None = None  # streamed: everything but the layers, moved to the compute device
 

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .adapters import AdaptedModel, adapt
-from .errors import FidelpruneError, check_float, check_int
+from .errors import FidelpruneError, check_float, check_int, check_seed
 from .scoring import Scores, standardize
 
 
@@ -75,7 +75,7 @@ class AllocationConfig:
         check_int("--search-samples", self.search_samples, 1)
         check_int("--search-generations", self.search_generations, 0)
         check_int("--search-offspring", self.search_offspring, 1)
-        check_int("--search-seed", self.search_seed)
+        check_seed("--search-seed", self.search_seed)
         if self.search_step is not None:
             check_int("--search-step", self.search_step, 1)
             if self.search_step % self.round_to:

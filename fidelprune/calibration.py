@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import FidelpruneError, check_int
+from .errors import FidelpruneError, check_int, check_seed
 from .utils import bundled_path, file_sha256
 
 DEFAULT_CALIBRATION = "c4"  # the bundled C4 train sample, shard 00000 (the seed methods' corpus)
@@ -47,6 +47,7 @@ class CalibrationConfig:
         self.source = str(self.source)
         check_window_shape(self.samples, self.seq_len)
         check_sampling(self.sampling)
+        check_seed("--seed", self.seed)
 
     @classmethod
     def from_dict(cls, settings: dict) -> CalibrationConfig:

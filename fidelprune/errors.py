@@ -10,6 +10,11 @@ class FidelpruneError(Exception):
     """A user error: bad settings, files or models. Subclasses also derive from the matching built-in type."""
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the run is, as SIGINT raises KeyboardInterrupt: every `finally` and cleanup runs, and the
+    CLI ends with one line (exit 143; 130 for SIGINT). `kept`, where set, says what the run left for a later one."""
+
+
 class ConfigError(FidelpruneError, ValueError):
     """A setting out of its range or of the wrong type."""
 
@@ -19,6 +24,16 @@ def check_int(name: str, value, low: int | None = None) -> None:
         raise ConfigError(f"{name} must be a whole number, got {value!r}")
     if low is not None and value < low:
         raise ConfigError(f"{name} must be at least {low}, got {value}")
+
+
+SEED_MAX = 2**63 - 1  # what torch.Generator.manual_seed and every seeded draw here take
+
+
+def check_seed(name: str, value) -> None:
+    """A seed: a whole number from 0 to SEED_MAX."""
+    check_int(name, value, 0)
+    if value > SEED_MAX:
+        raise ConfigError(f"{name} must be at most {SEED_MAX} (a 64-bit seed), got {value}")
 
 
 def check_float(name: str, value, low: float | None = None, high: float | None = None, *,

@@ -6,6 +6,7 @@ import hashlib
 import importlib.util
 import json
 import logging
+import re
 import struct
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -14,7 +15,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from .adapters import AdaptedModel, adapt, adapter_for
+from .adapters import AdaptedModel, UnsupportedModelError, adapt, adapter_for
 from .errors import ConfigError, FidelpruneError
 from .layout import DECILM_TYPE, LAYER_WIDTHS_KEY, PER_LAYER_KEY, ModelShape, homogeneous_config
 from .placement import place, resolve_device_map
@@ -200,6 +201,8 @@ def load_model(
     location, gguf_file, name, directory = where.location, where.gguf_file, where.name, where.directory
     source = where.name
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    if not gguf_file and directory.is_dir():
+        _check_local_weights(where, trust_remote_code)  # before any weight is read
     try:
         tokenizer = tokenizer if tokenizer is not None else load_tokenizer(where, trust_remote_code)
         if not gguf_file and directory.exists() and _per_layer(directory):
@@ -239,16 +242,73 @@ def stored_dtype(where: ModelLocation) -> torch.dtype:
     if not shards:  # a hub id: the config says how the weights were saved
         dtype = getattr(model_config(where), "dtype", None)
         return dtype if isinstance(dtype, torch.dtype) else getattr(torch, str(dtype or "float32"))
-    with open(shards[0], "rb") as f:
-        try:
-            header = json.loads(f.read(struct.unpack("<Q", f.read(8))[0]))
-        except (struct.error, ValueError) as err:
-            raise ModelLoadError(f"{shards[0]} is not a readable safetensors file: {err}") from None
-    kinds = {entry["dtype"] for key, entry in header.items() if key != "__metadata__"} & set(_SAFETENSORS_DTYPES)
+    kinds = {entry["dtype"] for entry in safetensors_header(shards[0]).values()} & set(_SAFETENSORS_DTYPES)
     if len(kinds) != 1:
         raise ConfigError(f"--offload disk: the weights of {where.name} are stored in {sorted(kinds) or 'no float dtype'}, "
                           f"not one float dtype; use --offload cpu")
     return _SAFETENSORS_DTYPES[kinds.pop()]
+
+
+def safetensors_header(path: Path) -> dict[str, dict]:
+    """{tensor name: its header entry (dtype, shape, data_offsets)} of a safetensors file, read without its data; a
+    file shorter than its header says (an interrupted download or copy) is named as damaged or incomplete."""
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as f:
+            length = struct.unpack("<Q", f.read(8))[0]
+            if length > size - 8:
+                raise ValueError(f"a header of {length} bytes in a file of {size}")
+            header = json.loads(f.read(length))
+        entries = {name: entry for name, entry in header.items() if name != "__metadata__"}
+        end = max((entry["data_offsets"][1] for entry in entries.values()), default=0)
+    except (struct.error, ValueError, UnicodeDecodeError, KeyError, TypeError, IndexError) as err:
+        raise ModelLoadError(f"{path} is damaged or incomplete (its header cannot be read: {err}); download or save "
+                             f"the model again") from None
+    if 8 + length + end > size:
+        raise ModelLoadError(f"{path} is damaged or incomplete: it has {size:,} bytes and its header describes "
+                             f"{8 + length + end:,} (an interrupted download or copy?); download or save the model again")
+    return entries
+
+
+# tensors old checkpoints carry that transformers ignores on load (modeling_utils._adjust_missing_and_unexpected_keys)
+_IGNORED_EXTRA = re.compile(r"rotary_emb\.inv_freq|(^|\.)position_ids$")
+
+
+def check_weight_files(directory: Path, model: nn.Module) -> None:
+    """Before the weights load: the directory's safetensors files hold every tensor of the model config.json
+    describes (`model`, on the meta device: shape_model), each of its shape, and no other. transformers would initialise a
+    missing tensor at random and run on, so a damaged or mismatched checkpoint would be pruned as if it were fine.
+    Files named in another scheme than the model's (no name in common) are left to transformers' own mapping."""
+    found: dict[str, tuple[Path, tuple]] = {}
+    for shard in sorted(directory.glob("*.safetensors")):
+        found.update({name: (shard, tuple(entry["shape"])) for name, entry in safetensors_header(shard).items()})
+    owned = {**dict(model.named_parameters()), **dict(model.named_buffers())}  # a tied weight is named once here
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    if not set(found) & set(expected):
+        return
+    missing = sorted(name for name in expected if name not in found and name in owned)
+    if missing:
+        raise ModelLoadError(f"{directory}'s weights lack {missing[0]}" + (f" and {len(missing) - 1} more tensors" if len(missing) > 1 else "")
+                             + " that its config.json's model has: the files are incomplete or belong to another model; "
+                               "download or save the model again")
+    for name, (shard, shape) in found.items():
+        if name in expected and shape != expected[name]:
+            raise ModelLoadError(f"{shard}: {name} has shape {list(shape)}, its config.json's model {list(expected[name])}: "
+                                 f"the weights and config.json come from different models")
+    extra = sorted(name for name in found if name not in expected and not _IGNORED_EXTRA.search(name))
+    if extra:
+        raise ModelLoadError(f"{found[extra[0]][0]} holds {extra[0]}" + (f" and {len(extra) - 1} more tensors" if len(extra) > 1 else "")
+                             + f" that its config.json's model has no place for ({model.config.num_hidden_layers} layers): the "
+                               "weights and config.json come from different models")
+
+
+def _check_local_weights(where: ModelLocation, trust_remote_code: bool) -> None:
+    config = model_config(where, trust_remote_code)
+    try:
+        adapter_for(getattr(config, "model_type", None))
+    except UnsupportedModelError:
+        return  # fidelprune does not shape this family (an evaluation baseline, say): transformers' loader decides
+    check_weight_files(where.directory, shape_model(config).model)
 
 
 def mapped_share(model: nn.Module) -> float:
@@ -299,15 +359,17 @@ def local_config(directory: Path) -> PreTrainedConfig | None:
 
 def model_config(where: ModelLocation, trust_remote_code: bool = False) -> PreTrainedConfig:
     """The model's transformers config, from config.json or the GGUF header; no weights are read."""
+    from huggingface_hub.errors import StrictDataclassError  # transformers' configs check their fields' types
     from transformers import AutoConfig
 
-    if not where.gguf_file and where.directory.is_dir() and (config := local_config(where.directory)) is not None:
-        return config
     kwargs = {"gguf_file": where.gguf_file} if where.gguf_file else {}
     try:
+        if not where.gguf_file and where.directory.is_dir() and (config := local_config(where.directory)) is not None:
+            return config
         return AutoConfig.from_pretrained(where.location, trust_remote_code=trust_remote_code, **kwargs)
-    except (OSError, ValueError, json.JSONDecodeError, struct.error, IndexError, KeyError) as err:  # a damaged GGUF: struct
-        raise ModelLoadError(f"cannot read the config of {where.name}: {err}") from err
+    except (OSError, ValueError, TypeError, json.JSONDecodeError, struct.error, IndexError, KeyError,
+            StrictDataclassError) as err:  # a damaged GGUF: struct; a config.json value of the wrong type: StrictDataclassError
+        raise ModelLoadError(f"cannot read the config of {where.name}: {' '.join(str(err).split())}") from err
 
 
 def model_shape(config: PreTrainedConfig) -> ModelShape:
@@ -321,10 +383,14 @@ def shape_model(config: PreTrainedConfig) -> AdaptedModel:
     from transformers import AutoModelForCausalLM
 
     adapter_for(getattr(config, "model_type", None))  # unsupported families stop here
-    with torch.device("meta"):
-        model: nn.Module = AutoModelForCausalLM.from_config(config)
+    try:
+        with torch.device("meta"):
+            model: nn.Module = AutoModelForCausalLM.from_config(config)
+        widths = model_shape(config).mlp_widths
+    except (AttributeError, KeyError, TypeError, ValueError) as err:  # a key missing, or of the wrong type
+        raise ModelLoadError(f"the model's config.json does not describe a {config.model_type} model "
+                             f"({type(err).__name__}: {err}); is it complete, with numbers where numbers belong?") from None
     adapted = adapt(model)
-    widths = model_shape(config).mlp_widths
     for view in adapted.mlps():
         if widths[view.index] < view.width:
             adapted.slice_mlp(view, torch.arange(widths[view.index], device="meta"))

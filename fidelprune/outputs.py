@@ -10,7 +10,8 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -44,6 +45,70 @@ class OutputExistsError(FidelpruneError, FileExistsError):
     """The output directory already holds files."""
 
 
+# lock files this process holds, with their nesting depth: a run claims its output, then its save claims it again
+_CLAIMS: dict[Path, int] = {}
+
+
+@contextmanager
+def claimed(output: str | Path) -> Iterator[Path]:
+    """Hold `output` for the block: a lock file `.NAME.lock` beside it names this process, so a second run to the
+    same output stops at once with one line naming this one (checking an output at the start is not enough: two
+    runs would both find it empty). A lock whose process is gone (a killed run) is taken over. Claims nest."""
+    output = Path(output)
+    lock = _lock_path(output)
+    key = Path(os.path.abspath(lock))
+    if key not in _CLAIMS:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        _take(lock, output)
+    _CLAIMS[key] = _CLAIMS.get(key, 0) + 1
+    try:
+        yield output
+    finally:
+        _CLAIMS[key] -= 1
+        if not _CLAIMS[key]:
+            del _CLAIMS[key]
+            lock.unlink(missing_ok=True)
+
+
+def _take(lock: Path, output: Path) -> None:
+    for _ in range(3):
+        try:
+            handle = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            owner = _lock_owner(lock)
+            if owner is not None and not _alive(owner):
+                lock.unlink(missing_ok=True)
+                log.warning("took over the lock of %s left by a run that ended (process %d)", output, owner)
+                continue
+            raise OutputExistsError(
+                f"output {output} is being written by another run (process {owner or 'unknown'}, lock file {lock}); "
+                f"wait for it to end or choose another --output (no such run going on? delete the lock file)") from None
+        with os.fdopen(handle, "w") as f:
+            f.write(f"{os.getpid()}\n")
+        return
+    raise OutputExistsError(f"output {output} is being claimed by other runs at the same time; choose another --output")
+
+
+def _lock_path(output: Path) -> Path:
+    return output.parent / f".{output.name}.lock"
+
+
+def _lock_owner(lock: Path) -> int | None:
+    """The process id in a lock file; None while it is being written (or cannot be read)."""
+    try:
+        return int(lock.read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def loaded_from(model: nn.Module) -> list[Path]:
+    """The local model folder `model` was loaded from, as transformers recorded it (`name_or_path`), whatever
+    loaded it; a folder without config.json (a GGUF file's directory, a hub id) is not one."""
+    name = getattr(model, "name_or_path", None) or getattr(getattr(model, "config", None), "_name_or_path", None)
+    folder = Path(str(name)) if name else None
+    return [folder] if folder is not None and (folder / "config.json").is_file() else []
+
+
 def overlaps(output: Path, source: Path) -> bool:
     """Whether writing `output` could destroy `source`: the same path, or one inside the other (links resolved)."""
     out, src = output.resolve(), source.resolve()
@@ -65,6 +130,13 @@ def check_output_dir(output: str | Path, overwrite: bool = False, inputs: Iterab
 def _refuse_inputs_and_tidy(output: Path, inputs: Iterable[str | Path]) -> Path:
     """What every output check starts with: refuse an output that is, holds or lies inside an input; then clear
     (on rank 0 of a data-parallel run) what killed runs left beside it, putting back a moved-aside output."""
+    try:
+        resolved = output.resolve()
+    except (RuntimeError, OSError) as err:  # a symbolic-link loop: RuntimeError before Python 3.13, OSError since
+        raise OutputExistsError(f"cannot use output {output} ({err}); choose another --output") from None
+    if resolved == Path.cwd() or resolved in Path.cwd().parents:
+        raise OutputExistsError(f"output {output} is the working directory or holds it; give a new folder's name "
+                                f"(--output pruned/)")
     for source in inputs:
         if overlaps(output, Path(source)):
             raise OutputExistsError(
@@ -114,6 +186,10 @@ def remove_stale_siblings(output: Path) -> list[Path]:
             else:
                 path.unlink(missing_ok=True)
             removed.append(path)
+    lock = _lock_path(output)
+    if lock.is_file() and (owner := _lock_owner(lock)) is not None and not _alive(owner):
+        lock.unlink(missing_ok=True)
+        removed.append(lock)
     if removed:
         log.warning("removed %d temporary file(s) or folder(s) left beside %s by interrupted runs: %s", len(removed), output,
                     ", ".join(p.name for p in removed))
@@ -134,22 +210,35 @@ def atomic_directory_write(output: str | Path, write, overwrite: bool = False, i
     """Run write(tmp_dir) in a temporary sibling of `output`, then rename it into place, so an interrupted run
     never leaves a directory that looks complete (and the next run to the same output removes its leftovers)."""
     output = check_output_dir(output, overwrite, inputs)  # also clears what killed runs left beside it
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temporary_sibling(output)
-    try:
-        write(tmp)
-        _default_permissions(tmp)
-        if output.exists():
-            old = temporary_sibling(output, "old")
-            _rename(output, old / output.name)  # a kill between these two renames: see remove_stale_siblings
-            _rename(tmp, output)
-            shutil.rmtree(old)
-        else:
-            _rename(tmp, output)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with claimed(output):
+        tmp = temporary_sibling(output)
+        try:
+            write(tmp)
+            _default_permissions(tmp)
+            _swap_in(tmp, output, overwrite)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     return output
+
+
+def _swap_in(tmp: Path, output: Path, overwrite: bool) -> None:
+    """Rename the written folder into place; never over an output that appeared during the write unless asked."""
+    if output.exists() and not overwrite and (not output.is_dir() or any(output.iterdir())):
+        raise OutputExistsError(f"output {output} appeared while this run was writing it; nothing was written "
+                                f"there: choose another --output or pass --overwrite")
+    if output.exists():
+        old = temporary_sibling(output, "old")
+        _rename(output, old / output.name)  # a kill between these two renames: see remove_stale_siblings
+        try:
+            _rename(tmp, output)
+        except BaseException:  # interrupted (or failed) here: the previous output goes back at once
+            (old / output.name).rename(output)
+            shutil.rmtree(old, ignore_errors=True)
+            raise
+        shutil.rmtree(old)
+    else:
+        _rename(tmp, output)
 
 
 def check_output_file(output: str | Path, overwrite: bool = False, inputs: Iterable[str | Path] = ()) -> Path:
@@ -167,17 +256,20 @@ def atomic_file_write(output: str | Path, write, overwrite: bool = False, inputs
     """Run write(tmp_file) on a temporary sibling of `output`, then rename it into place (see
     atomic_directory_write); write may raise to abandon the file."""
     output = check_output_file(output, overwrite, inputs)  # also clears what killed runs left beside it
-    output.parent.mkdir(parents=True, exist_ok=True)
-    handle, name = tempfile.mkstemp(prefix=f".{output.name}.tmp-{os.getpid()}-", dir=output.parent)
-    os.close(handle)
-    tmp = Path(name)
-    try:
-        write(tmp)
-        tmp.chmod(0o666 & ~_umask())
-        os.replace(tmp, output)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with claimed(output):
+        handle, name = tempfile.mkstemp(prefix=f".{output.name}.tmp-{os.getpid()}-", dir=output.parent)
+        os.close(handle)
+        tmp = Path(name)
+        try:
+            write(tmp)
+            tmp.chmod(0o666 & ~_umask())
+            if output.exists() and not overwrite:
+                raise OutputExistsError(f"output {output} appeared while this run was writing it; nothing was "
+                                        f"written there: choose another --output or pass --overwrite")
+            os.replace(tmp, output)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
     return output
 
 

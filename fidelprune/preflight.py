@@ -29,6 +29,7 @@ def check_prune(where: ModelLocation, config: PruneConfig, scores: str | Path | 
     model_cfg = model_config(where, trust_remote_code)
     shapes = shape_model(model_cfg)
     check_width_plan(shapes, config, scores_given=scores is not None)
+    _check_refit_tokens(shapes, config)
     alloc = config.allocation
     if alloc.kind == "search" and alloc.search_samples > config.calibration.samples:
         raise ConfigError(f"--search-samples {alloc.search_samples} is more than the {config.calibration.samples} "
@@ -40,6 +41,21 @@ def check_prune(where: ModelLocation, config: PruneConfig, scores: str | Path | 
     if scores is not None:
         check_scores_fit(score_shapes(scores), shapes.widths(), str(scores))
     return shapes
+
+
+def _check_refit_tokens(shapes: AdaptedModel, config: PruneConfig) -> None:
+    """The refit solves for each MLP's I neurons (and an intercept) from the calibration tokens: with no more tokens
+    than that it reproduces them exactly, a layer error of 0 that says nothing, and the refit weights are noise."""
+    recon, calib = config.reconstruction, config.calibration
+    if recon.mode == "none":
+        return
+    _, samples, _ = recon.own_draw(calib)
+    width, tokens = max(shapes.widths()), samples * calib.seq_len
+    if tokens <= width + 1:
+        flag = "--reconstruct-samples" if recon.samples else "--samples"
+        raise ConfigError(f"--reconstruct {recon.mode} fits each MLP's {width} neurons on {samples} x {calib.seq_len} = "
+                          f"{tokens} calibration tokens, too few to determine the fit (it needs more than {width + 1}); "
+                          f"raise {flag} or --seq-len, or pass --reconstruct none")
 
 
 def check_calibration(tokenizer, config: PruneConfig, scores_given: bool = False) -> None:

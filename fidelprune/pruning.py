@@ -15,6 +15,7 @@ import hashlib
 import logging
 import time
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -41,7 +42,7 @@ from .models import (
     source_paths,
     stored_dtype,
 )
-from .outputs import check_output_dir, check_scores_fit, load_scores, save_pruned
+from .outputs import check_output_dir, check_scores_fit, claimed, load_scores, loaded_from, save_pruned
 from .placement import describe, device_map_of, offloaded, resolve_device_map
 from .planner import MemoryPlan, check_device_map_fits, check_fits, plan_run
 from .preflight import check_calibration, check_prune
@@ -137,11 +138,18 @@ def prune(
         config = PruneConfig.from_options(method, ratio, **options)
     adapted = adapt(model)
     check_placement(model, streamed=stream_on is not None)
+    if any(p.is_inference() for p in model.parameters()):
+        raise ConfigError("the model's weights were made under torch.inference_mode(), so no gradient can flow "
+                          "through them; load the model outside inference_mode")
     if stream_on is not None:
         adapted.stream(stream_on)
+    # Gradient methods need autograd: a caller's no_grad() or inference_mode() block (a notebook's habit) is lifted
+    # for the run; every weight stays frozen, so nothing else changes.
     try:
-        return _run(adapted, tokenizer, config, calibration_ids=calibration_ids, reconstruction_ids=reconstruction_ids,
-                    scores=scores, inplace=inplace, progress=progress, source=source)
+        with torch.inference_mode(False), torch.enable_grad():
+            return _run(adapted, tokenizer, config, calibration_ids=calibration_ids,
+                        reconstruction_ids=reconstruction_ids, scores=scores, inplace=inplace, progress=progress,
+                        source=source)
     finally:
         adapted.unstream()
 
@@ -370,7 +378,7 @@ def build_manifest(
 def save(model: nn.Module, tokenizer, report: PruneReport, output: str | Path, overwrite: bool = False) -> Path:
     """Write the pruned checkpoint (vanilla transformers layout) plus pruning.json, scores and calibration ids."""
     start = time.perf_counter()
-    inputs = source_paths(report.manifest["source_model"])
+    inputs = [*source_paths(report.manifest["source_model"]), *loaded_from(model)]  # whatever loaded it
     path = save_pruned(model, tokenizer, output, report.manifest, report.scores, report.calibration_ids,
                        extra_scores=report.extra_scores, overwrite=overwrite, reconstruction_ids=report.reconstruction_ids,
                        inputs=inputs)
@@ -431,40 +439,43 @@ def prune_location(
     output = Path(output) if output is not None else default_output(source, config)
     inputs = [*where.input_paths(), *([scores] if scores else []),
               *(Path(p) for p in (config.calibration.source, config.reconstruction.calibration) if p and Path(p).exists())]
-    if not dry_run:
-        check_output_dir(output, overwrite, inputs)  # rank 0 also clears what killed runs left beside the output
-    distributed.barrier()
-    device = distributed.local_device(resolve_device(device))
-    torch_dtype = resolve_dtype(dtype, device)
-    if offload == "disk":
-        torch_dtype = _disk_dtype(where, dtype, torch_dtype)
-    shapes = check_prune(where, config, scores, trust_remote_code)
-    placement = resolve_device_map(device_map, shapes.model, torch_dtype) if device_map else None
-    plans = _memory_plans(shapes, config, torch_dtype, device, offload, placement, dry_run, where.gguf_file is None, say, show)
-    if dry_run:
-        return PruneRun(None, None, plans)
-    start = time.perf_counter()
-    tokenizer = load_tokenizer(where, trust_remote_code)
-    check_calibration(tokenizer, config, scores_given=scores is not None)
-    say(f"loading {source or 'packaged SmolLM2-135M-Instruct'}")
-    model, tokenizer, model_source = load_model(source, dtype=torch_dtype, device="cpu" if offload else device,
-                                                trust_remote_code=trust_remote_code, tokenizer=tokenizer,
-                                                device_map=placement)
-    load_s = time.perf_counter() - start
-    mapped = mapped_share(model) if offload == "disk" else None
-    if mapped is not None and mapped < 0.9:
-        say(f"warning: only {mapped:.0%} of the weights are memory-mapped from their files "
-            f"(this transformers copied the rest into memory): --offload disk saves little over --offload cpu")
-    pruned, report = prune(model, tokenizer, config, scores=scores, inplace=True, source=model_source,
-                           progress=progress and distributed.is_main(), stream_on=device if offload else None)
-    report.manifest["timings_s"]["load"] = load_s
-    if mapped is not None:
-        report.manifest["execution"].update(offload="disk", weights_on="memory-mapped from the safetensors files",
-                                            weights_mapped_share=mapped)
-    report.manifest["memory_plan"] = plans[0].to_dict() if len(plans) == 1 else [plan.to_dict() for plan in plans]
-    path = save(pruned, tokenizer, report, output, overwrite=overwrite) if distributed.is_main() else output
-    distributed.barrier()  # every process holds the same pruned model; one writes it
-    return PruneRun(path, report, plans)
+    with ExitStack() as held:
+        if not dry_run:
+            check_output_dir(output, overwrite, inputs)  # rank 0 also clears what killed runs left beside the output
+            if distributed.is_main():
+                held.enter_context(claimed(output))  # until it is saved: a second run to it stops at once
+        distributed.barrier()
+        device = distributed.local_device(resolve_device(device))
+        torch_dtype = resolve_dtype(dtype, device)
+        if offload == "disk":
+            torch_dtype = _disk_dtype(where, dtype, torch_dtype)
+        shapes = check_prune(where, config, scores, trust_remote_code)
+        placement = resolve_device_map(device_map, shapes.model, torch_dtype) if device_map else None
+        plans = _memory_plans(shapes, config, torch_dtype, device, offload, placement, dry_run, where.gguf_file is None, say, show)
+        if dry_run:
+            return PruneRun(None, None, plans)
+        start = time.perf_counter()
+        tokenizer = load_tokenizer(where, trust_remote_code)
+        check_calibration(tokenizer, config, scores_given=scores is not None)
+        say(f"loading {source or 'packaged SmolLM2-135M-Instruct'}")
+        model, tokenizer, model_source = load_model(source, dtype=torch_dtype, device="cpu" if offload else device,
+                                                    trust_remote_code=trust_remote_code, tokenizer=tokenizer,
+                                                    device_map=placement)
+        load_s = time.perf_counter() - start
+        mapped = mapped_share(model) if offload == "disk" else None
+        if mapped is not None and mapped < 0.9:
+            say(f"warning: only {mapped:.0%} of the weights are memory-mapped from their files "
+                f"(this transformers copied the rest into memory): --offload disk saves little over --offload cpu")
+        pruned, report = prune(model, tokenizer, config, scores=scores, inplace=True, source=model_source,
+                               progress=progress and distributed.is_main(), stream_on=device if offload else None)
+        report.manifest["timings_s"]["load"] = load_s
+        if mapped is not None:
+            report.manifest["execution"].update(offload="disk", weights_on="memory-mapped from the safetensors files",
+                                                weights_mapped_share=mapped)
+        report.manifest["memory_plan"] = plans[0].to_dict() if len(plans) == 1 else [plan.to_dict() for plan in plans]
+        path = save(pruned, tokenizer, report, output, overwrite=overwrite) if distributed.is_main() else output
+        distributed.barrier()  # every process holds the same pruned model; one writes it
+        return PruneRun(path, report, plans)
 
 
 def _check_execution(device_map, offload: str | None, device: str | None) -> None:

@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 from .adapters import AdaptedModel, MLPView, adapt
 from .calibration import DEFAULT_SAMPLING, CalibrationConfig, record_dict, sample_windows
 from .distributed import is_main, shard, sum_, sum_number
-from .errors import ConfigError, FidelpruneError, check_int
+from .errors import ConfigError, FidelpruneError, check_int, check_seed
 from .utils import batches, frozen_eval, registered
 
 MODES = ("none", "parallel", "sequential")
@@ -91,6 +91,8 @@ class ReconstructionConfig:
         check_options(self.mode, self.lam, self.target, self.select)
         if self.samples is not None:
             check_int("--reconstruct-samples", self.samples, 1)
+        if self.seed is not None:
+            check_seed("--reconstruct-seed", self.seed)
         if self.mode == "none" and self.separate:
             raise ConfigError("separate reconstruction windows were given but reconstruct is 'none': choose parallel or sequential")
 

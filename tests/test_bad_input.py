@@ -54,6 +54,13 @@ CASES = [
     ("prune {tiny} --keep 24 --reconstruct sequential --reconstruct-lambda -1 -o {dir}/out", "lambda", BEFORE_LOAD),
     ("prune {tiny} --keep 24 --reconstruct none --reconstruct-seed 3 -o {dir}/out", "reconstruct is 'none'", BEFORE_LOAD),
     ("prune {tiny} --keep 24 --seq-len 32 --samples 4 --reconstruct-calibration {dir}/short.txt -o {dir}/out", "fewer than", BEFORE_LOAD),
+    # a refit on no more tokens than neurons reproduces them exactly: an error of 0 that says nothing (issue 49)
+    ("prune {tiny} --keep 24 --samples 1 --seq-len 2 -o {dir}/out", "too few to determine the fit", BEFORE_LOAD),
+    ("prune {tiny} --keep 24 --samples 4 --seq-len 32 --reconstruct-samples 1 -o {dir}/out", "raise --reconstruct-samples", BEFORE_LOAD),
+    ("prune {tiny} --keep 24 --samples 2 --seq-len 16 --sampling spans --reconstruct none --calibration {dir}/blank.txt -o {dir}/out",
+     "has 0 tokens", BEFORE_LOAD),
+    ("eval {tiny} --baseline none --tasks none --no-speed --seq-len 16 --ppl {dir}/blank.txt -o {dir}/out", "holds no text", BEFORE_LOAD),
+    ("recover {tiny} --data c4 --seq-len 128 -o {dir}/out", "exceeds the model's 64 positions", BEFORE_LOAD),
     # --recipe best's 256 refit windows, one per document, from a source with enough documents for the 4 scoring ones
     ("prune {tiny} --recipe best --keep 24 --seq-len 32 --samples 4 --calibration {dir}/few.jsonl -o {dir}/out",
      "fewer than the 256 windows needed (one per document, as the seed methods draw them): use a larger source, lower "
@@ -218,6 +225,7 @@ def _scratch(directory: Path) -> dict[str, Path]:
     (directory / "short.txt").write_text("too short")
     (directory / "few.jsonl").write_text("".join(json.dumps({"text": f"document {i}: " + "word " * 60}) + "\n" for i in range(8)))
     (directory / "empty.txt").write_text("")
+    (directory / "blank.txt").write_text("  \n\n \t \n")
     (directory / "file.txt").write_text("a plain file")
     (directory / "exists.gguf").write_bytes(b"an earlier export")
     (directory / "half.gguf").write_bytes(b"GGUF\x03\x00\x00\x00")  # a download cut after its first bytes
@@ -294,6 +302,9 @@ API_CASES = [
     (dict(method="hfprune", keep=24, form="sideways"), "sideways"),
     (dict(method="hfprune", keep=24, objective="nope"), "nope"),
     (dict(method="hfprune", keep=24, samples=0), "samples"),
+    (dict(method="random", keep=24, seed=2**70), "--seed must be at most"),
+    (dict(method="random", keep=24, seed=-1), "--seed must be at least 0"),
+    (dict(method="hfprune", keep=24, allocation="search", search_seed=2**64), "--search-seed must be at most"),
 ]
 
 
@@ -303,6 +314,23 @@ def test_bad_python_input_raises_fidelprunes_own_error(kwargs, message):
     with pytest.raises(FidelpruneError) as caught:
         prune(model, None, progress=False, **kwargs)
     assert message in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_a_notebooks_grad_mode_does_not_matter_and_a_headless_model_is_named():
+    """prune() inside no_grad() or inference_mode() scores exactly as outside; a decoder without its head, or
+    weights made under inference_mode, are one-line errors."""
+    model, windows = tiny_model("llama"), tiny_windows()
+    expected = prune(model, None, "hfprune", keep=24, calibration_ids=windows, progress=False)[1].scores
+    for mode in (torch.no_grad, torch.inference_mode):
+        with mode():
+            got = prune(model, None, "hfprune", keep=24, calibration_ids=windows, progress=False)[1].scores
+        assert all(torch.equal(expected[i], got[i]) for i in expected), mode.__name__
+    with pytest.raises(FidelpruneError, match="LlamaModel has no language-model head"):
+        prune(model.model, None, "magnitude", keep=24, progress=False)
+    with torch.inference_mode():
+        made_inside = tiny_model("llama")
+    with pytest.raises(FidelpruneError, match="inference_mode"):
+        prune(made_inside, None, "magnitude", keep=24, progress=False)
 
 
 def test_a_killed_runs_temporary_folder_is_removed_by_the_next_run(tmp_path, caplog):

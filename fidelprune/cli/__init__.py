@@ -6,10 +6,12 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
+import threading
 import traceback
 
-from ..errors import FidelpruneError
+from ..errors import FidelpruneError, Terminated
 from . import eval as eval_command
 from . import export as export_command
 from . import prune as prune_command
@@ -35,8 +37,17 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if not args.verbose:
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    in_main_thread = threading.current_thread() is threading.main_thread()  # where Python delivers signals
+    previous = signal.signal(signal.SIGTERM, _terminate) if in_main_thread else None
     try:
         return args.run(args)
+    except KeyboardInterrupt as stop:  # SIGINT, or SIGTERM as Terminated: temporary files are gone by now
+        if args.verbose:
+            raise
+        kept = getattr(stop, "kept", None)
+        print(f"error: interrupted by {'SIGTERM' if isinstance(stop, Terminated) else 'SIGINT'}; no output was written"
+              + (f"; {kept}" if kept else ""), file=sys.stderr)
+        return 143 if isinstance(stop, Terminated) else 130
     except (FidelpruneError, ValueError, OSError) as err:
         if args.verbose:
             raise
@@ -48,3 +59,10 @@ def main(argv: list[str] | None = None) -> int:
         print("error: this is a bug in fidelprune, not in your input: please report it with the command and the "
               "traceback above", file=sys.stderr)
         return 1
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _terminate(signum, frame) -> None:
+    raise Terminated()

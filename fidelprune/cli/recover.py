@@ -4,11 +4,12 @@
 from __future__ import annotations
 
 import argparse
+from contextlib import nullcontext
 from pathlib import Path
 
-from ..outputs import OutputExistsError, check_output_dir, overlaps
+from ..outputs import OutputExistsError, check_output_dir, claimed, overlaps
 from ..recovery import recover, save_recovered
-from ..recovery.checkpoints import remove_checkpoints
+from ..recovery.checkpoints import latest_checkpoint, remove_checkpoints
 from ..recovery.data import BUNDLED_DATA, FORMATS
 from ..recovery.modes import DEFAULT_TARGETS
 from ..recovery.train import LOSSES, MODES, PRECISIONS, RecoveryConfig
@@ -85,14 +86,21 @@ def run(args) -> int:
             raise OutputExistsError(f"--checkpoint-dir {checkpoint_dir} would write into the input {source}; choose "
                                     f"one outside it")
     check_output_dir(output, args.overwrite, [*inputs, checkpoint_dir])  # before any compute
-    model, report = recover(
-        model_dir, args.teacher, args.data, checkpoint_dir=checkpoint_dir, resume=args.resume,
-        overwrite_checkpoints=args.overwrite, eval_corpus=args.eval_corpus, eval_windows=args.eval_windows,
-        eval_seq_len=args.eval_seq_len, **options,
-    )
-    report.record["cli"] = {k: v for k, v in vars(args).items() if k != "run"}
-    path = save_recovered(model, None, report, output, overwrite=args.overwrite)
-    if not args.keep_checkpoints and PartialState().is_main_process:
+    main_process = PartialState().is_main_process
+    with claimed(output) if main_process else nullcontext():  # until saved: a second run to it stops at once
+        try:
+            model, report = recover(
+                model_dir, args.teacher, args.data, checkpoint_dir=checkpoint_dir, resume=args.resume,
+                overwrite_checkpoints=args.overwrite, eval_corpus=args.eval_corpus, eval_windows=args.eval_windows,
+                eval_seq_len=args.eval_seq_len, **options,
+            )
+        except KeyboardInterrupt as stop:  # say what an interrupted run keeps
+            newest = latest_checkpoint(checkpoint_dir)
+            stop.kept = f"checkpoint kept at {newest}: continue with --resume" if newest else None
+            raise
+        report.record["cli"] = {k: v for k, v in vars(args).items() if k != "run"}
+        path = save_recovered(model, None, report, output, overwrite=args.overwrite)
+    if not args.keep_checkpoints and main_process:
         remove_checkpoints(checkpoint_dir)
     print_summary(f"fidelprune recover -> {path}", report.summary())
     return 0

@@ -14,6 +14,7 @@ from ..errors import ConfigError
 from ..layout import manifest_or_none
 from ..models import PACKAGED, load_model, locate, model_config, resolve_device, shape_model
 from ..placement import resolve_device_map
+from .perplexity import EvaluationError, load_corpus
 from .report import combine
 from .suite import EvalConfig, evaluate_model
 
@@ -83,6 +84,9 @@ def check_evaluation(sources: list[str | None], config: EvalConfig, device: str 
     if device_map is not None and device not in (None, "auto"):
         raise ConfigError("--device-map places every module itself; drop --device (or drop --device-map)")
     resolve_device(device)
+    for corpus in config.ppl:  # a file of white space would fail only after the model's load
+        if not load_corpus(corpus).strip():
+            raise EvaluationError(f"--ppl {corpus} holds no text (only white space); give a file with text")
     wheres = [locate(source) for source in sources]  # every source exists and is readable before any is checked
     for where, model_cfg in [(where, model_config(where, trust_remote_code)) for where in wheres]:
         if device_map is not None:

@@ -16,7 +16,7 @@ from pathlib import Path
 from torch import nn
 
 from ..adapters import adapt
-from ..errors import ConfigError, check_int
+from ..errors import ConfigError, check_int, check_seed
 from ..models import resolve_device
 from ..placement import device_map_of
 from .perplexity import CORPORA, perplexity
@@ -48,6 +48,7 @@ class EvalConfig:
 
     def __post_init__(self) -> None:
         check_int("--seq-len", self.seq_len, 2)
+        check_seed("--seed", self.seed)
         for flag, value in (("--batch-size", self.batch_size), ("--prompt-len", self.prompt_len),
                             ("--new-tokens", self.new_tokens), ("--speed-batch", self.speed_batch), ("--repeats", self.repeats)):
             check_int(flag, value, 1)

@@ -14,7 +14,7 @@ import torch
 
 from ..adapters import AdaptedModel, MLPView
 from ..allocation import AllocationConfig, WidthPlan, select_neurons
-from ..errors import ConfigError, check_float, check_int
+from ..errors import ConfigError, check_float, check_int, check_seed
 from ..objectives import OBJECTIVES, get_objective, sdmprune_defaults
 from ..scoring import FORMS, ActivationStats, Scores, activation_statistics, check_finite, taylor_scores
 
@@ -68,7 +68,7 @@ class MethodConfig:
     def __post_init__(self) -> None:
         self.method = canonical_name(self.method)
         check_int("--batch-size", self.batch_size, 1)
-        check_int("--seed", self.seed)
+        check_seed("--seed", self.seed)
         check_int("--steps", self.steps, 1)
         check_float("stage1_keep", self.stage1_keep, 0, 1, low_open=True)
         if self.alpha is not None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -23,17 +24,22 @@ from .modes import trainable_parameters
 
 STATE = "state.json"
 WEIGHTS = "trainable.safetensors"
+# the names this module writes; retention and clean-up touch nothing else in a --checkpoint-dir (a user's
+# "step-1-notes" folder there is theirs)
+STEP_NAME = re.compile(r"step-\d{6}")
+TEMPORARY_NAME = re.compile(r"\.step-\d{6}\.tmp-\d+-.*")
 
 
 def step_dir(root: Path, step: int) -> Path:
     return root / f"step-{step:06d}"
 
 
+def _written_here(root: Path, name: re.Pattern) -> list[Path]:
+    return sorted(p for p in root.iterdir() if p.is_dir() and name.fullmatch(p.name)) if root.is_dir() else []
+
+
 def complete_checkpoints(root: str | Path) -> list[Path]:
-    root = Path(root)
-    if not root.is_dir():
-        return []
-    return sorted(p for p in root.glob("step-*") if (p / STATE).is_file())
+    return [p for p in _written_here(Path(root), STEP_NAME) if (p / STATE).is_file()]
 
 
 def latest_checkpoint(root: str | Path) -> Path | None:
@@ -111,11 +117,17 @@ def load_checkpoint(checkpoint: Path, model: nn.Module, optimizer, scheduler, ac
     return read_state(checkpoint)
 
 
+def remove_checkpoints_from(root: Path, step: int) -> None:
+    """Delete the complete checkpoints of `step` and later (their weights are not to be resumed from)."""
+    for path in complete_checkpoints(root):
+        if read_state(path)["step"] >= step:
+            shutil.rmtree(path, ignore_errors=True)
+
+
 def remove_checkpoints(root: Path) -> None:
-    """Delete the step-* directories this module wrote, and `root` itself if nothing else is left in it."""
-    for path in root.glob("step-*"):
-        shutil.rmtree(path, ignore_errors=True)
-    for path in root.glob(".step-*.tmp-*"):
+    """Delete the checkpoint folders this module writes (complete, incomplete and temporary), and `root` itself if
+    nothing else is left in it."""
+    for path in [*_written_here(root, STEP_NAME), *_written_here(root, TEMPORARY_NAME)]:
         shutil.rmtree(path, ignore_errors=True)
     if root.is_dir() and not any(root.iterdir()):
         root.rmdir()

@@ -8,7 +8,7 @@ from pathlib import Path
 from torch import nn
 
 from ..layout import MANIFEST, RECOVERY_FILE
-from ..outputs import atomic_directory_write, save_model
+from ..outputs import atomic_directory_write, loaded_from, save_model
 from .train import RecoveryReport
 
 
@@ -32,4 +32,6 @@ def save_recovered(model: nn.Module, tokenizer, report: RecoveryReport, output: 
                 "steps": r["training"]["steps"], "tokens": r["training"]["tokens"], "from": r["student"]["path"]}}
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
 
-    return atomic_directory_write(output, write, overwrite)
+    student = report.record.get("student", {}).get("path")
+    inputs = [*loaded_from(model), *([Path(student)] if student and Path(student).exists() else [])]
+    return atomic_directory_write(output, write, overwrite, inputs)

@@ -24,17 +24,29 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .._version import __version__
-from ..errors import ConfigError, check_float, check_int
+from ..errors import ConfigError, FidelpruneError, check_float, check_int, check_seed
 from ..evaluation.perplexity import perplexity
 from ..layout import manifest_or_none
 from ..models import load_model, locate, model_config, parameters_sha256, shape_model
 from ..utils import check_finite_weights, eval_mode, library_versions
-from .checkpoints import complete_checkpoints, latest_checkpoint, load_checkpoint, read_state, remove_checkpoints, save_checkpoint
+from .checkpoints import (
+    complete_checkpoints,
+    latest_checkpoint,
+    load_checkpoint,
+    read_state,
+    remove_checkpoints,
+    remove_checkpoints_from,
+    save_checkpoint,
+)
 from .data import Packed, RecoveryData, build_data, load_records
 from .losses import teacher_log_probs, token_loss_sums
 from .modes import DEFAULT_TARGETS, apply_lora, merge_lora, prepare_full, resolve_target_modules, trainable_parameters
 
 log = logging.getLogger(__name__)
+
+
+class TrainingError(FidelpruneError, RuntimeError):
+    """Training that cannot go on (a non-finite loss); the message says what to change."""
 
 MODES = ("lora", "full")
 LOSSES = ("ce", "kd", "mix")
@@ -97,6 +109,7 @@ class RecoveryConfig:
         for name in ("batch_size", "grad_accum", "eval_every", "save_every"):
             check_int(f"--{name.replace('_', '-')}", getattr(self, name), 1)
         check_int("--keep-last", self.keep_last, 0)
+        check_seed("--seed", self.seed)
         if self.max_steps is not None:
             check_int("--max-steps", self.max_steps, 1)
         check_float("--epochs", self.epochs, 0, low_open=True)
@@ -238,7 +251,8 @@ class _Schedule:
     def micro_batches(self, step: int) -> list[torch.Tensor]:
         epoch, index = divmod(step, self.steps_per_epoch)
         if epoch not in self._orders:
-            self._orders = {epoch: torch.randperm(self.rows, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch))}
+            seed = (self.seed * 1_000_003 + epoch) % 2**63  # the same for every seed below 9e12; no overflow above
+            self._orders = {epoch: torch.randperm(self.rows, generator=torch.Generator().manual_seed(seed))}
         rows = self._orders[epoch][index * self.global_rows : (index + 1) * self.global_rows]
         per_process = self.batch_size * self.grad_accum
         mine = rows[self.rank * per_process : (self.rank + 1) * per_process]
@@ -246,16 +260,21 @@ class _Schedule:
 
 
 def _check_before_load(source_dir: Path, teacher, data, config: RecoveryConfig, manifest: dict | None) -> None:
-    """What the configs and files decide, before any weight loads: LoRA targets the model has, a teacher that
-    exists, and data that parses."""
+    """What the configs and files decide, before any weight loads: LoRA targets the model has, rows the model's
+    positions hold, a teacher that exists, and data that parses."""
     load_records(data, config.data_format)
+    model_cfg = model_config(locate(source_dir))
     if config.mode == "lora":
-        resolve_target_modules(shape_model(model_config(locate(source_dir))).model, config.target_modules)
+        resolve_target_modules(shape_model(model_cfg).model, config.target_modules)
     if config.uses_teacher and teacher is None and manifest is None:
         raise ConfigError("distillation needs a teacher: pass one (--teacher), or recover a fidelprune output "
                           "directory whose pruning.json names its source model")
     if config.uses_teacher and isinstance(teacher, (str, Path)):
         locate(teacher)
+    positions = getattr(model_cfg, "max_position_embeddings", None)
+    if positions and config.seq_len > positions:
+        raise ConfigError(f"--seq-len {config.seq_len} exceeds the model's {positions} positions; choose --seq-len "
+                          f"{positions} or less")
 
 
 def _resolve_teacher(teacher, config: RecoveryConfig, manifest: dict | None, device):
@@ -469,33 +488,35 @@ def recover(
     # checkpoints of earlier versions lack steps_s: their wall time stands in for it
     wall_before, steps_before = state["train_wall_s"], state.get("steps_s", state["train_wall_s"])
     metrics: dict = {}
-    for step in range(start_step, total_steps):
-        step_start = time.perf_counter()
-        metrics = _train_step(wrapped, teacher, data_.train, schedule.micro_batches(step), optimizer, scheduler,
-                              accelerator, config)
-        session_steps_s += time.perf_counter() - step_start
-        state["steps_s"] = steps_before + session_steps_s
-        state["step"] = step + 1
-        state["tokens"] += metrics["tokens"]
-        state["target_tokens"] += metrics["target_tokens"]
-        session_tokens += metrics["tokens"]
-        metrics = {"step": step + 1, **metrics, "tokens_per_s": session_tokens / session_steps_s if session_steps_s > 0 else None}
-        state["history"].append(metrics)
-        bar.set_postfix(loss=f'{metrics["loss"]:.4f}', tok_s=f'{metrics["tokens_per_s"]:.0f}', lr=f'{metrics["lr"]:.2e}')
-        bar.update(1)
-        last = step + 1 == total_steps
-        if data_.val is not None and ((step + 1) % config.eval_every == 0 or last):
-            val = {"step": step + 1, **validate(wrapped, data_.val, config.batch_size, accelerator)}
-            state["validation"].append(val)
-            if progress and accelerator.is_main_process:
-                bar.write(f'step {step + 1}: val loss {val["loss"]:.4f}, ppl {val["ppl"]:.2f}')
-        state["train_wall_s"] = wall_before + time.perf_counter() - session_start
-        if checkpoint_dir is not None and (step + 1) % config.save_every == 0 and not last:
-            save_checkpoint(checkpoint_dir, step + 1, accelerator.unwrap_model(wrapped), optimizer, scheduler, state,
-                            accelerator, config.keep_last)
-        if on_step is not None:
-            on_step(step + 1, metrics)
-    bar.close()
+    with bar:  # closed however the loop ends, so that an interrupt's one line is the last thing printed
+        for step in range(start_step, total_steps):
+            step_start = time.perf_counter()
+            metrics = _train_step(wrapped, teacher, data_.train, schedule.micro_batches(step), optimizer, scheduler,
+                                  accelerator, config)
+            if not math.isfinite(metrics["loss"]):  # diverged: every later step and the model would be garbage
+                raise TrainingError(_diverged(step + 1, metrics["loss"], config, checkpoint_dir, accelerator))
+            session_steps_s += time.perf_counter() - step_start
+            state["steps_s"] = steps_before + session_steps_s
+            state["step"] = step + 1
+            state["tokens"] += metrics["tokens"]
+            state["target_tokens"] += metrics["target_tokens"]
+            session_tokens += metrics["tokens"]
+            metrics = {"step": step + 1, **metrics, "tokens_per_s": session_tokens / session_steps_s if session_steps_s > 0 else None}
+            state["history"].append(metrics)
+            bar.set_postfix(loss=f'{metrics["loss"]:.4f}', tok_s=f'{metrics["tokens_per_s"]:.0f}', lr=f'{metrics["lr"]:.2e}')
+            bar.update(1)
+            last = step + 1 == total_steps
+            if data_.val is not None and ((step + 1) % config.eval_every == 0 or last):
+                val = {"step": step + 1, **validate(wrapped, data_.val, config.batch_size, accelerator)}
+                state["validation"].append(val)
+                if progress and accelerator.is_main_process:
+                    bar.write(f'step {step + 1}: val loss {val["loss"]:.4f}, ppl {val["ppl"]:.2f}')
+            state["train_wall_s"] = wall_before + time.perf_counter() - session_start
+            if checkpoint_dir is not None and (step + 1) % config.save_every == 0 and not last:
+                save_checkpoint(checkpoint_dir, step + 1, accelerator.unwrap_model(wrapped), optimizer, scheduler, state,
+                                accelerator, config.keep_last)
+            if on_step is not None:
+                on_step(step + 1, metrics)
 
     start = time.perf_counter()
     final = accelerator.unwrap_model(wrapped)
@@ -552,6 +573,18 @@ def _train_step(model, teacher, train: Packed, micro_batches, optimizer, schedul
     return {"loss": totals[0].item() / n, "ce": totals[1].item() / n, "kl": totals[2].item() / n if teacher is not None else None,
             "lr": lr, "grad_norm": float(grad_norm) if grad_norm is not None else None,
             "tokens": int(totals[3].item()), "target_tokens": int(global_targets)}
+
+
+def _diverged(step: int, loss: float, config: RecoveryConfig, checkpoint_dir: Path | None, accelerator) -> str:
+    """The one line for a non-finite loss at `step`. That loss came from the weights after step - 1, so the
+    checkpoints from step - 1 on hold diverged weights: they are removed, and the newest one left is named."""
+    kept = None
+    if checkpoint_dir is not None and accelerator.is_main_process:
+        remove_checkpoints_from(checkpoint_dir, step - 1)
+        kept = latest_checkpoint(checkpoint_dir)
+    advice = "lower --lr" + ("" if config.max_grad_norm else " or clip gradients (--max-grad-norm 1)")
+    return (f"step {step}: the training loss is {loss}: training diverged; {advice} (--lr was {config.lr:g}); no model "
+            f"was written" + (f"; the last good checkpoint is kept at {kept}" if kept else ""))
 
 
 def _record(config, state, data_, schedule, total_steps, accelerator, timings, trainable, lora_targets, source_dir,

@@ -1,0 +1,247 @@
+"""Faults a fair but unlucky user meets (issue 49): two runs to one output, an output that appears meanwhile, saving
+over the folder a model came from, a checkpoint folder shared with the user's own files, Ctrl-C and SIGTERM.
+Nothing is lost, and each ends with one line. Signals and the concurrent run are real, in subprocesses."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import transformers
+
+import fidelprune
+from fidelprune.cli import main
+from fidelprune.outputs import OutputExistsError, atomic_directory_write, claimed
+
+from conftest import tree_digest
+
+# The child runs the CLI and stops at the `call`-th call of module.function (it touches `marker` and sleeps there),
+# so that a signal or a second run lands at that moment every time.
+CHILD = """
+import sys, time
+from pathlib import Path
+import {module} as target
+original = target.{function}
+calls = []
+def stop_here(*args, **kwargs):
+    calls.append(1)
+    if len(calls) == {call}:
+        Path({marker!r}).touch()
+        time.sleep(120)
+    return original(*args, **kwargs)
+target.{function} = stop_here
+from fidelprune.cli import main
+sys.exit(main({argv!r}))
+"""
+PRUNE = ["prune", "{tiny}", "--keep", "24", "--samples", "4", "--seq-len", "32", "--reconstruct", "none"]
+
+
+def _start_stopped(module: str, function: str, argv: list[str], marker: Path, call: int = 1) -> subprocess.Popen:
+    code = CHILD.format(module=module, function=function, argv=argv, marker=str(marker), call=call)
+    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                             env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    deadline = time.monotonic() + 240
+    while not marker.exists():
+        assert child.poll() is None, f"the child ended before the stop point: {child.stderr.read()[-2000:]}"
+        assert time.monotonic() < deadline, "the child never reached the stop point"
+        time.sleep(0.05)
+    return child
+
+
+def _argv(template: list[str], tiny_dir: Path, *extra: str) -> list[str]:
+    return [a.format(tiny=tiny_dir) for a in template] + list(extra)
+
+
+def _leftovers(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith("."))
+
+
+def test_a_second_run_to_the_same_output_stops_at_once_naming_the_first(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    first = _start_stopped("fidelprune.outputs", "save_scores", _argv(PRUNE, tiny_dir, "-o", str(out)), tmp_path / "m")
+    try:
+        # even with --overwrite: the first run owns the output until it has saved it
+        assert main(_argv(PRUNE, tiny_dir, "-o", str(out), "--overwrite")) == 2
+        error = capsys.readouterr().err.strip().splitlines()[-1]
+        assert f"being written by another run (process {first.pid}" in error, error
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    assert not out.exists()
+    assert main(_argv(PRUNE, tiny_dir, "-o", str(out))) == 0  # the killed run's lock and folder are taken over
+    assert (out / "pruning.json").is_file() and _leftovers(tmp_path) == []
+
+
+def test_claims_nest_in_one_process_and_end_with_the_block(tmp_path):
+    out = tmp_path / "out"
+    with claimed(out), claimed(out):  # a run claims its output, then its save claims it again
+        assert (tmp_path / ".out.lock").read_text().strip() == str(os.getpid())
+    assert _leftovers(tmp_path) == []
+    (tmp_path / ".out.lock").write_text("1\n")  # init, alive: another run holds it
+    with pytest.raises(OutputExistsError, match="process 1"):
+        with claimed(out):
+            pass
+
+
+def test_an_output_that_appears_while_writing_is_never_replaced(tmp_path):
+    out = tmp_path / "out"
+
+    def write(tmp: Path) -> None:
+        (tmp / "new").write_text("this run")
+        out.mkdir()  # someone else's output appears meanwhile
+        (out / "theirs").write_text("keep me")
+
+    with pytest.raises(OutputExistsError, match="appeared while this run was writing"):
+        atomic_directory_write(out, write)
+    assert (out / "theirs").read_text() == "keep me" and not (out / "new").exists() and _leftovers(tmp_path) == []
+
+
+def test_save_refuses_the_folder_the_model_was_loaded_from_whatever_loaded_it(tiny_dir, tmp_path):
+    source = tmp_path / "model"
+    shutil.copytree(tiny_dir, source)
+    before = tree_digest(source)
+    model = transformers.AutoModelForCausalLM.from_pretrained(source)  # not fidelprune.load_model: no source record
+    pruned, report = fidelprune.prune(model, None, "magnitude", keep=24, progress=False)
+    for target in (source, source / "inside"):
+        with pytest.raises(OutputExistsError, match="would overwrite the input"):
+            fidelprune.save(pruned, None, report, target, overwrite=True)
+    assert tree_digest(source) == before
+    fidelprune.save(pruned, None, report, tmp_path / "elsewhere")  # anywhere else is fine
+
+
+def test_the_working_directory_and_a_link_loop_are_refused_as_outputs(tiny_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    for output, message in ((".", "is the working directory"), (str(tmp_path.parent), "is the working directory"),
+                            ("loop", "cannot use output loop")):
+        assert main(_argv(PRUNE, tiny_dir, "-o", output, "--overwrite")) == 2
+        error = capsys.readouterr().err.strip().splitlines()[-1]
+        assert error.startswith("error: ") and message in error, error
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["loop"]
+
+
+def test_checkpoint_retention_deletes_only_what_the_run_wrote(tiny_dir, tmp_path):
+    checkpoints = tmp_path / "ckpt"
+    for name in ("step-1-notes", "step-000001-mine", "notes"):  # the user's, with names like a step's
+        (checkpoints / name).mkdir(parents=True)
+        (checkpoints / name / "state.json").write_text("{}")
+    argv = ["recover", str(tiny_dir), "--data", "c4", "--mode", "full", "--loss", "ce", "--max-steps", "4",
+            "--save-every", "1", "--keep-last", "1", "--seq-len", "32", "--batch-size", "1", "--max-examples", "16",
+            "--eval-windows", "0", "--checkpoint-dir", str(checkpoints), "-o", str(tmp_path / "out")]
+    assert main(argv) == 0
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["notes", "step-000001-mine", "step-1-notes"]
+
+
+@pytest.mark.parametrize("command,module,function,call,sig,code,kept", [
+    ("prune", "fidelprune.methods.base", "taylor_scores", 1, signal.SIGINT, 130, None),  # while scoring
+    ("prune", "fidelprune.outputs", "save_scores", 1, signal.SIGTERM, 143, None),  # while saving
+    ("recover", "fidelprune.recovery.train", "_train_step", 3, signal.SIGINT, 130, "checkpoint kept at"),
+])
+def test_an_interrupt_ends_with_one_line_and_leaves_nothing_half_written(command, module, function, call, sig, code,
+                                                                         kept, tiny_dir, tmp_path):
+    before = tree_digest(tiny_dir)
+    out = tmp_path / "out"
+    if command == "prune":
+        argv = _argv(PRUNE, tiny_dir, "-o", str(out))
+    else:
+        argv = ["recover", str(tiny_dir), "--data", "c4", "--mode", "full", "--loss", "ce", "--max-steps", "6",
+                "--save-every", "1", "--seq-len", "32", "--batch-size", "1", "--max-examples", "16",
+                "--eval-windows", "0", "-o", str(out)]
+    child = _start_stopped(module, function, argv, tmp_path / "m", call)
+    child.send_signal(sig)
+    _, err = child.communicate(timeout=120)
+    assert child.returncode == code, err[-2000:]
+    lines = err.strip().splitlines()
+    assert lines[-1].startswith(f"error: interrupted by {signal.Signals(sig).name}; no output was written"), lines[-3:]
+    assert "Traceback" not in err
+    if kept:
+        assert kept in lines[-1] and "--resume" in lines[-1]
+        newest = lines[-1].split("checkpoint kept at ")[1].split(":")[0]
+        assert json.loads((Path(newest) / "state.json").read_text())["step"] >= 1
+    assert not out.exists() and _leftovers(tmp_path) == [] and tree_digest(tiny_dir) == before
+
+
+def test_an_interrupted_overwrite_puts_the_previous_output_back_at_once(tiny_dir, tmp_path):
+    out = tmp_path / "out"
+    assert main(_argv(PRUNE, tiny_dir, "-o", str(out))) == 0
+    before = tree_digest(out)
+    argv = _argv(PRUNE, tiny_dir, "--keep", "16", "-o", str(out), "--overwrite")
+    child = _start_stopped("fidelprune.outputs", "_rename", argv, tmp_path / "m", call=2)  # between the swap's renames
+    child.send_signal(signal.SIGINT)
+    _, err = child.communicate(timeout=120)
+    assert child.returncode == 130 and "Traceback" not in err
+    assert tree_digest(out) == before and _leftovers(tmp_path) == []
+
+
+def test_training_stops_at_the_first_non_finite_loss_keeping_only_good_checkpoints(tiny_dir, tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    from fidelprune.recovery.checkpoints import read_state
+
+    out = tmp_path / "out"
+    argv = ["recover", str(tiny_dir), "--data", "c4", "--mode", "full", "--loss", "ce", "--lr", "1e3", "--warmup-ratio",
+            "0.5", "--max-grad-norm", "0", "--max-steps", "8", "--save-every", "1", "--keep-last", "8", "--seq-len", "32",
+            "--batch-size", "1", "--max-examples", "16", "--eval-windows", "0", "-o", str(out)]
+    assert main(argv) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "training diverged; lower --lr or clip gradients" in error and "no model was written" in error, error
+    step = int(error.split("error: step ")[1].split(":")[0])
+    kept = sorted((tmp_path / "out.checkpoints").iterdir())
+    assert kept and all(read_state(p)["step"] <= step - 2 for p in kept)  # the diverged weights are not kept
+    assert all(t.isfinite().all() for p in kept for t in load_file(str(p / "trainable.safetensors")).values())
+    assert f"the last good checkpoint is kept at {kept[-1]}" in error
+    assert not out.exists() and _leftovers(tmp_path) == []
+
+
+def _damaged(tiny_dir: Path, where: Path, damage: str) -> Path:
+    """A copy of the tiny checkpoint with one kind of damage."""
+    shutil.copytree(tiny_dir, where)
+    weights, config_path = where / "model.safetensors", where / "config.json"
+    config = json.loads(config_path.read_text())
+    if damage == "truncated":  # an interrupted download
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    elif damage == "empty":
+        weights.write_bytes(b"")
+    elif damage == "more layers":  # config.json says 3 layers, the file holds 2
+        config["num_hidden_layers"] = 3
+    elif damage == "fewer layers":
+        config["num_hidden_layers"] = 1
+    elif damage == "other width":
+        config["intermediate_size"] = 40
+    elif damage == "no width":  # LlamaConfig's default width then disagrees with the file
+        del config["intermediate_size"]
+    elif damage == "string":
+        config["hidden_size"] = "thirty-two"
+    config_path.write_text(json.dumps(config))
+    return where
+
+
+@pytest.mark.parametrize("damage,message", [
+    ("truncated", "is damaged or incomplete"),
+    ("empty", "is damaged or incomplete"),
+    ("more layers", "weights lack model.layers.2."),
+    ("fewer layers", "that its config.json's model has no place for (1 layers)"),
+    ("other width", "down_proj.weight has shape [32, 48], its config.json's model [32, 40]"),
+    ("no width", "its config.json's model [32, 11008]"),
+    ("string", "Field 'hidden_size' expected int, got str"),
+])
+def test_a_damaged_or_mismatched_checkpoint_is_one_line_before_any_weight_loads(damage, message, tiny_dir, tmp_path,
+                                                                               capsys, monkeypatch):
+    model = _damaged(tiny_dir, tmp_path / "model", damage)
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained",
+                        lambda *a, **k: pytest.fail("weights were loaded from a damaged checkpoint"))
+    for argv in ([*_argv(PRUNE, model), "-o", str(tmp_path / "out")],
+                 ["eval", str(model), "--baseline", "none", "--tasks", "none", "--no-speed", "--seq-len", "32",
+                  "--limit-windows", "1",
+                  "-o", str(tmp_path / "eval")]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1].startswith("error: ") and message in err[-1] and "Traceback" not in "\n".join(err), err[-3:]
+    assert not (tmp_path / "out").exists() and not (tmp_path / "eval").exists()
