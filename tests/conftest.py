@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -41,6 +44,39 @@ def tiny_model(family: str = "llama", seed: int = 0, **overrides) -> torch.nn.Mo
             if name.endswith("bias"):
                 p.normal_(0, 0.02)
     return model
+
+
+# A CLI run in a child process that stops at the `call`-th call of module.function (it touches `marker` and sleeps
+# there), so that a kill, a signal or a second run lands at that moment every time (test_kill.py, test_faults.py).
+_STOPPED_CHILD = """
+import sys, time
+from pathlib import Path
+import {module} as target
+original = target.{function}
+calls = []
+def stop_here(*args, **kwargs):
+    calls.append(1)
+    if len(calls) == {call}:
+        Path({marker!r}).touch()
+        time.sleep(120)
+    return original(*args, **kwargs)
+target.{function} = stop_here
+from fidelprune.cli import main
+sys.exit(main({argv!r}))
+"""
+
+
+def start_stopped(module: str, function: str, argv: list[str], marker: Path, call: int = 1) -> subprocess.Popen:
+    """The child, once it has reached the stop point (its stderr is a pipe, text)."""
+    code = _STOPPED_CHILD.format(module=module, function=function, argv=argv, marker=str(marker), call=call)
+    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                             env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    deadline = time.monotonic() + 240
+    while not marker.exists():
+        assert child.poll() is None, f"the child ended before the stop point: {child.stderr.read()[-2000:]}"
+        assert time.monotonic() < deadline, "the child never reached the stop point"
+        time.sleep(0.05)
+    return child
 
 
 def tree_digest(directory: Path) -> str:

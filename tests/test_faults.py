@@ -8,9 +8,6 @@ import json
 import os
 import shutil
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -20,39 +17,9 @@ import fidelprune
 from fidelprune.cli import main
 from fidelprune.outputs import OutputExistsError, atomic_directory_write, claimed
 
-from conftest import tree_digest
+from conftest import start_stopped, tree_digest
 
-# The child runs the CLI and stops at the `call`-th call of module.function (it touches `marker` and sleeps there),
-# so that a signal or a second run lands at that moment every time.
-CHILD = """
-import sys, time
-from pathlib import Path
-import {module} as target
-original = target.{function}
-calls = []
-def stop_here(*args, **kwargs):
-    calls.append(1)
-    if len(calls) == {call}:
-        Path({marker!r}).touch()
-        time.sleep(120)
-    return original(*args, **kwargs)
-target.{function} = stop_here
-from fidelprune.cli import main
-sys.exit(main({argv!r}))
-"""
 PRUNE = ["prune", "{tiny}", "--keep", "24", "--samples", "4", "--seq-len", "32", "--reconstruct", "none"]
-
-
-def _start_stopped(module: str, function: str, argv: list[str], marker: Path, call: int = 1) -> subprocess.Popen:
-    code = CHILD.format(module=module, function=function, argv=argv, marker=str(marker), call=call)
-    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                             env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    deadline = time.monotonic() + 240
-    while not marker.exists():
-        assert child.poll() is None, f"the child ended before the stop point: {child.stderr.read()[-2000:]}"
-        assert time.monotonic() < deadline, "the child never reached the stop point"
-        time.sleep(0.05)
-    return child
 
 
 def _argv(template: list[str], tiny_dir: Path, *extra: str) -> list[str]:
@@ -65,7 +32,7 @@ def _leftovers(folder: Path) -> list[str]:
 
 def test_a_second_run_to_the_same_output_stops_at_once_naming_the_first(tiny_dir, tmp_path, capsys):
     out = tmp_path / "out"
-    first = _start_stopped("fidelprune.outputs", "save_scores", _argv(PRUNE, tiny_dir, "-o", str(out)), tmp_path / "m")
+    first = start_stopped("fidelprune.outputs", "save_scores", _argv(PRUNE, tiny_dir, "-o", str(out)), tmp_path / "m")
     try:
         # even with --overwrite: the first run owns the output until it has saved it
         assert main(_argv(PRUNE, tiny_dir, "-o", str(out), "--overwrite")) == 2
@@ -154,7 +121,7 @@ def test_an_interrupt_ends_with_one_line_and_leaves_nothing_half_written(command
         argv = ["recover", str(tiny_dir), "--data", "c4", "--mode", "full", "--loss", "ce", "--max-steps", "6",
                 "--save-every", "1", "--seq-len", "32", "--batch-size", "1", "--max-examples", "16",
                 "--eval-windows", "0", "-o", str(out)]
-    child = _start_stopped(module, function, argv, tmp_path / "m", call)
+    child = start_stopped(module, function, argv, tmp_path / "m", call)
     child.send_signal(sig)
     _, err = child.communicate(timeout=120)
     assert child.returncode == code, err[-2000:]
@@ -173,7 +140,7 @@ def test_an_interrupted_overwrite_puts_the_previous_output_back_at_once(tiny_dir
     assert main(_argv(PRUNE, tiny_dir, "-o", str(out))) == 0
     before = tree_digest(out)
     argv = _argv(PRUNE, tiny_dir, "--keep", "16", "-o", str(out), "--overwrite")
-    child = _start_stopped("fidelprune.outputs", "_rename", argv, tmp_path / "m", call=2)  # between the swap's renames
+    child = start_stopped("fidelprune.outputs", "_rename", argv, tmp_path / "m", call=2)  # between the swap's renames
     child.send_signal(signal.SIGINT)
     _, err = child.communicate(timeout=120)
     assert child.returncode == 130 and "Traceback" not in err

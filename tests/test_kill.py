@@ -6,47 +6,19 @@ sleeps), so the kill lands there every time."""
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
 
-from conftest import tree_digest
-
-CHILD = """
-import sys, time
-from pathlib import Path
-import {module} as target
-original = target.{function}
-calls = []
-def stop_here(*args, **kwargs):
-    calls.append(1)
-    if len(calls) == {call}:
-        Path({marker!r}).touch()
-        time.sleep(120)
-    return original(*args, **kwargs)
-target.{function} = stop_here
-from fidelprune.cli import main
-sys.exit(main({argv!r}))
-"""
+from conftest import start_stopped, tree_digest
 
 
 def _kill_at(module: str, function: str, argv: list[str], marker: Path, call: int = 1) -> None:
-    code = CHILD.format(module=module, function=function, argv=argv, marker=str(marker), call=call)
-    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                             env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    deadline = time.monotonic() + 240
-    while not marker.exists():
-        assert child.poll() is None, "the child ended before reaching the kill point"
-        assert time.monotonic() < deadline, "the child never reached the kill point"
-        time.sleep(0.05)
+    child = start_stopped(module, function, argv, marker, call)
     child.send_signal(signal.SIGKILL)
-    child.wait()
+    child.communicate()
 
 
 @pytest.mark.parametrize("module,function", [
