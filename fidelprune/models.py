@@ -201,10 +201,10 @@ def load_model(
     location, gguf_file, name, directory = where.location, where.gguf_file, where.name, where.directory
     source = where.name
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(where, trust_remote_code)
     if not gguf_file and directory.is_dir():
-        _check_local_weights(where, trust_remote_code)  # before any weight is read
+        _check_local(where, trust_remote_code, tokenizer)  # before any weight is read
     try:
-        tokenizer = tokenizer if tokenizer is not None else load_tokenizer(where, trust_remote_code)
         if not gguf_file and directory.exists() and _per_layer(directory):
             model = load_pruned(directory, dtype=torch_dtype, device="cpu" if device_map is not None else device)
         else:
@@ -302,8 +302,13 @@ def check_weight_files(directory: Path, model: nn.Module) -> None:
                                "weights and config.json come from different models")
 
 
-def _check_local_weights(where: ModelLocation, trust_remote_code: bool) -> None:
+def _check_local(where: ModelLocation, trust_remote_code: bool, tokenizer) -> None:
+    """A local checkpoint's tokenizer fits its embedding, and its weight files its config.json."""
     config = model_config(where, trust_remote_code)
+    vocab = getattr(config, "vocab_size", None)
+    if vocab and len(tokenizer) > vocab:
+        raise ModelLoadError(f"{where.name}'s tokenizer has {len(tokenizer)} tokens and its embedding {vocab} rows: "
+                             f"the tokenizer belongs to another model; copy the model's own tokenizer files")
     try:
         adapter_for(getattr(config, "model_type", None))
     except UnsupportedModelError:

@@ -58,13 +58,19 @@ def _check_refit_tokens(shapes: AdaptedModel, config: PruneConfig) -> None:
                           f"raise {flag} or --seq-len, or pass --reconstruct none")
 
 
-def check_calibration(tokenizer, config: PruneConfig, scores_given: bool = False) -> None:
+def check_calibration(tokenizer, config: PruneConfig, vocab: int, scores_given: bool = False) -> None:
     """Draw the windows once with the model's tokenizer, so that a source with too little text for
-    samples x seq_len (or a file that cannot be read) fails before the weights load. The run draws them again
-    from the same seed: the same windows, for a few seconds of tokenization."""
+    samples x seq_len (or a file that cannot be read), or a tokenizer whose ids the model's `vocab` embedding rows
+    do not hold, fails before the weights load. The run draws them again from the same seed: the same windows, for
+    a few seconds of tokenization."""
     calib, recon = config.calibration, config.reconstruction
+    drawn = []
     if config.draws_windows(scores_given):
-        sample_windows(tokenizer, calib.source, calib.samples, calib.seq_len, calib.seed, calib.sampling)
+        drawn.append(sample_windows(tokenizer, calib.source, calib.samples, calib.seq_len, calib.seed, calib.sampling)[0])
     if recon.mode != "none" and recon.separate:
         source, samples, seed = recon.own_draw(calib)
-        reconstruction_windows(source, None, tokenizer, samples, calib.seq_len, seed, calib.sampling)
+        drawn.append(reconstruction_windows(source, None, tokenizer, samples, calib.seq_len, seed, calib.sampling)[0])
+    highest = max((int(ids.max()) for ids in drawn), default=-1)
+    if highest >= vocab:
+        raise CalibrationError(f"the tokenizer gives token id {highest}, and the model's embedding has {vocab} rows: "
+                               f"the tokenizer belongs to another model; use the model's own tokenizer files")

@@ -456,7 +456,8 @@ def prune_location(
             return PruneRun(None, None, plans)
         start = time.perf_counter()
         tokenizer = load_tokenizer(where, trust_remote_code)
-        check_calibration(tokenizer, config, scores_given=scores is not None)
+        check_calibration(tokenizer, config, shapes.model.get_input_embeddings().num_embeddings,
+                          scores_given=scores is not None)
         say(f"loading {source or 'packaged SmolLM2-135M-Instruct'}")
         model, tokenizer, model_source = load_model(source, dtype=torch_dtype, device="cpu" if offload else device,
                                                     trust_remote_code=trust_remote_code, tokenizer=tokenizer,

@@ -212,3 +212,25 @@ def test_a_damaged_or_mismatched_checkpoint_is_one_line_before_any_weight_loads(
         err = capsys.readouterr().err.strip().splitlines()
         assert err[-1].startswith("error: ") and message in err[-1] and "Traceback" not in "\n".join(err), err[-3:]
     assert not (tmp_path / "out").exists() and not (tmp_path / "eval").exists()
+
+
+def test_a_tokenizer_the_embedding_cannot_hold_is_one_line_before_the_load(tmp_path, capsys, monkeypatch):
+    from transformers import AutoTokenizer
+
+    from fidelprune.models import packaged_gguf
+
+    from conftest import tiny_model
+
+    gguf, model = packaged_gguf(), tmp_path / "small-vocab"
+    tiny_model("llama", vocab_size=1000).save_pretrained(model)  # SmolLM2's 49,152-token tokenizer beside it
+    AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(model)
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained",
+                        lambda *a, **k: pytest.fail("weights were loaded with a tokenizer they cannot embed"))
+    for argv, message in (([*_argv(PRUNE, model), "-o", str(tmp_path / "out")],
+                           "the tokenizer gives token id"),
+                          (["eval", str(model), "--baseline", "none", "--tasks", "none", "--no-speed", "--seq-len", "32",
+                            "-o", str(tmp_path / "eval")], "tokenizer has 49152 tokens and its embedding 1000 rows")):
+        assert main(argv) == 2
+        error = capsys.readouterr().err.strip().splitlines()[-1]
+        assert error.startswith("error: ") and message in error, error
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["small-vocab"]
