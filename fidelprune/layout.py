@@ -62,7 +62,37 @@ def read_manifest(directory: str | Path) -> dict:
         raise ManifestError(f"{path} is not valid JSON ({err}); it was damaged: prune again") from err
     if not isinstance(manifest, dict) or not {"method", "allocation", "kept_neurons"} <= manifest.keys():
         raise ManifestError(f"{path} is not a fidelprune pruning.json (it lacks method / allocation / kept_neurons)")
+    wrong = _wrongly_typed(manifest)
+    if wrong:
+        raise ManifestError(f"{path} has a pruning.json's keys, but its {wrong} is not what fidelprune writes there: "
+                            f"the file was edited or damaged; prune again")
     return manifest
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _wrongly_typed(manifest: dict) -> str | None:
+    """The first field readers rely on (report, eval, export, recover) that has another type than pruning.json's."""
+    method, allocation, kept = manifest["method"], manifest["allocation"], manifest["kept_neurons"]
+    if not isinstance(method, dict) or not isinstance(method.get("method"), str):
+        return "method"
+    if not isinstance(allocation, dict):
+        return "allocation"
+    for key in ("width_before", "width_after", "params_before", "params_after"):
+        if key in allocation and not _is_int(allocation[key]):
+            return f"allocation.{key}"
+    for key in ("layer_widths_before", "layer_widths_after"):
+        if key in allocation and not (isinstance(allocation[key], list) and all(map(_is_int, allocation[key]))):
+            return f"allocation.{key}"
+    if not isinstance(kept, dict) or not all(
+            isinstance(layer, str) and layer.isdigit() and isinstance(ids, list) and all(map(_is_int, ids))
+            for layer, ids in kept.items()):
+        return "kept_neurons"
+    if not isinstance(manifest.get("source_model", {}), dict):
+        return "source_model"
+    return None
 
 
 def manifest_or_none(directory: str | Path | None) -> dict | None:

@@ -189,6 +189,10 @@ CASES = [
     ("report {dir}/bad-run", "not valid JSON", BEFORE_LOAD),
     ("report {dir}/keyless-run", "is not a fidelprune pruning.json", BEFORE_LOAD),
     ("report {dir}/list-run", "is not a fidelprune pruning.json", BEFORE_LOAD),
+    # the right keys with the wrong types (issue 49): named, not a traceback
+    ("report {dir}/typeless-run", "but its method is not what fidelprune writes there", BEFORE_LOAD),
+    ("report {dir}/stringly-run", "but its allocation.width_before is not", BEFORE_LOAD),
+    ("report {dir}/mixed-run", "but its kept_neurons is not", BEFORE_LOAD),
     ("report {dir}/bad-results", "results.json", BEFORE_LOAD),
     ("report {dir}/file.txt", "is not a directory", BEFORE_LOAD),
     # model sources that are not there
@@ -243,6 +247,12 @@ def _scratch(directory: Path) -> dict[str, Path]:
     (directory / "keyless-run" / "pruning.json").write_text('{"method": "hfprune"}')
     (directory / "list-run").mkdir()
     (directory / "list-run" / "pruning.json").write_text("[1, 2]")
+    for name, manifest in (("typeless-run", {"method": "hfprune", "allocation": [1, 2], "kept_neurons": {"0": "abc"}}),
+                           ("stringly-run", {"method": {"method": "hfprune"}, "allocation": {"width_before": "x"},
+                                             "kept_neurons": {"0": [1, 2]}}),
+                           ("mixed-run", {"method": {"method": "hfprune"}, "allocation": {}, "kept_neurons": {"0": [1, "a"]}})):
+        (directory / name).mkdir()
+        (directory / name / "pruning.json").write_text(json.dumps(manifest))
     (directory / "bad-results").mkdir()
     (directory / "bad-results" / "results.json").write_text('{"model": ')
     layers = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "cpu", "model.norm": "cpu",
