@@ -53,11 +53,14 @@ _CLAIMS: dict[Path, int] = {}
 def claimed(output: str | Path) -> Iterator[Path]:
     """Hold `output` for the block: a lock file `.NAME.lock` beside it names this process, so a second run to the
     same output stops at once with one line naming this one (checking an output at the start is not enough: two
-    runs would both find it empty). A lock whose process is gone (a killed run) is taken over. Claims nest."""
+    runs would both find it empty). A lock whose process is gone (a killed run) is taken over. Claims nest. The
+    folders made for the lock are removed again if the run ends without writing anything into them."""
     output = Path(output)
     lock = _lock_path(output)
     key = Path(os.path.abspath(lock))
+    made: list[Path] = []
     if key not in _CLAIMS:
+        made = [p for p in [output.parent, *output.parent.parents] if not p.exists()]  # innermost first
         output.parent.mkdir(parents=True, exist_ok=True)
         _take(lock, output)
     _CLAIMS[key] = _CLAIMS.get(key, 0) + 1
@@ -68,6 +71,10 @@ def claimed(output: str | Path) -> Iterator[Path]:
         if not _CLAIMS[key]:
             del _CLAIMS[key]
             lock.unlink(missing_ok=True)
+            for folder in made:
+                if any(folder.iterdir()):
+                    break
+                folder.rmdir()
 
 
 def _take(lock: Path, output: Path) -> None:

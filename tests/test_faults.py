@@ -51,6 +51,9 @@ def test_claims_nest_in_one_process_and_end_with_the_block(tmp_path):
     with claimed(out), claimed(out):  # a run claims its output, then its save claims it again
         assert (tmp_path / ".out.lock").read_text().strip() == str(os.getpid())
     assert _leftovers(tmp_path) == []
+    with claimed(tmp_path / "new" / "deeper" / "out"):  # folders made for the lock, left empty: removed again
+        assert (tmp_path / "new" / "deeper").is_dir()
+    assert not (tmp_path / "new").exists()
     (tmp_path / ".out.lock").write_text("1\n")  # init, alive: another run holds it
     with pytest.raises(OutputExistsError, match="process 1"):
         with claimed(out):
