@@ -4,10 +4,12 @@ What the files are called and what a per-layer shape looks like on disk is layou
 
 from __future__ import annotations
 
+import errno
 import glob
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
@@ -43,6 +45,75 @@ def save_tokenizer(tokenizer, directory: Path) -> None:
 
 class OutputExistsError(FidelpruneError, FileExistsError):
     """The output directory already holds files."""
+
+
+class OutputWriteError(FidelpruneError, OSError):
+    """The file system refused an output (disk full, read-only, permissions, an I/O error); nothing was written
+    there, and an output it was to replace is unchanged."""
+
+
+def size_text(n: float) -> str:
+    for unit in ("bytes", "KiB", "MiB"):
+        if n < 1024:
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.2f} GiB"
+
+
+def free_bytes(path: Path) -> int | None:
+    """Free space on the disk that holds `path` (or would: its nearest existing parent); None when unknown."""
+    path = Path(os.path.abspath(path))
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    try:
+        return shutil.disk_usage(path).free
+    except OSError:
+        return None
+
+
+def tensor_bytes(model: nn.Module) -> int:
+    """Bytes of the model's weights as saved: every distinct tensor of its state dict once (tied weights are one)."""
+    seen, total = set(), 0
+    for t in model.state_dict().values():
+        if t.device.type == "meta" or (key := (t.untyped_storage().data_ptr(), t.storage_offset(), t.shape)) in seen:
+            continue
+        seen.add(key)
+        total += t.numel() * t.element_size()
+    return total
+
+
+def check_output_space(output: Path, needed: int) -> None:
+    """Refuse an output its disk has no room for (an --overwrite output is replaced only once the new one is
+    written, so the whole new output must fit beside it)."""
+    free = free_bytes(output.parent)
+    if free is not None and needed > free:
+        raise OutputWriteError(f"no space for output {output}: it needs about {size_text(needed)} and its disk has "
+                               f"{size_text(free)} free; free some space or choose an --output on another disk")
+
+
+def os_error(err: BaseException) -> OSError | None:
+    """The operating-system error behind `err`: an OSError itself (not fidelprune's own), or one that safetensors
+    reports in its message ('... (os error 28)'); None for anything else."""
+    if isinstance(err, FidelpruneError):
+        return None
+    if isinstance(err, OSError):
+        return err
+    found = re.search(r"\(os error (\d+)\)", str(err))
+    return OSError(int(found.group(1)), os.strerror(int(found.group(1)))) if found else None
+
+
+def write_failure(output: Path, err: OSError, needed: int | None, written: int, replacing: bool) -> OutputWriteError:
+    """The one line for an output the file system refused partway."""
+    after = "nothing was written" + (" and the previous output is unchanged" if replacing else "")
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        need = f"about {size_text(needed)}" if needed else f"more than the {size_text(written)} written before the disk filled"
+        free = free_bytes(output.parent)
+        return OutputWriteError(f"no space left for output {output}: it needs {need}"
+                                f"{'' if free is None else f' ({size_text(free)} free now)'}; {after}; free some space "
+                                f"or choose an --output on another disk")
+    where = f" ({err.filename})" if err.filename else ""
+    return OutputWriteError(f"cannot write output {output}: {err.strerror or err}{where}; {after}; check the disk and "
+                            f"its permissions, or choose another --output")
 
 
 # lock files this process holds, with their nesting depth: a run claims its output, then its save claims it again
@@ -213,20 +284,33 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def atomic_directory_write(output: str | Path, write, overwrite: bool = False, inputs: Iterable[str | Path] = ()) -> Path:
+def atomic_directory_write(output: str | Path, write, overwrite: bool = False, inputs: Iterable[str | Path] = (),
+                           size: int | None = None) -> Path:
     """Run write(tmp_dir) in a temporary sibling of `output`, then rename it into place, so an interrupted run
-    never leaves a directory that looks complete (and the next run to the same output removes its leftovers)."""
+    never leaves a directory that looks complete (and the next run to the same output removes its leftovers).
+    `size`, the bytes it will write where known, is checked against the free space first; a disk that fills
+    anyway (or any other refusal of the file system) ends with one OutputWriteError line."""
     output = check_output_dir(output, overwrite, inputs)  # also clears what killed runs left beside it
     with claimed(output):
+        if size:
+            check_output_space(output, size)
+        replacing = output.exists()
         tmp = temporary_sibling(output)
         try:
             write(tmp)
             _default_permissions(tmp)
             _swap_in(tmp, output, overwrite)
-        except BaseException:
+        except BaseException as err:
+            written = _tree_bytes(tmp)
             shutil.rmtree(tmp, ignore_errors=True)
+            if (cause := os_error(err)) is not None:
+                raise write_failure(output, cause, size, written, replacing) from err
             raise
     return output
+
+
+def _tree_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) if folder.is_dir() else 0
 
 
 def _swap_in(tmp: Path, output: Path, overwrite: bool) -> None:
@@ -267,6 +351,7 @@ def atomic_file_write(output: str | Path, write, overwrite: bool = False, inputs
         handle, name = tempfile.mkstemp(prefix=f".{output.name}.tmp-{os.getpid()}-", dir=output.parent)
         os.close(handle)
         tmp = Path(name)
+        replacing = output.exists()
         try:
             write(tmp)
             tmp.chmod(0o666 & ~_umask())
@@ -274,8 +359,11 @@ def atomic_file_write(output: str | Path, write, overwrite: bool = False, inputs
                 raise OutputExistsError(f"output {output} appeared while this run was writing it; nothing was "
                                         f"written there: choose another --output or pass --overwrite")
             os.replace(tmp, output)
-        except BaseException:
+        except BaseException as err:
+            written = tmp.stat().st_size if tmp.is_file() else 0
             tmp.unlink(missing_ok=True)
+            if (cause := os_error(err)) is not None:
+                raise write_failure(output, cause, None, written, replacing) from err
             raise
     return output
 
@@ -408,4 +496,5 @@ def save_pruned(
             save_file(windows, str(tmp / SIDE_DIR / CALIBRATION_FILE))
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
 
-    return atomic_directory_write(output, write, overwrite, inputs)
+    side = sum(ids.numel() * ids.element_size() for ids in (calibration_ids, reconstruction_ids) if ids is not None)
+    return atomic_directory_write(output, write, overwrite, inputs, size=tensor_bytes(model) + side)

@@ -42,7 +42,7 @@ from .models import (
     source_paths,
     stored_dtype,
 )
-from .outputs import check_output_dir, check_scores_fit, claimed, load_scores, loaded_from, save_pruned
+from .outputs import check_output_dir, check_output_space, check_scores_fit, claimed, load_scores, loaded_from, save_pruned
 from .placement import describe, device_map_of, offloaded, resolve_device_map
 from .planner import MemoryPlan, check_device_map_fits, check_fits, plan_run
 from .preflight import check_calibration, check_prune
@@ -454,6 +454,9 @@ def prune_location(
         plans = _memory_plans(shapes, config, torch_dtype, device, offload, placement, dry_run, where.gguf_file is None, say, show)
         if dry_run:
             return PruneRun(None, None, plans)
+        if distributed.is_main():  # the pruned weights must fit on the output's disk: known now, not after the run
+            pruned_params = check_width_plan(shapes, config, scores is not None).params_after
+            check_output_space(output, pruned_params * torch_dtype.itemsize)
         start = time.perf_counter()
         tokenizer = load_tokenizer(where, trust_remote_code)
         check_calibration(tokenizer, config, shapes.model.get_input_embeddings().num_embeddings,

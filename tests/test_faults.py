@@ -4,10 +4,12 @@ Nothing is lost, and each ends with one line. Signals and the concurrent run are
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
 import signal
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -15,7 +17,7 @@ import transformers
 
 import fidelprune
 from fidelprune.cli import main
-from fidelprune.outputs import OutputExistsError, atomic_directory_write, claimed
+from fidelprune.outputs import OutputExistsError, OutputWriteError, atomic_directory_write, claimed
 
 from conftest import start_stopped, tree_digest
 
@@ -237,3 +239,95 @@ def test_a_tokenizer_the_embedding_cannot_hold_is_one_line_before_the_load(tmp_p
         error = capsys.readouterr().err.strip().splitlines()[-1]
         assert error.startswith("error: ") and message in error, error
     assert sorted(p.name for p in tmp_path.iterdir()) == ["small-vocab"]
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 20 MiB tmpfs: room for one pruned tiny model (16 MiB with its tokenizer), not two. Mounting needs root
+    (as on CI and these machines); elsewhere the patched-write tests below cover the same code."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=20m", "tmpfs", str(disk)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
+
+
+def test_a_full_disk_is_one_line_and_the_previous_output_survives(tiny_dir, small_disk, capsys, monkeypatch):
+    out = small_disk / "out"
+    assert main(_argv(PRUNE, tiny_dir, "-o", str(out))) == 0
+    before = tree_digest(out)
+    # known before the load: the pruned weights do not fit beside the previous output
+    assert main(_argv(PRUNE, tiny_dir, "--keep", "16", "-o", str(out), "--overwrite")) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith(f"error: no space for output {out}: it needs about ") and "MiB free" in error, error
+    # found while writing (the estimate said it fits): the disk fills, the run ends with one line
+    monkeypatch.setattr("fidelprune.outputs.check_output_space", lambda output, needed: None)
+    monkeypatch.setattr("fidelprune.pruning.check_output_space", lambda output, needed: None)
+    assert main(_argv(PRUNE, tiny_dir, "--keep", "16", "-o", str(out), "--overwrite")) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith(f"error: no space left for output {out}: it needs about "), error
+    assert "nothing was written and the previous output is unchanged" in error, error
+    assert tree_digest(out) == before and _leftovers(small_disk) == []
+
+
+@pytest.mark.parametrize("failure,message", [
+    (OSError(errno.ENOSPC, "No space left on device"), "no space left for output {out}: it needs more than the 5.0 KiB"),
+    (Exception("Error while serializing: I/O error: No space left on device (os error 28)"),  # safetensors' own
+     "no space left for output {out}: it needs more than the 5.0 KiB"),
+    (OSError(errno.EIO, "Input/output error", "weights"), "cannot write output {out}: Input/output error (weights)"),
+])
+def test_the_file_system_refusing_a_write_is_one_line_and_loses_nothing(failure, message, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "previous").write_text("keep me")
+
+    def write(tmp: Path) -> None:
+        (tmp / "part").write_bytes(bytes(5 * 1024))
+        raise failure
+
+    with pytest.raises(OutputWriteError) as caught:
+        atomic_directory_write(out, write, overwrite=True)
+    assert str(caught.value).startswith(message.format(out=out)) and "\n" not in str(caught.value), caught.value
+    assert "the previous output is unchanged" in str(caught.value)
+    assert (out / "previous").read_text() == "keep me" and _leftovers(tmp_path) == []
+
+
+def test_an_output_its_disk_cannot_hold_is_refused_before_the_load(tiny_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("fidelprune.outputs.free_bytes", lambda path: 1 << 20)
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr("fidelprune.pruning.load_model", no_load)
+    assert main(_argv(PRUNE, tiny_dir, "-o", str(tmp_path / "out"))) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "it needs about" in error and "its disk has 1.0 MiB free" in error, error
+
+
+def test_a_checkpoint_the_disk_cannot_hold_ends_training_with_one_line(tiny_dir, tmp_path, capsys, monkeypatch):
+    from fidelprune.recovery import checkpoints
+
+    save_file, calls = checkpoints.save_file, []
+
+    def fills_up(tensors, path):
+        calls.append(path)
+        if len(calls) == 3:
+            raise Exception("Error while serializing: I/O error: No space left on device (os error 28)")
+        save_file(tensors, path)
+
+    monkeypatch.setattr(checkpoints, "save_file", fills_up)
+    out = tmp_path / "out"
+    argv = ["recover", str(tiny_dir), "--data", "c4", "--mode", "full", "--loss", "ce", "--max-steps", "6",
+            "--save-every", "1", "--keep-last", "8", "--seq-len", "32", "--batch-size", "1", "--max-examples", "16",
+            "--eval-windows", "0", "-o", str(out)]
+    assert main(argv) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    checkpoint_dir = tmp_path / "out.checkpoints"
+    assert error.startswith(f"error: cannot write checkpoint step 3 in {checkpoint_dir}: the disk filled"), error
+    assert f"the last complete checkpoint, {checkpoint_dir / 'step-000002'}, is kept" in error, error
+    assert sorted(p.name for p in checkpoint_dir.iterdir()) == ["step-000001", "step-000002"] and not out.exists()
+

@@ -8,6 +8,7 @@ The .pt files hold only tensors and plain containers, and are read with torch.lo
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -19,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..errors import ConfigError
-from ..outputs import remove_stale_siblings, temporary_sibling
+from ..outputs import OutputWriteError, os_error, remove_stale_siblings, size_text, temporary_sibling
 from .modes import trainable_parameters
 
 STATE = "state.json"
@@ -69,10 +70,17 @@ def save_checkpoint(
         root.mkdir(parents=True, exist_ok=True)
         remove_stale_siblings(final)
         tmp = temporary_sibling(final)
-        weights = {name: p.detach().cpu().contiguous() for name, p in trainable_parameters(model).items()}
-        save_file(weights, str(tmp / WEIGHTS))
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        try:
+            weights = {name: p.detach().cpu().contiguous() for name, p in trainable_parameters(model).items()}
+            save_file(weights, str(tmp / WEIGHTS))
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        except BaseException as err:
+            written = sum(p.stat().st_size for p in tmp.iterdir())
+            shutil.rmtree(tmp, ignore_errors=True)
+            if (cause := os_error(err)) is not None:
+                raise _checkpoint_failure(root, step, cause, written) from err
+            raise
         if final.exists():  # left by a run interrupted while saving this very step
             shutil.rmtree(final)
         tmp.rename(final)
@@ -87,6 +95,15 @@ def save_checkpoint(
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
+
+
+def _checkpoint_failure(root: Path, step: int, err: OSError, written: int) -> OutputWriteError:
+    last = latest_checkpoint(root)
+    kept = f"the last complete checkpoint, {last}, is kept (resume from it)" if last else "no earlier checkpoint exists"
+    problem = (f"the disk filled after {size_text(written)}" if err.errno in (errno.ENOSPC, errno.EDQUOT)
+               else f"{err.strerror or err}")
+    return OutputWriteError(f"cannot write checkpoint step {step} in {root}: {problem}; {kept}; free some space or "
+                            f"give another --checkpoint-dir")
 
 
 def read_state(checkpoint: Path) -> dict:

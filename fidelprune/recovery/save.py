@@ -8,7 +8,7 @@ from pathlib import Path
 from torch import nn
 
 from ..layout import MANIFEST, RECOVERY_FILE
-from ..outputs import atomic_directory_write, loaded_from, save_model
+from ..outputs import atomic_directory_write, loaded_from, save_model, tensor_bytes
 from .train import RecoveryReport
 
 
@@ -34,4 +34,4 @@ def save_recovered(model: nn.Module, tokenizer, report: RecoveryReport, output: 
 
     student = report.record.get("student", {}).get("path")
     inputs = [*loaded_from(model), *([Path(student)] if student and Path(student).exists() else [])]
-    return atomic_directory_write(output, write, overwrite, inputs)
+    return atomic_directory_write(output, write, overwrite, inputs, size=tensor_bytes(model))
