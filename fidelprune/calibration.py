@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -29,6 +30,15 @@ BUNDLED_TEXTS = {"c4": "c4/sample_c4-rp1.jsonl"}
 # documents (a .txt file is one).
 SAMPLINGS = ("documents", "spans")
 DEFAULT_SAMPLING = "documents"
+
+# A fast tokenizer holds about 125 bytes per character of the texts it is given at once (offsets, alignments), so
+# text goes to it in batches of at most TOKENIZE_CHARS characters (about 0.12 GiB), and a document longer than
+# PIECE_CHARS (or 16 characters per window token, if more) is cut at whitespace into documents of that length:
+# a window needs a few hundred tokens of one document, not all of a 50 MB one-line file. No document of the C4
+# sample (at most 36 k characters) is cut, so the seeds' windows are unchanged.
+TOKENIZE_CHARS = 1 << 20
+PIECE_CHARS = 1 << 17
+TOKENIZER_BYTES_PER_CHAR = 125
 
 
 @dataclass
@@ -127,6 +137,42 @@ def _read_file(path: Path) -> list[str]:
     return texts
 
 
+def cut_long(documents: list[str], longest: int) -> list[str]:
+    """The documents, each longer than `longest` characters cut at whitespace into pieces of at most that length
+    (at `longest` itself where a piece has no whitespace)."""
+    out = []
+    for text in documents:
+        while len(text) > longest:
+            cut = max(text.rfind(" ", 0, longest), text.rfind("\n", 0, longest))
+            cut = cut if cut > longest // 2 else longest
+            out.append(text[:cut])
+            text = text[cut:]
+        out.append(text)
+    return out
+
+
+def tokenize_bounded(tokenizer, texts: list[str], **kwargs) -> Iterator[list[int]]:
+    """The token ids of each text in order, the tokenizer given at most TOKENIZE_CHARS characters at a time."""
+    start = 0
+    while start < len(texts):
+        end, chars = start, 0
+        while end < len(texts) and (end == start or chars + len(texts[end]) <= TOKENIZE_CHARS):
+            chars += len(texts[end])
+            end += 1
+        yield from tokenizer(texts[start:end], **kwargs)["input_ids"]
+        start = end
+
+
+def text_memory(source: str | Path, seq_len: int) -> int:
+    """Host memory a draw of windows from `source` holds at its peak: the documents read (a parquet file's text is
+    about 3 x its compressed size) and one batch of tokenization; 0 for a hub dataset (read as it streams)."""
+    path = bundled_path(BUNDLED_TEXTS[str(source)]) if str(source) in BUNDLED_TEXTS else Path(source)
+    if not path.is_file():
+        return 0
+    chars = path.stat().st_size * (3 if path.suffix == ".parquet" else 1)
+    return chars + TOKENIZER_BYTES_PER_CHAR * min(chars, TOKENIZE_CHARS, max(PIECE_CHARS, 16 * seq_len) * 256)
+
+
 def check_source(source: str | Path) -> None:
     """Cheap early check (before a model is loaded) that a local calibration file exists."""
     if str(source) not in BUNDLED_TEXTS and Path(source).suffix in {".txt", ".jsonl", ".json", ".parquet"} and not Path(source).is_file():
@@ -159,7 +205,7 @@ def sample_windows(
     (drawn with replacement, so one may give two), tokenized without special tokens (no BOS anywhere)."""
     check_window_shape(samples, seq_len)
     check_sampling(sampling)
-    documents = read_documents(source)
+    documents = cut_long(read_documents(source), max(PIECE_CHARS, 16 * seq_len))
     rng = random.Random(seed)
     order = list(range(len(documents)))
     rng.shuffle(order)
@@ -169,7 +215,7 @@ def sample_windows(
     eligible_tokens, wanted = 0, 4 * samples * seq_len
     for start in range(0, len(order), 256):
         batch = [documents[i] for i in order[start : start + 256]]
-        for ids in tokenizer(batch, add_special_tokens=distinct)["input_ids"]:
+        for ids in tokenize_bounded(tokenizer, batch, add_special_tokens=distinct):
             if len(ids) > seq_len:
                 eligible.append(ids)
                 eligible_tokens += len(ids)

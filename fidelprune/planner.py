@@ -14,6 +14,8 @@ The estimate counts what the code below it keeps (docs/scale.md has the measured
 - the KD teacher's last-layer output for every calibration token (d each), kept for the KD passes (host memory).
 - score buffers: the weight-element form's per-sequence [B, I, d] fp32 products, the element forms' [I, d] fp32
   sums per layer (on the device unless streamed), the activation form's [B, T, I] product.
+- calibration text: the documents read and one batch of their tokenization (calibration.TOKENIZE_CHARS), before
+  scoring begins.
 - reconstruction: one layer's fp64 Gram [(I+1)^2] and the solve's copies of it (with --reconstruct-select obs the
   inverse and its downdate take their place, plus the fp64 coefficients [(I+1), d]).
 """
@@ -25,6 +27,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from .adapters import AdaptedModel
+from .calibration import text_memory
 from .errors import ConfigError, FidelpruneError
 from .placement import DeviceMap, device_bytes, head_device, layer_devices, resolve_device_map
 from .settings import DEFAULT_RATIO, PruneConfig
@@ -54,7 +57,7 @@ class MemoryPlan:
     def peak_bytes(self) -> int:
         """Weights plus the largest of the scoring, allocation search and reconstruction working sets (they run
         one after the other)."""
-        phases = ("weights", "reconstruction", "allocation search")
+        phases = ("weights", "reconstruction", "allocation search", "calibration text")
         scoring = sum(v for k, v in self.parts.items() if k not in phases)
         return self.parts["weights"] + max(scoring, *(self.parts.get(k, 0) for k in phases[1:]))
 
@@ -190,6 +193,14 @@ def plan_memory(shapes: AdaptedModel, config: PruneConfig, dtype: torch.dtype, d
             plan.parts["reconstruction"] += cache
         else:
             plan.host_bytes += cache
+
+    # the calibration documents and one batch of their tokenization (calibration.py), held while windows are drawn
+    text = sum(text_memory(source, seq) for source in {config.calibration.source, config.reconstruction.calibration}
+               if uses_data and isinstance(source, str))
+    if on_host:
+        plan.parts["calibration text"] = text
+    else:
+        plan.host_bytes += text
 
     alloc = config.allocation
     if alloc.kind == "search":

@@ -331,3 +331,36 @@ def test_a_checkpoint_the_disk_cannot_hold_ends_training_with_one_line(tiny_dir,
     assert f"the last complete checkpoint, {checkpoint_dir / 'step-000002'}, is kept" in error, error
     assert sorted(p.name for p in checkpoint_dir.iterdir()) == ["step-000001", "step-000002"] and not out.exists()
 
+
+_BOUNDED_CHILD = """
+import resource, sys
+from transformers import AutoTokenizer
+from fidelprune.calibration import sample_windows
+from fidelprune.models import packaged_gguf
+from fidelprune.recovery.data import TokenStats, tokenize_text
+gguf = packaged_gguf()
+tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+text = open(sys.argv[1], encoding="utf-8").read()
+windows, record = sample_windows(tokenizer, sys.argv[1], 8, 64, sampling="documents")
+examples = tokenize_text(tokenizer, [text], 256, TokenStats())
+print(tuple(windows.shape), len(examples), (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)
+"""
+
+
+def test_a_huge_one_line_text_is_tokenized_in_bounded_pieces(tmp_path):
+    import sys
+
+    from fidelprune.calibration import TOKENIZER_BYTES_PER_CHAR
+
+    words = "the model reads a line of calibration text that never ends and "
+    big = tmp_path / "one-line.txt"
+    big.write_text(words * (12_000_000 // len(words)), encoding="utf-8")  # 12 MB, no newline
+    child = subprocess.run([sys.executable, "-c", _BOUNDED_CHILD, str(big)], capture_output=True, text=True, timeout=300,
+                           env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert child.returncode == 0, child.stderr[-2000:]
+    shape, examples, grown_mib = child.stdout.split(")")[0] + ")", *map(int, child.stdout.split(")")[1].split())
+    assert shape == "(8, 64)" and examples > 8_000, (shape, examples)
+    # tokenized whole, the tokenizer alone would hold about 12 MB x 125 bytes = 1.4 GiB
+    whole_mib = 12_000_000 * TOKENIZER_BYTES_PER_CHAR / 2**20
+    assert grown_mib < whole_mib / 3, (grown_mib, whole_mib)

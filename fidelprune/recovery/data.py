@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from ..calibration import BUNDLED_TEXTS, read_documents
+from ..calibration import BUNDLED_TEXTS, PIECE_CHARS, cut_long, read_documents, tokenize_bounded
 from ..errors import ConfigError
 from ..utils import bundled_path, file_sha256
 
@@ -141,8 +141,8 @@ def tokenize_alpaca(tokenizer, records: list[dict], seq_len: int, stats: TokenSt
     """Prompt and response are tokenized separately (so the boundary is exact, never a token that straddles
     it); the prompt gets the tokenizer's own special tokens (a BOS where it adds one), the response gets EOS."""
     prompts, responses = zip(*(render_alpaca(r) for r in records))
-    prompt_ids = tokenizer(list(prompts), add_special_tokens=True)["input_ids"]
-    response_ids = tokenizer(list(responses), add_special_tokens=False)["input_ids"]
+    prompt_ids = list(tokenize_bounded(tokenizer, list(prompts), add_special_tokens=True))
+    response_ids = list(tokenize_bounded(tokenizer, list(responses), add_special_tokens=False))
     eos = _eos_id(tokenizer)
     examples = []
     for p, r in zip(prompt_ids, response_ids):
@@ -162,7 +162,8 @@ def tokenize_text(tokenizer, documents: list[str], seq_len: int, stats: TokenSta
     except a chunk's first, which has nothing before it in the chunk to be predicted from."""
     eos = _eos_id(tokenizer)
     examples = []
-    for ids in tokenizer(list(documents), add_special_tokens=True)["input_ids"]:
+    # a document longer than PIECE_CHARS is tokenized piece by piece (calibration.py), each piece an example
+    for ids in tokenize_bounded(tokenizer, cut_long(list(documents), max(PIECE_CHARS, 16 * seq_len)), add_special_tokens=True):
         ids = ids + [eos]
         if len(ids) > seq_len:
             stats.truncated += 1
