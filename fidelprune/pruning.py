@@ -12,6 +12,7 @@ Everything that can be checked from the config and the model's shapes is checked
 from __future__ import annotations
 
 import hashlib
+import inspect
 import logging
 import time
 from collections.abc import Callable
@@ -126,13 +127,22 @@ def prune(
     batch's activations of device memory (docs/scale.md). The returned model is where the input model was. A model
     loaded on the CPU in its checkpoint's stored dtype has its weights memory-mapped from the safetensors files by
     transformers; streamed, they stay mapped (CLI: --offload disk)."""
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"prune() takes a loaded model, got {type(model).__name__}; for a folder, .gguf file or hub id "
+                          f"use fidelprune.prune_location(source, config, output), or load it with fidelprune.load_model")
+    if scores is not None and not isinstance(scores, (str, Path, dict)):
+        raise ConfigError(f"scores must be a scores.safetensors path or a {{layer: tensor}} dict, got {type(scores).__name__}")
     if isinstance(method, PruneConfig):
         config, method = method, None
     reconstruction_ids = None
     if config is not None:
         if options or ratio is not None or method is not None:
-            raise TypeError("pass the settings either as a PruneConfig or as keywords, not both")
+            raise ConfigError("pass the settings either as a PruneConfig or as keywords, not both")
     else:
+        unknown = sorted(set(options) - set(inspect.signature(PruneConfig.from_options).parameters))
+        if unknown:
+            raise ConfigError(f"prune() has no option {unknown[0]!r}; the options are PruneConfig.from_options' "
+                              f"keywords, one per CLI flag (fidelprune prune --help)")
         if isinstance(options.get("reconstruct_calibration"), torch.Tensor):
             reconstruction_ids = options.pop("reconstruct_calibration")
         config = PruneConfig.from_options(method, ratio, **options)
@@ -377,6 +387,8 @@ def build_manifest(
 
 def save(model: nn.Module, tokenizer, report: PruneReport, output: str | Path, overwrite: bool = False) -> Path:
     """Write the pruned checkpoint (vanilla transformers layout) plus pruning.json, scores and calibration ids."""
+    if not isinstance(report, PruneReport):
+        raise ConfigError(f"save() needs the PruneReport that prune() returned with the model, got {type(report).__name__}")
     start = time.perf_counter()
     inputs = [*source_paths(report.manifest["source_model"]), *loaded_from(model)]  # whatever loaded it
     path = save_pruned(model, tokenizer, output, report.manifest, report.scores, report.calibration_ids,

@@ -13,7 +13,8 @@ import torch
 import transformers
 from safetensors.torch import save_file
 
-from fidelprune import prune
+import fidelprune
+from fidelprune import PruneConfig, prune
 from fidelprune.cli import main
 from fidelprune.errors import FidelpruneError
 from fidelprune.outputs import remove_stale_siblings, temporary_sibling
@@ -315,6 +316,9 @@ API_CASES = [
     (dict(method="random", keep=24, seed=2**70), "--seed must be at most"),
     (dict(method="random", keep=24, seed=-1), "--seed must be at least 0"),
     (dict(method="hfprune", keep=24, allocation="search", search_seed=2**64), "--search-seed must be at most"),
+    (dict(method="magnitude", keep=24, bogus=1), "prune() has no option 'bogus'"),
+    (dict(method="magnitude", keep=24, scores=123), "scores must be a scores.safetensors path"),
+    (dict(method=PruneConfig(), keep=24), "either as a PruneConfig or as keywords"),
 ]
 
 
@@ -324,6 +328,14 @@ def test_bad_python_input_raises_fidelprunes_own_error(kwargs, message):
     with pytest.raises(FidelpruneError) as caught:
         prune(model, None, progress=False, **kwargs)
     assert message in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_a_path_for_a_model_and_a_missing_report_are_named(tmp_path):
+    with pytest.raises(FidelpruneError, match="prune\\(\\) takes a loaded model, got str; .*prune_location"):
+        prune("HuggingFaceTB/SmolLM2-135M", None, "magnitude", keep=24)
+    with pytest.raises(FidelpruneError, match="save\\(\\) needs the PruneReport that prune\\(\\) returned"):
+        fidelprune.save(tiny_model("llama"), None, None, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_notebooks_grad_mode_does_not_matter_and_a_headless_model_is_named():

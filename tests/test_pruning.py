@@ -5,6 +5,7 @@ import torch
 from safetensors.torch import load_file
 
 from fidelprune import OutputExistsError, load_scores, prune, read_manifest, save
+from fidelprune.errors import ConfigError
 from fidelprune.methods import SDMPRUNE_STAGE1_KEEP, sdmprune_defaults
 
 from conftest import tiny_model, tiny_windows
@@ -93,7 +94,7 @@ def test_a_prune_config_and_the_keywords_give_the_same_run():
                            samples=6, seq_len=12, calibration_ids=windows, progress=False)
     assert by_config.manifest["kept_neurons"] == by_keywords.manifest["kept_neurons"]
     assert by_config.manifest["settings"]["method"] == by_keywords.manifest["settings"]["method"]
-    with pytest.raises(TypeError, match="not both"):
+    with pytest.raises(ConfigError, match="not both"):
         prune(model, None, config, ratio=0.3)
 
 
