@@ -449,3 +449,72 @@ def standardize(score: torch.Tensor) -> torch.Tensor:
     """(s - mean) / std over the layer's finite entries: FLAP's per-layer standardisation."""
     finite = score[torch.isfinite(score)]
     return (score - finite.mean()) / finite.std().clamp_min(1e-12)
+
+
+# ------------------------------------------------------------------------------------ whole decoder layers
+LAYER_SCORES = ("taylor", "influence")
+
+
+class LayerScores:
+    """Importance of each whole decoder layer, read from the passes of the method that runs inside the block
+    (docs/methods.md, "Whole layers"); the layer's output is h_out = h_in + delta, delta its residual contribution.
+
+    - taylor (gradient methods): the Taylor term of a gate g on delta, per token (the activation form's
+      granularity: a neuron's activation is the gate of its down_proj column): s_l = sum_n sum_t |<delta_nt,
+      dL_n/dh_out_nt>|, summed over every Taylor pass the method makes (sdmprune: stage 1 and stage 2). Teacher
+      and other passes without gradients add nothing.
+    - influence (forward methods): ShortGPT's Block Influence, the mean over tokens of 1 - cos(h_in, h_out).
+
+    A low score marks a layer to drop. The hooks sit on the decoder layers themselves, so whole-model, streamed
+    (--offload) and device-map passes read the same values; data-parallel sums are reduced in `scores()`."""
+
+    def __init__(self, model: nn.Module | AdaptedModel, kind: str) -> None:
+        if kind not in LAYER_SCORES:
+            raise ConfigError(f"unknown layer score {kind!r}: choose one of {', '.join(LAYER_SCORES)}")
+        self.adapted, self.kind = adapt(model), kind
+        layers = self.adapted.num_layers
+        self.sums = torch.zeros(layers, dtype=torch.float64)
+        self.tokens = torch.zeros(layers, dtype=torch.float64)
+        self._handles: list = []
+
+    def __enter__(self) -> LayerScores:
+        for index, layer in enumerate(self.adapted.layers):
+            self._handles.append(layer.register_forward_hook(self._hook(index), with_kwargs=True))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def _hook(self, index: int):
+        def hook(module, args, kwargs, output):
+            if getattr(module.forward, "is_stub", False):  # a pass-through of the recording or head passes
+                return
+            h_in = _first_arg(args, {"hidden_states": kwargs["hidden_states"]} if "hidden_states" in kwargs else kwargs)
+            h_out = output[0] if isinstance(output, tuple) else output
+            if self.kind == "influence":
+                with torch.no_grad():
+                    cos = torch.nn.functional.cosine_similarity(h_in.float(), h_out.float(), dim=-1)
+                    self.sums[index] += float((1 - cos).double().sum())
+                    self.tokens[index] += cos.numel()
+            elif h_out.requires_grad:
+                # both are kept by autograd anyway (each is a norm's input); holding them adds no copy
+                h_in_held, h_out_held = h_in.detach(), h_out.detach()
+
+                def on_grad(g: torch.Tensor) -> None:
+                    delta = h_out_held.float() - h_in_held.to(h_out_held.device).float()
+                    self.sums[index] += float((delta * g.float()).sum(dim=-1).abs().double().sum())
+
+                h_out.register_hook(on_grad)
+
+        return hook
+
+    def scores(self) -> torch.Tensor:
+        """[layers] fp32: the Taylor sums, or the mean Block Influence; summed over a data-parallel run's processes."""
+        sums, tokens = self.sums.clone(), self.tokens.clone()
+        sum_(sums, tokens)
+        score = sums if self.kind == "taylor" else sums / tokens.clamp_min(1)
+        if not torch.isfinite(score).all():
+            raise ScoringError("non-finite layer scores: the model overflowed; run in float32 (--dtype float32)")
+        return score.float()

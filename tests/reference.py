@@ -145,3 +145,48 @@ def seed_calibration_windows(documents: list[list[int]], samples: int, seq_len: 
         if len(windows) == samples:
             break
     return windows
+
+
+def layer_gate_scores(model: nn.Module, windows: torch.Tensor, objective: Objective) -> torch.Tensor:
+    """Whole layers, Taylor: a gate g_nt on each decoder layer's residual contribution, h_out' = h_in + g (h_out -
+    h_in), at g = 1; s_l = sum_n sum_t |dL_n/dg_nt|, one sequence at a time with every weight trainable."""
+    layers = model.model.layers
+    scores = torch.zeros(len(layers), dtype=torch.float64)
+    with _all_weights_trainable(model):
+        for sequence in windows:
+            gates = {}
+
+            def gated(module, args, kwargs, output, index):
+                h_in = args[0] if args else kwargs["hidden_states"]
+                h_out = output[0] if isinstance(output, tuple) else output
+                gates[index] = torch.ones(*h_out.shape[:-1], 1, dtype=h_out.dtype, requires_grad=True)
+                new = h_in + gates[index] * (h_out - h_in)
+                return (new, *output[1:]) if isinstance(output, tuple) else new
+
+            handles = [layer.register_forward_hook(lambda m, a, k, o, i=i: gated(m, a, k, o, i), with_kwargs=True)
+                       for i, layer in enumerate(layers)]
+            _backward_one(model, sequence, objective, None)
+            for handle in handles:
+                handle.remove()
+            for index, gate in gates.items():
+                scores[index] += gate.grad.double().abs().sum()
+    return scores
+
+
+def block_influence(model: nn.Module, windows: torch.Tensor) -> torch.Tensor:
+    """Whole layers, ShortGPT's Block Influence: mean over every token of 1 - cos(h_in, h_out), from the hidden
+    states transformers returns (entry l is layer l's input; the last entry is normed, so the last layer's output
+    is read by a hook)."""
+    layers = model.model.layers
+    last = []
+    handle = layers[-1].register_forward_hook(lambda m, a, o: last.append(o[0] if isinstance(o, tuple) else o))
+    sums, count = torch.zeros(len(layers), dtype=torch.float64), 0
+    with torch.no_grad():
+        for sequence in windows:
+            states = list(model(sequence[None], output_hidden_states=True).hidden_states[:-1]) + [last.pop()]
+            for index in range(len(layers)):
+                cos = torch.nn.functional.cosine_similarity(states[index].double(), states[index + 1].double(), dim=-1)
+                sums[index] += (1 - cos).sum()
+            count += sequence.numel()
+    handle.remove()
+    return sums / count
