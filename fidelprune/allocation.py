@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, fields
 import torch
 from torch import nn
 
-from .adapters import AdaptedModel, adapt
+from .adapters import AdaptedModel, MLPView, adapt
 from .errors import FidelpruneError, check_float, check_int, check_seed
 from .scoring import Scores, standardize
 
@@ -57,6 +57,9 @@ class AllocationConfig:
     search_offspring: int = 8
     search_step: int | None = None
     search_seed: int = 0
+    # whole decoder layers to drop (the lowest-scoring unprotected ones, scoring.LayerScores); the MLP neurons of
+    # the layers that stay take the rest of the --ratio budget
+    drop_layers: int = 0
 
     def __post_init__(self) -> None:
         if self.kind not in ALLOCATIONS:
@@ -76,6 +79,10 @@ class AllocationConfig:
         check_int("--search-generations", self.search_generations, 0)
         check_int("--search-offspring", self.search_offspring, 1)
         check_seed("--search-seed", self.search_seed)
+        check_int("--drop-layers", self.drop_layers, 0)
+        if self.drop_layers and self.kind == "search":
+            raise AllocationError("--drop-layers with --allocation search is not supported yet: the search moves neurons "
+                                  "between a fixed set of layers; use --allocation uniform or global")
         if self.search_step is not None:
             check_int("--search-step", self.search_step, 1)
             if self.search_step % self.round_to:
@@ -104,6 +111,7 @@ class WidthPlan:
     round_to: int
     protected_layers: list[int]
     adds_mlp_bias: bool
+    drop_layers: int = 0  # whole decoder layers dropped (which ones the layer scores decide)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -129,10 +137,13 @@ def plan_width(
     round_to: int = 8,
     protected: list[int] | tuple[int, ...] = (),
     adds_mlp_bias: bool = False,
+    drop: int = 0,
 ) -> WidthPlan:
     """Solve the kept width of the prunable layers from a parameter ratio (the multiple of `round_to` whose
     achieved ratio is closest to the target) or take it as given (`keep`). Errors if nothing or every neuron
-    would go."""
+    would go. With `drop`, that many of the prunable layers go whole (the layers are alike, so which ones does
+    not change the count) and the ratio counts them; the width is then that of the layers that stay, and may be
+    the whole width (depth alone)."""
     if (ratio is None) == (keep is None):
         raise AllocationError("give exactly one of ratio (fraction of parameters to remove) or keep (neurons per layer)")
     adapted = adapt(model)
@@ -150,6 +161,15 @@ def plan_width(
     # params_after is linear in k (each kept neuron costs the same in every prunable layer)
     base = params_after_widths(adapted, {v.index: 0 for v in prunable}, adds_mlp_bias)
     per_k = params_after_widths(adapted, {v.index: 1 for v in prunable}, adds_mlp_bias) - base
+    if drop:
+        if drop >= len(prunable):
+            raise AllocationError(f"--drop-layers {drop} leaves none of the {len(prunable)} prunable layers (of "
+                                  f"{adapted.num_layers}; protected ones stay); drop fewer layers")
+        emptied = {_params_at_width_zero(v, adapted, adds_mlp_bias) for v in prunable}  # a layer with its MLP emptied
+        if len(emptied) != 1:
+            raise AllocationError("--drop-layers needs decoder layers of one size, and this model's differ; drop none")
+        base -= drop * emptied.pop()
+        per_k = per_k // len(prunable) * (len(prunable) - drop)
 
     def params_after(k: int) -> int:
         return base + per_k * k
@@ -165,11 +185,15 @@ def plan_width(
                 f"this model's parameters; choose a ratio below {max_ratio:.3f}"
             )
         achieved = {k: 1 - params_after(k) / total for k in candidates}
+        if drop and achieved[width] > ratio:
+            raise AllocationError(f"--drop-layers {drop} alone removes {achieved[width]:.1%} of the parameters, more than "
+                                  f"--ratio {ratio}; drop fewer layers or raise --ratio")
         keep = min(candidates, key=lambda k: (abs(achieved[k] - ratio), -k))
-        if keep >= width:
+        if keep >= width and not drop:
             raise AllocationError(f"ratio {ratio} removes no neuron at round-to {round_to}; choose a larger ratio")
-    elif not 0 < keep < width:
-        raise AllocationError(f"keep must be between 1 and {width - 1} neurons per layer (the MLP width is {width}), got {keep}")
+    elif not 0 < keep < width + (drop > 0):
+        raise AllocationError(f"keep must be between 1 and {width - (not drop)} neurons per layer (the MLP width is {width}), "
+                              f"got {keep}")
     return WidthPlan(
         width_before=width,
         width_after=keep,
@@ -180,7 +204,14 @@ def plan_width(
         round_to=round_to,
         protected_layers=list(protected),
         adds_mlp_bias=adds_mlp_bias,
+        drop_layers=drop,
     )
+
+
+def _params_at_width_zero(view: MLPView, adapted: AdaptedModel, adds_mlp_bias: bool) -> int:
+    """A decoder layer's parameters once its MLP keeps no neuron (with the down_proj bias a compensation adds)."""
+    layer = sum(p.numel() for p in adapted.layers[view.index].parameters())
+    return layer - view.width * view.params_per_neuron() + (view.hidden_size if adds_mlp_bias and view.down.bias is None else 0)
 
 
 def top_k(score: torch.Tensor, k: int, candidates: torch.Tensor | None = None) -> torch.Tensor:

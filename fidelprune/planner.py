@@ -156,6 +156,9 @@ def plan_memory(shapes: AdaptedModel, config: PruneConfig, dtype: torch.dtype, d
         # the weight forms' hooks also hold each layer's MLP input x until its backward (down_proj's input a comes
         # back from the factors autograd keeps)
         held = d if form != "activation" else 0
+        # --drop-layers: the layer scores hold each layer's input until its backward (in a low-precision dtype the
+        # norm keeps an fp32 copy instead, so this one is extra)
+        held += d if config.allocation.drop_layers else 0
         plan.parts["activations"] = b * tokens * (saved_per_token_layer + held) * kept_layers
         if streamed:
             plan.parts["hidden states (streamed)"] = b * tokens * d * (layers + 1)

@@ -52,7 +52,7 @@ from .reconstruction import reconstruct as reconstruct_mlps
 from .scoring import Scores, ScoringError
 from .search import search_space, search_widths
 from .settings import RECIPES, PruneConfig, check_width_plan
-from .surgery import remove_neurons
+from .surgery import remove_layers, remove_neurons
 from .utils import check_finite_weights, library_versions, moved_names
 
 __all__ = ["PruneConfig", "PruneReport", "PruneRun", "RECIPES", "prune", "prune_location", "save"]
@@ -83,6 +83,8 @@ class PruneReport:
                 f'{recon["mode"]}, layer error {recon["mean_error_before"]:.3f} -> {recon["mean_error_after"]:.3f}, {recon["seconds"]:.1f} s'
                 if recon["layers"] else f'{recon["mode"]} (no layer lost neurons)'
             )
+        if m["allocation"].get("dropped_layers"):
+            extra["dropped layers"] = ", ".join(map(str, m["allocation"]["dropped_layers"]))
         return {
             "method": m["method"]["method"],
             "width": f'{m["allocation"]["width_before"]} -> {_width_range(m["allocation"]["layer_widths_after"])}',
@@ -263,7 +265,8 @@ def _run(
                               stages=[{"name": "from saved scores", "scores": given}])
     else:
         try:
-            result = run_method(adapted, calibration_ids, method, plan, config.allocation, progress=progress)
+            result = run_method(adapted, calibration_ids, method, plan, config.allocation, progress=progress,
+                                score_layers=plan.drop_layers > 0)
         except ScoringError:
             check_finite_weights(model)  # damaged weights explain non-finite scores better than an overflow does
             raise
@@ -275,25 +278,34 @@ def _run(
                                                     method.batch_size, progress)
         timings["search"] = time.perf_counter() - start
 
+    dropped = _drop_layers(result, plan, config.allocation) if plan.drop_layers else []
+    # the parameter count the surgery must reach (counted on the model before it, which `inplace` changes)
+    expected = params_after_widths(adapted, {i: len(k) for i, k in result.kept.items()}, plan.adds_mlp_bias) - sum(
+        _layer_params(adapted, i, plan.adds_mlp_bias) for i in dropped)
+
     start = time.perf_counter()
     pruned = adapted if inplace else adapted.copy()
+    kept, shift = result.kept, result.down_bias_shift
+    if dropped:  # first, so that the refit below fits each layer on the inputs it will see
+        remove_layers(pruned, dropped)
+        renumber = {old: new for new, old in enumerate(sorted(kept))}
+        kept = {renumber[i]: k for i, k in kept.items()}
+        shift = None if shift is None else {renumber[i]: s for i, s in shift.items() if i in renumber}
     timings["pruning"] = time.perf_counter() - start
-    shift = result.down_bias_shift
     reconstruction = None
     if recon.mode != "none":
         # On the still-dense copy, before surgery: each layer's Gram needs every neuron's activation. FLAP adds a
         # down_proj bias anyway; there the fitted intercept replaces its mean compensation.
-        reconstruction = reconstruct_mlps(pruned, result.kept, reconstruction_ids, recon.mode, recon.lam,
+        reconstruction = reconstruct_mlps(pruned, kept, reconstruction_ids, recon.mode, recon.lam,
                                           target=recon.target, select=recon.select, fit_bias=shift is not None,
                                           batch_size=method.batch_size, progress=progress)
         shift = reconstruction.bias_shift if shift is not None else None
-        result.kept = {**result.kept, **reconstruction.kept}  # --reconstruct-select obs chose these layers' neurons
+        kept = {**kept, **reconstruction.kept}  # --reconstruct-select obs chose these layers' neurons
         timings["reconstruction"] = reconstruction.seconds
     start = time.perf_counter()
-    remove_neurons(pruned, result.kept, shift)
-    widths = {i: len(k) for i, k in result.kept.items()}
+    remove_neurons(pruned, kept, shift)
+    result.kept = dict(zip(sorted(result.kept), (kept[i] for i in sorted(kept))))  # the source model's layer numbers
     params_after = count_parameters(pruned.model)
-    expected = params_after_widths(adapted, widths, plan.adds_mlp_bias)
     if params_after != expected:
         raise RuntimeError(f"pruned model has {params_after} parameters, expected {expected}")
     timings["pruning"] += time.perf_counter() - start
@@ -319,6 +331,28 @@ def _run(
                                      "split": "window i scored by process i mod processes; sums reduced before selection"}
     separate = reconstruction_ids if reconstruction_record and not reconstruction_record["same_as_scoring"] else None
     return pruned.model, PruneReport(manifest, result.scores, result.extra_scores, calibration_ids, separate)
+
+
+def _drop_layers(result: MethodResult, plan: WidthPlan, allocation: AllocationConfig) -> list[int]:
+    """The `plan.drop_layers` unprotected layers of the lowest layer scores; `result` keeps the neurons of the
+    others only (global allocation shares its budget among them again)."""
+    protected = set(plan.protected_layers)
+    order = sorted((i for i in range(len(result.layer_scores)) if i not in protected), key=lambda i: float(result.layer_scores[i]))
+    dropped = sorted(order[: plan.drop_layers])
+    stay = {i: s for i, s in result.scores.items() if i not in dropped}
+    result.kept = select_neurons(stay, plan, allocation) if allocation.kind == "global" else {
+        i: k for i, k in result.kept.items() if i not in dropped}
+    if result.down_bias_shift is not None:
+        result.down_bias_shift = {i: s for i, s in result.down_bias_shift.items() if i not in dropped}
+    result.extra_scores["layer_importance"] = result.layer_scores
+    return dropped
+
+
+def _layer_params(adapted: AdaptedModel, index: int, adds_mlp_bias: bool) -> int:
+    """Decoder layer `index`'s parameters as params_after_widths counts them (with the biases a compensation adds)."""
+    view = adapted.mlp(index)
+    added = 2 * view.width + view.hidden_size if adds_mlp_bias and view.down.bias is None else 0
+    return sum(p.numel() for p in adapted.layers[index].parameters()) + added
 
 
 def _search_widths(adapted: AdaptedModel, scores: Scores, plan: WidthPlan, config: PruneConfig, calibration_ids: torch.Tensor,
@@ -370,6 +404,9 @@ def build_manifest(
             **asdict(allocation), **plan.to_dict(), "params_after": params_after,
             "achieved_ratio": 1 - params_after / plan.params_before,
             "layer_widths_before": layer_widths_before, "layer_widths_after": widths,
+            **({} if result.layer_scores is None else {
+                "dropped_layers": sorted(set(range(len(layer_widths_before))) - set(result.kept)),
+                "layer_scores": result.layer_scores.tolist()}),
         },
         "kept_neurons": {str(i): k.tolist() for i, k in sorted(result.kept.items())},
         "reconstruction": {"mode": "none"} if reconstruction is None else {

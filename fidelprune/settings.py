@@ -81,6 +81,7 @@ class PruneConfig:
         search_offspring: int = AllocationConfig.search_offspring,
         search_step: int | None = None,
         search_seed: int = AllocationConfig.search_seed,
+        drop_layers: int = AllocationConfig.drop_layers,
         reconstruct: str | None = None,
         reconstruct_lambda: float = ReconstructionConfig.lam,
         reconstruct_target: str = ReconstructionConfig.target,
@@ -105,7 +106,8 @@ class PruneConfig:
             CalibrationConfig(str(calibration), samples, seq_len, seed, sampling),
             AllocationConfig(allocation, round_to, protect_first, protect_last, min_keep, ratio=ratio, keep=keep,
                              search_samples=search_samples, search_generations=search_generations,
-                             search_offspring=search_offspring, search_step=search_step, search_seed=search_seed),
+                             search_offspring=search_offspring, search_step=search_step, search_seed=search_seed,
+                             drop_layers=drop_layers),
             ReconstructionConfig(reconstruct, reconstruct_lambda, reconstruct_target,
                                  None if reconstruct_calibration is None else str(reconstruct_calibration),
                                  reconstruct_samples, reconstruct_seed, reconstruct_select),
@@ -136,8 +138,10 @@ def check_width_plan(adapted: AdaptedModel, config: PruneConfig, scores_given: b
             f"models have no MLP bias option in transformers; use wanda-sp or another method"
         )
     protected = alloc.protected(adapted.num_layers)
+    if alloc.drop_layers:
+        _check_drop_layers(config, scores_given)
     plan = plan_width(adapted, ratio=alloc.ratio, keep=alloc.keep, round_to=alloc.round_to, protected=protected,
-                      adds_mlp_bias=adds_bias)
+                      adds_mlp_bias=adds_bias, drop=alloc.drop_layers)
     if alloc.kind == "search" and adds_bias:
         raise AllocationError(f"--allocation search refits down_proj without {config.method.method}'s bias compensation, "
                               f"so it would search the wrong model; use --allocation global with {config.method.method}")
@@ -146,3 +150,17 @@ def check_width_plan(adapted: AdaptedModel, config: PruneConfig, scores_given: b
         raise AllocationError(f"--min-keep {min_keep} is more than the {plan.width_after} neurons a layer keeps on average "
                               f"at this ratio, so nothing could be pruned; choose --min-keep {plan.width_after} or less")
     return plan
+
+
+def _check_drop_layers(config: PruneConfig, scores_given: bool) -> None:
+    """What dropping whole layers needs: a method that reads data (the layer scores come from its passes), fresh
+    scores (a scores file holds neurons' only), and a refit whose target is each layer's own output."""
+    method, n = config.method.spec, config.allocation.drop_layers
+    if method.kind == "data-free":
+        raise ConfigError(f"--drop-layers {n}: {method.name} reads no data, so it cannot score whole layers; choose a "
+                          f"method that does (hfprune, sdmprune, llm-pruner, wanda-sp, flap, minitron)")
+    if scores_given:
+        raise ConfigError(f"--drop-layers {n} scores the layers in the scoring passes, which --scores skips; drop --scores")
+    if config.reconstruction.mode != "none" and config.reconstruction.target == "dense":
+        raise ConfigError(f"--drop-layers {n} with --reconstruct-target dense: the dense model's layer outputs do not "
+                          f"line up with a model that lost layers; use --reconstruct-target layer (the default)")

@@ -31,3 +31,31 @@ def remove_neurons(
         setattr(config, LAYER_WIDTHS_KEY, widths)
     elif hasattr(config, LAYER_WIDTHS_KEY):
         delattr(config, LAYER_WIDTHS_KEY)
+
+
+def remove_layers(model: nn.Module | AdaptedModel, dropped: list[int]) -> None:
+    """Remove whole decoder layers `dropped` (indices), in place. The layers that stay are renumbered (each
+    module's `layer_idx`, which indexes the KV cache) and the config's per-layer entries follow them
+    (`num_hidden_layers`, `layer_types`, Qwen2's `max_window_layers`, per-layer MLP widths), so the model is a
+    vanilla checkpoint of the new depth that transformers and the engines load."""
+    adapted = adapt(model)
+    layers = adapted.layers
+    gone = set(dropped)
+    stay = [i for i in range(len(layers)) if i not in gone]
+    if not stay or not gone <= set(range(len(layers))):
+        raise ValueError(f"cannot drop layers {sorted(gone)} of a model of {len(layers)}")
+    kept_modules = [layers[i] for i in stay]
+    for new, layer in enumerate(kept_modules):
+        for module in layer.modules():
+            if isinstance(getattr(module, "layer_idx", None), int):
+                module.layer_idx = new
+    for index in sorted(gone, reverse=True):  # the container stays (and its hooks); ModuleList renames the rest
+        del layers[index]
+    config = adapted.config
+    config.num_hidden_layers = len(stay)
+    if isinstance(getattr(config, "layer_types", None), list):
+        config.layer_types = [config.layer_types[i] for i in stay]
+    if isinstance(getattr(config, "max_window_layers", None), int):  # layers below it use full attention
+        config.max_window_layers = sum(1 for i in stay if i < config.max_window_layers)
+    if isinstance(getattr(config, LAYER_WIDTHS_KEY, None), list):
+        setattr(config, LAYER_WIDTHS_KEY, [getattr(config, LAYER_WIDTHS_KEY)[i] for i in stay])

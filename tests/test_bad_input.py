@@ -66,6 +66,15 @@ CASES = [
     ("prune {tiny} --recipe best --keep 24 --seq-len 32 --samples 4 --calibration {dir}/few.jsonl -o {dir}/out",
      "fewer than the 256 windows needed (one per document, as the seed methods draw them): use a larger source, lower "
      "--reconstruct-samples", BEFORE_LOAD),
+    # whole layers (--drop-layers)
+    (PRUNE + " --keep 24 --drop-layers -1 -o {dir}/out", "--drop-layers must be at least 0", BEFORE_LOAD),
+    (PRUNE + " --keep 24 --drop-layers 2 -o {dir}/out", "--drop-layers 2 leaves none of the 2 prunable layers", BEFORE_LOAD),
+    (PRUNE + " --keep 24 --drop-layers 1 --protect-first 1 -o {dir}/out", "leaves none of the 1 prunable", BEFORE_LOAD),
+    (PRUNE + " --keep 24 --drop-layers 1 --method magnitude -o {dir}/out", "magnitude reads no data", BEFORE_LOAD),
+    (PRUNE + " --keep 24 --drop-layers 1 --allocation search -o {dir}/out", "--allocation search is not supported yet",
+     BEFORE_LOAD),
+    (PRUNE + " --keep 24 --drop-layers 1 --scores {dir}/run/scores.safetensors -o {dir}/out", "drop --scores", BEFORE_LOAD),
+    (PRUNE + " --keep 49 --drop-layers 1 -o {dir}/out", "keep must be between 1 and 48", BEFORE_LOAD),
     # files
     (PRUNE + " --keep 24 --calibration {dir}/none.jsonl -o {dir}/out", "not found", BEFORE_LOAD),
     (PRUNE + " --keep 24 --scores {dir}/wide.safetensors -o {dir}/out", "come from another model", BEFORE_LOAD),
@@ -316,6 +325,9 @@ API_CASES = [
     (dict(method="random", keep=24, seed=2**70), "--seed must be at most"),
     (dict(method="random", keep=24, seed=-1), "--seed must be at least 0"),
     (dict(method="hfprune", keep=24, allocation="search", search_seed=2**64), "--search-seed must be at most"),
+    (dict(method="hfprune", keep=24, drop_layers=1, reconstruct="sequential", reconstruct_target="dense"),
+     "use --reconstruct-target layer"),
+    (dict(method="random", keep=24, drop_layers=1), "random reads no data"),
     (dict(method="magnitude", keep=24, bogus=1), "prune() has no option 'bogus'"),
     (dict(method="magnitude", keep=24, scores=123), "scores must be a scores.safetensors path"),
     (dict(method=PruneConfig(), keep=24), "either as a PruneConfig or as keywords"),

@@ -68,6 +68,10 @@ def add_parser(sub) -> None:
                    help=f"search: seed of the mutations (default {allocation.search_seed})")
     p.add_argument("--protect-first", type=int, default=allocation.protect_first, help="first N layers keep every neuron (others prune harder)")
     p.add_argument("--protect-last", type=int, default=allocation.protect_last, help="last M layers keep every neuron")
+    p.add_argument("--drop-layers", type=int, default=allocation.drop_layers,
+                   help="also drop this many whole decoder layers, those of the lowest importance from the same "
+                        "scoring passes (the Taylor term of the layer's residual; Block Influence for forward methods); "
+                        "--ratio still counts all parameters, the MLPs of the other layers take the rest")
     p.add_argument("--scores", default=None, help="re-prune from an earlier run's scores (its folder, or the scores.safetensors file): no calibration")
     p.add_argument("--reconstruct", choices=MODES, default=None,
                    help=f"refit each pruned MLP's down_proj by least squares on calibration activations (default {DEFAULT_MODE})")
@@ -106,7 +110,7 @@ def config_from_args(args) -> PruneConfig:
         aggregation=args.aggregation, steps=args.steps, allocation=args.allocation, protect_first=args.protect_first,
         protect_last=args.protect_last, min_keep=args.min_keep, search_samples=args.search_samples,
         search_generations=args.search_generations, search_offspring=args.search_offspring,
-        search_step=args.search_step, search_seed=args.search_seed, reconstruct=reconstruct,
+        search_step=args.search_step, search_seed=args.search_seed, drop_layers=args.drop_layers, reconstruct=reconstruct,
         reconstruct_lambda=args.reconstruct_lambda, reconstruct_calibration=args.reconstruct_calibration,
         reconstruct_samples=args.reconstruct_samples, reconstruct_seed=args.reconstruct_seed,
         reconstruct_select=args.reconstruct_select,

@@ -156,7 +156,9 @@ def export(directory: str | Path, config: ExportConfig | None = None, *, output:
 
     def write_and_check(path: Path) -> None:
         if config.to == "gguf":
-            report["written"] = write_gguf(model, plan.template, path, config.outtype, progress=progress)
+            dropped = len(((plan.manifest or {}).get("allocation") or {}).get("dropped_layers") or [])
+            report["written"] = write_gguf(model, plan.template, path, config.outtype, progress=progress,
+                                           dropped_layers=dropped)
             check = check_gguf if config.check else None
         else:
             report["written"] = write_vllm(plan.directory, path)

@@ -152,17 +152,22 @@ class Template:
     def value(self, key: str):
         return self.fields.get(f"{self.arch}.{key}", (None,))[0]
 
-    def check_fits(self, config, arch: str) -> None:
-        """The template must describe the same base model (family, depth, hidden size, vocabulary)."""
+    def check_fits(self, config, arch: str, dropped_layers: int = 0) -> None:
+        """The template must describe the same base model (family, depth less the `dropped_layers` that
+        --drop-layers removed, hidden size, vocabulary)."""
         base_arch = {v: k for k, v in PER_LAYER_ARCH.items()}.get(arch, arch)
         if self.arch != base_arch:
             raise ExportError(f"template {self.path} is a {self.arch!r} GGUF, this model needs {base_arch!r}; "
                               f"give the GGUF of the model it was pruned from (--template)")
-        checks = (("block_count", config.num_hidden_layers, "layers"), ("embedding_length", config.hidden_size, "hidden size"))
-        for key, expected, what in checks:
-            if self.value(key) is not None and self.value(key) != expected:
-                raise ExportError(f"template {self.path} has {self.value(key)} {what}, the model {expected}: "
-                                  f"it is not this model's base; give the GGUF it was pruned from (--template)")
+        # a model with layers dropped (--drop-layers) has fewer than its base; the count written is the model's
+        layers = self.value("block_count")
+        if layers is not None and layers != config.num_hidden_layers + dropped_layers:
+            also = f" and {dropped_layers} dropped" if dropped_layers else ""
+            raise ExportError(f"template {self.path} has {layers} layers, the model {config.num_hidden_layers}{also}: "
+                              f"it is not this model's base; give the GGUF it was pruned from (--template)")
+        if self.value("embedding_length") is not None and self.value("embedding_length") != config.hidden_size:
+            raise ExportError(f"template {self.path} has hidden size {self.value('embedding_length')}, the model "
+                              f"{config.hidden_size}: it is not this model's base; give the GGUF it was pruned from (--template)")
         tokens = self.fields.get("tokenizer.ggml.tokens", (None,))[0]
         if tokens is None:
             raise ExportError(f"template {self.path} holds no vocabulary (tokenizer.ggml.tokens)")
@@ -190,19 +195,37 @@ def _encode(array: np.ndarray, outtype: str):
     return array.astype(np.float16), None
 
 
-def write_gguf(model: nn.Module, template: Template, path: str | Path, outtype: str = "f16", progress: bool = False) -> dict:
+def check_attention_pattern(config) -> None:
+    """llama.cpp derives which layers use sliding-window attention from the layer number (Gemma-2 every other,
+    Gemma-3 five of six); after dropped layers the model's own `layer_types` may no longer follow that rule,
+    and llama.cpp would run those layers with the other attention."""
+    types = getattr(config, "layer_types", None)
+    if not isinstance(types, list) or len(set(types)) < 2 and not any("sliding" in t for t in types):
+        return
+    fresh = type(config)(**{**config.to_dict(), "layer_types": None}).layer_types
+    if fresh is not None and list(fresh) != list(types):
+        raise ExportError(f"the layers left after --drop-layers no longer follow {config.model_type}'s sliding/full "
+                          f"attention pattern, which llama.cpp derives from the layer number: export to vllm instead "
+                          f"(it reads layer_types), or drop layers that keep the pattern")
+
+
+def write_gguf(model: nn.Module, template: Template, path: str | Path, outtype: str = "f16", progress: bool = False,
+               dropped_layers: int = 0) -> dict:
     """Write `model` to `path` with the template's metadata and vocabulary, and the model's per-layer shape;
-    returns what was written. `progress` shows the tensor write (minutes for a large model)."""
+    returns what was written. `progress` shows the tensor write (minutes for a large model). `dropped_layers`:
+    how many layers pruning.json says were dropped, so that the base's template has that many more."""
     gguf = gguf_module()
     if outtype not in OUTTYPES:
         raise ExportError(f"unknown GGUF --outtype {outtype!r}: choose one of {', '.join(OUTTYPES)}")
     config = model.config
     shape = model_shape(config)
     arch = target_arch(config.model_type, shape)
-    template.check_fits(config, arch)
+    template.check_fits(config, arch, dropped_layers)
+    check_attention_pattern(config)
     writer = gguf.GGUFWriter(str(path), arch)
     prefix = f"{template.arch}."
-    per_layer = {f"{arch}.{key}": value for key, value in shape.gguf_values().items()}
+    per_layer = {f"{arch}.{key}": value for key, value in {"block_count": config.num_hidden_layers,
+                                                           **shape.gguf_values()}.items()}
     for key, (value, kind, sub) in template.fields.items():
         if key.startswith(prefix):
             key = f"{arch}.{key[len(prefix):]}"

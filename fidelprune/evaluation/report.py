@@ -281,7 +281,10 @@ def run_summary(run_dir: str | Path) -> list[dict]:
     before = manifest["allocation"].get("layer_widths_before") or [manifest["allocation"]["width_before"]] * len(kept)
     scores = load_scores(run_dir) if side_file(run_dir, SCORES_FILE).is_file() else {}
     layers = []
-    for i in sorted(kept):
+    for i in range(len(before)) if manifest["allocation"].get("dropped_layers") else sorted(kept):
+        if i not in kept:  # a layer dropped whole (--drop-layers)
+            layers.append({"layer": i, "width_before": before[i], "kept": 0, "scores": None, "threshold": None})
+            continue
         row = {"layer": i, "width_before": before[i], "kept": len(kept[i]), "scores": None, "threshold": None}
         if i in scores:
             s = scores[i].float()

@@ -7,6 +7,7 @@
 from ..adapters import adapt
 from ..errors import ConfigError
 from ..objectives import sdmprune_defaults
+from ..scoring import LayerScores
 
 # isort: off
 # registers each, in this order: METHODS and the CLI's --method choices list them so
@@ -32,13 +33,24 @@ from .base import (
 METHODS = tuple(METHOD_REGISTRY)
 
 
-def run_method(adapted, windows, config: MethodConfig, plan, allocation, progress: bool = True) -> MethodResult:
-    """Score the neurons of `adapted` with `config` (already resolved) and choose the neurons `plan` keeps."""
+def run_method(adapted, windows, config: MethodConfig, plan, allocation, progress: bool = True,
+               score_layers: bool = False) -> MethodResult:
+    """Score the neurons of `adapted` with `config` (already resolved) and choose the neurons `plan` keeps; with
+    `score_layers`, also score each whole decoder layer from the same passes (scoring.LayerScores: the Taylor
+    term of a gradient method's objectives, a forward method's Block Influence) into `result.layer_scores`."""
     adapted = adapt(adapted)
     method = config.spec
     if windows is None and method.kind != "data-free":
         raise ConfigError(f"{method.name} needs calibration windows")
-    return method.score(adapted, windows, config, plan, allocation, progress=progress)
+    if not score_layers:
+        return method.score(adapted, windows, config, plan, allocation, progress=progress)
+    if method.kind == "data-free":
+        raise ConfigError(f"{method.name} reads no data, so it cannot score whole layers; choose a method that does "
+                          f"(hfprune, sdmprune, llm-pruner, minitron, ...) to drop layers")
+    with LayerScores(adapted, "taylor" if method.kind == "gradient" else "influence") as layers:
+        result = method.score(adapted, windows, config, plan, allocation, progress=progress)
+    result.layer_scores = layers.scores()
+    return result
 
 
 __all__ = [

@@ -103,6 +103,7 @@ class MethodResult:
     extra_scores: Scores = field(default_factory=dict)  # e.g. sdmprune's stage-1 scores, "stage1.layer.N"
     stages: list[dict] = field(default_factory=list)
     down_bias_shift: dict[int, torch.Tensor] | None = None  # flap's compensation, added to down_proj biases
+    layer_scores: torch.Tensor | None = None  # [layers], whole decoder layers' importance (run_method score_layers)
 
 
 class Method:
