@@ -214,8 +214,8 @@ class ModelShape:
     def gguf_values(self) -> dict[str, int | list[int]]:
         """The per-layer GGUF keys (under the architecture's prefix): one number where every layer agrees, else
         an array (llama.cpp's `deci` reads arrays; its other architectures one number)."""
-        columns = {"feed_forward_length": self.mlp_widths, "head_count": [layer.query_heads for layer in self.layers],
-                   "head_count_kv": [layer.kv_heads for layer in self.layers]}
+        columns = {"feed_forward_length": self.mlp_widths, "attention.head_count": [layer.query_heads for layer in self.layers],
+                   "attention.head_count_kv": [layer.kv_heads for layer in self.layers]}
         return {key: values[0] if len(set(values)) == 1 else values for key, values in columns.items()}
 
 

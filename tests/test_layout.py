@@ -30,7 +30,7 @@ def test_a_plain_config_is_one_shape_for_every_layer():
     assert shape.uniform and shape.mlp_widths == [64] * 4 and shape.hidden_size == 32
     assert shape.layers[0] == LayerShape(64, 4, 2)
     assert shape.to_config(LLAMA) == LLAMA  # nothing per layer is written for a uniform model
-    assert shape.gguf_values() == {"feed_forward_length": 64, "head_count": 4, "head_count_kv": 2}
+    assert shape.gguf_values() == {"feed_forward_length": 64, "attention.head_count": 4, "attention.head_count_kv": 2}
 
 
 def test_per_layer_widths_write_both_keys_and_transformers_reads_its_own():
@@ -69,7 +69,7 @@ def test_skips_and_heads_in_per_layer_config_are_read():
     config = {**LLAMA, PER_LAYER_KEY: {"1": {"skip": ["attention"]}, "2": {"num_key_value_heads": 1}, "3": {"skip": ["mlp"]}}}
     shape = ModelShape.from_config(config)
     assert shape.layers == (LayerShape(64, 4, 2), LayerShape(64, 0, 0), LayerShape(64, 4, 1), LayerShape(0, 4, 2))
-    assert shape.gguf_values()["head_count"] == [4, 0, 4, 4]
+    assert shape.gguf_values()["attention.head_count"] == [4, 0, 4, 4]
     assert [b["attention"]["no_op"] for b in shape.to_block_configs()] == [False, True, False, False]
     with pytest.raises(LayoutError, match="cannot shape"):
         ModelShape.from_config({**LLAMA, PER_LAYER_KEY: {"0": {"head_dim": 4}}})

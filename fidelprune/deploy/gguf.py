@@ -224,8 +224,12 @@ def write_gguf(model: nn.Module, template: Template, path: str | Path, outtype: 
     check_attention_pattern(config)
     writer = gguf.GGUFWriter(str(path), arch)
     prefix = f"{template.arch}."
-    per_layer = {f"{arch}.{key}": value for key, value in {"block_count": config.num_hidden_layers,
-                                                           **shape.gguf_values()}.items()}
+    # the depth and head size are the model's: --drop-layers removes layers, and once heads are pruned the head
+    # size no longer follows from the hidden size (llama.cpp's default without these keys)
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    per_layer = {f"{arch}.{key}": value for key, value in {
+        "block_count": config.num_hidden_layers, "attention.key_length": head_dim, "attention.value_length": head_dim,
+        **shape.gguf_values()}.items()}
     for key, (value, kind, sub) in template.fields.items():
         if key.startswith(prefix):
             key = f"{arch}.{key[len(prefix):]}"
