@@ -37,6 +37,12 @@ class Adapter:
     gate_up: str | None = None  # fused [gate; up] projection
     down: str = "down_proj"
     bias_flag: str | None = None  # config switch that gives every MLP linear a bias, if the family has one
+    attention: str = "self_attn"
+    q: str | None = "q_proj"
+    k: str | None = "k_proj"
+    v: str | None = "v_proj"
+    qkv: str | None = None  # fused [q; k; v] projection
+    o: str = "o_proj"
 
 
 ADAPTERS: tuple[Adapter, ...] = (
@@ -45,7 +51,7 @@ ADAPTERS: tuple[Adapter, ...] = (
     Adapter("qwen2", ("qwen2",)),
     Adapter("qwen3", ("qwen3",)),
     Adapter("gemma", ("gemma", "gemma2", "gemma3_text")),
-    Adapter("phi3", ("phi3",), gate=None, up=None, gate_up="gate_up_proj"),
+    Adapter("phi3", ("phi3",), gate=None, up=None, gate_up="gate_up_proj", q=None, k=None, v=None, qkv="qkv_proj"),
 )
 
 
@@ -107,6 +113,43 @@ class MLPView:
         """Parameters that removing one neuron removes: its gate and up rows (+ biases), its down column."""
         gate_bias, up_bias = self.gate_up_biases()
         return 3 * self.hidden_size + (gate_bias is not None) + (up_bias is not None)
+
+
+@dataclass
+class AttentionView:
+    """One decoder layer's attention. Query head h is rows [h hd, (h+1) hd) of W_q and the same columns of W_o;
+    it reads KV head h // group_size (transformers' repeat_kv order), whose rows of W_k and W_v it shares."""
+
+    index: int
+    module: nn.Module
+    o: nn.Linear
+    head_dim: int
+    kv_heads: int
+    q: nn.Linear | None = None
+    k: nn.Linear | None = None
+    v: nn.Linear | None = None
+    qkv: nn.Linear | None = None
+
+    @property
+    def query_heads(self) -> int:
+        return self.o.in_features // self.head_dim
+
+    @property
+    def group_size(self) -> int:
+        return self.query_heads // self.kv_heads
+
+    @property
+    def hidden_size(self) -> int:
+        return self.o.out_features
+
+    def params_removed(self, query_heads: int, kv_heads: int) -> int:
+        """Parameters that keeping `query_heads` (of them `query_heads // kv_heads` per group) and `kv_heads` removes:
+        each query head's W_q rows (and bias) and W_o columns, each KV head's W_k and W_v rows (and biases)."""
+        q_rows = self.qkv if self.qkv is not None else self.q
+        kv_rows = self.qkv if self.qkv is not None else self.k
+        per_query = self.head_dim * (2 * self.hidden_size + (q_rows.bias is not None))
+        per_kv = 2 * self.head_dim * (self.hidden_size + (kv_rows.bias is not None))
+        return (self.query_heads - query_heads) * per_query + (self.kv_heads - kv_heads) * per_kv
 
 
 def _sliced_linear(linear: nn.Linear, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None) -> nn.Linear:
@@ -220,6 +263,35 @@ class AdaptedModel:
 
     def widths(self) -> list[int]:
         return [view.width for view in self.mlps()]
+
+    def attention(self, index: int) -> AttentionView:
+        """A view of decoder layer `index`'s attention (made afresh: slicing replaces the linears)."""
+        a = self.adapter
+        module = getattr(self.layers[index], a.attention)
+        get = lambda name: getattr(module, name) if name else None  # noqa: E731
+        kv_heads = getattr(self.config, "num_key_value_heads", None) or self.config.num_attention_heads
+        return AttentionView(index, module, get(a.o), module.head_dim, kv_heads, get(a.q), get(a.k), get(a.v), get(a.qkv))
+
+    def slice_attention(self, view: AttentionView, query_heads: torch.Tensor, kv_heads: torch.Tensor) -> None:
+        """Keep query heads `query_heads` and KV heads `kv_heads` (sorted indices; the same number of query heads
+        from each kept group), physically: W_q / W_k / W_v rows, W_o columns, and the module's head counts."""
+        a, hd = self.adapter, view.head_dim
+        rows = lambda heads: (heads[:, None] * hd + torch.arange(hd)).reshape(-1)  # noqa: E731
+        device = view.o.weight.device
+        q_rows, kv_rows = rows(query_heads.cpu()).to(device), rows(kv_heads.cpu()).to(device)
+        if view.qkv is not None:
+            q_size, kv_size = view.query_heads * hd, view.kv_heads * hd
+            fused = torch.cat([q_rows, q_size + kv_rows, q_size + kv_size + kv_rows])
+            setattr(view.module, a.qkv, _sliced_linear(view.qkv, rows=fused))
+        else:
+            setattr(view.module, a.q, _sliced_linear(view.q, rows=q_rows))
+            setattr(view.module, a.k, _sliced_linear(view.k, rows=kv_rows))
+            setattr(view.module, a.v, _sliced_linear(view.v, rows=kv_rows))
+        setattr(view.module, a.o, _sliced_linear(view.o, cols=q_rows))
+        view.module.num_key_value_groups = len(query_heads) // len(kv_heads)
+        for name, value in (("num_key_value_heads", len(kv_heads)), ("num_heads", len(query_heads))):
+            if isinstance(getattr(view.module, name, None), int):
+                setattr(view.module, name, value)
 
     # ----------------------------------------------------------------------------------------------- surgery
     def slice_mlp(self, view: MLPView, keep: torch.Tensor) -> None:

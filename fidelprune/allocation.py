@@ -60,6 +60,9 @@ class AllocationConfig:
     # whole decoder layers to drop (the lowest-scoring unprotected ones, scoring.LayerScores); the MLP neurons of
     # the layers that stay take the rest of the --ratio budget
     drop_layers: int = 0
+    # attention heads kept in every layer (Minitron's way): query heads per KV group, and KV groups; None keeps all
+    keep_heads: int | None = None
+    keep_kv_heads: int | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in ALLOCATIONS:
@@ -80,6 +83,15 @@ class AllocationConfig:
         check_int("--search-offspring", self.search_offspring, 1)
         check_seed("--search-seed", self.search_seed)
         check_int("--drop-layers", self.drop_layers, 0)
+        for flag, value in (("--keep-heads", self.keep_heads), ("--keep-kv-heads", self.keep_kv_heads)):
+            if value is not None:
+                check_int(flag, value, 1)
+        if self.prunes_heads and self.kind == "search":
+            raise AllocationError("--keep-heads / --keep-kv-heads with --allocation search is not supported yet; use "
+                                  "--allocation uniform or global")
+        if self.prunes_heads and (self.protect_first or self.protect_last):
+            raise AllocationError("--keep-heads / --keep-kv-heads prune every layer's attention alike (a vanilla "
+                                  "config); protected layers would need per-layer head counts, not supported yet")
         if self.drop_layers and self.kind == "search":
             raise AllocationError("--drop-layers with --allocation search is not supported yet: the search moves neurons "
                                   "between a fixed set of layers; use --allocation uniform or global")
@@ -92,6 +104,10 @@ class AllocationConfig:
             raise AllocationError("--search-* options apply to --allocation search only")
         if self.kind == "uniform" and self.min_keep is not None:
             raise AllocationError("--min-keep applies to --allocation global or search (uniform keeps the same width everywhere)")
+
+    @property
+    def prunes_heads(self) -> bool:
+        return self.keep_heads is not None or self.keep_kv_heads is not None
 
     def protected(self, num_layers: int) -> list[int]:
         layers = sorted(set(range(self.protect_first)) | set(range(num_layers - self.protect_last, num_layers)))
@@ -112,6 +128,8 @@ class WidthPlan:
     protected_layers: list[int]
     adds_mlp_bias: bool
     drop_layers: int = 0  # whole decoder layers dropped (which ones the layer scores decide)
+    query_heads_after: int | None = None  # every layer's query and KV heads once heads are pruned (None: kept)
+    kv_heads_after: int | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -138,12 +156,14 @@ def plan_width(
     protected: list[int] | tuple[int, ...] = (),
     adds_mlp_bias: bool = False,
     drop: int = 0,
+    heads: tuple[int, int] | None = None,
 ) -> WidthPlan:
     """Solve the kept width of the prunable layers from a parameter ratio (the multiple of `round_to` whose
     achieved ratio is closest to the target) or take it as given (`keep`). Errors if nothing or every neuron
     would go. With `drop`, that many of the prunable layers go whole (the layers are alike, so which ones does
     not change the count) and the ratio counts them; the width is then that of the layers that stay, and may be
-    the whole width (depth alone)."""
+    the whole width (depth alone). With `heads` (query heads, KV heads kept in every layer), the attention of
+    every layer that stays loses the rest, and the ratio counts that too."""
     if (ratio is None) == (keep is None):
         raise AllocationError("give exactly one of ratio (fraction of parameters to remove) or keep (neurons per layer)")
     adapted = adapt(model)
@@ -170,6 +190,8 @@ def plan_width(
             raise AllocationError("--drop-layers needs decoder layers of one size, and this model's differ; drop none")
         base -= drop * emptied.pop()
         per_k = per_k // len(prunable) * (len(prunable) - drop)
+    if heads is not None:
+        base -= (adapted.num_layers - drop) * adapted.attention(0).params_removed(*heads)
 
     def params_after(k: int) -> int:
         return base + per_k * k
@@ -185,14 +207,14 @@ def plan_width(
                 f"this model's parameters; choose a ratio below {max_ratio:.3f}"
             )
         achieved = {k: 1 - params_after(k) / total for k in candidates}
-        if drop and achieved[width] > ratio:
-            raise AllocationError(f"--drop-layers {drop} alone removes {achieved[width]:.1%} of the parameters, more than "
-                                  f"--ratio {ratio}; drop fewer layers or raise --ratio")
+        if (drop or heads) and achieved[width] > ratio:
+            raise AllocationError(f"the layers and heads pruned alone remove {achieved[width]:.1%} of the parameters, "
+                                  f"more than --ratio {ratio}; drop fewer layers, keep more heads or raise --ratio")
         keep = min(candidates, key=lambda k: (abs(achieved[k] - ratio), -k))
-        if keep >= width and not drop:
+        if keep >= width and not (drop or heads):
             raise AllocationError(f"ratio {ratio} removes no neuron at round-to {round_to}; choose a larger ratio")
-    elif not 0 < keep < width + (drop > 0):
-        raise AllocationError(f"keep must be between 1 and {width - (not drop)} neurons per layer (the MLP width is {width}), "
+    elif not 0 < keep < width + bool(drop or heads):
+        raise AllocationError(f"keep must be between 1 and {width - (not (drop or heads))} neurons per layer (the MLP width is {width}), "
                               f"got {keep}")
     return WidthPlan(
         width_before=width,
@@ -205,6 +227,8 @@ def plan_width(
         protected_layers=list(protected),
         adds_mlp_bias=adds_mlp_bias,
         drop_layers=drop,
+        query_heads_after=None if heads is None else heads[0],
+        kv_heads_after=None if heads is None else heads[1],
     )
 
 

@@ -159,6 +159,7 @@ def plan_memory(shapes: AdaptedModel, config: PruneConfig, dtype: torch.dtype, d
         # --drop-layers: the layer scores hold each layer's input until its backward (in a low-precision dtype the
         # norm keeps an fp32 copy instead, so this one is extra)
         held += d if config.allocation.drop_layers else 0
+        held += q_dim if config.allocation.prunes_heads else 0  # the head scores hold o_proj's input likewise
         plan.parts["activations"] = b * tokens * (saved_per_token_layer + held) * kept_layers
         if streamed:
             plan.parts["hidden states (streamed)"] = b * tokens * d * (layers + 1)

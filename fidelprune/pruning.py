@@ -52,7 +52,7 @@ from .reconstruction import reconstruct as reconstruct_mlps
 from .scoring import Scores, ScoringError
 from .search import search_space, search_widths
 from .settings import RECIPES, PruneConfig, check_width_plan
-from .surgery import remove_layers, remove_neurons
+from .surgery import remove_heads, remove_layers, remove_neurons
 from .utils import check_finite_weights, library_versions, moved_names
 
 __all__ = ["PruneConfig", "PruneReport", "PruneRun", "RECIPES", "prune", "prune_location", "save"]
@@ -266,7 +266,7 @@ def _run(
     else:
         try:
             result = run_method(adapted, calibration_ids, method, plan, config.allocation, progress=progress,
-                                score_layers=plan.drop_layers > 0)
+                                score_layers=plan.drop_layers > 0, score_heads=plan.query_heads_after is not None)
         except ScoringError:
             check_finite_weights(model)  # damaged weights explain non-finite scores better than an overflow does
             raise
@@ -279,9 +279,11 @@ def _run(
         timings["search"] = time.perf_counter() - start
 
     dropped = _drop_layers(result, plan, config.allocation) if plan.drop_layers else []
+    heads = _select_heads(result, plan, dropped, adapted.attention(0).kv_heads) if plan.query_heads_after else {}
     # the parameter count the surgery must reach (counted on the model before it, which `inplace` changes)
     expected = params_after_widths(adapted, {i: len(k) for i, k in result.kept.items()}, plan.adds_mlp_bias) - sum(
-        _layer_params(adapted, i, plan.adds_mlp_bias) for i in dropped)
+        _layer_params(adapted, i, plan.adds_mlp_bias) for i in dropped) - sum(
+        adapted.attention(i).params_removed(plan.query_heads_after, plan.kv_heads_after) for i in heads)
 
     start = time.perf_counter()
     pruned = adapted if inplace else adapted.copy()
@@ -291,18 +293,25 @@ def _run(
         renumber = {old: new for new, old in enumerate(sorted(kept))}
         kept = {renumber[i]: k for i, k in kept.items()}
         shift = None if shift is None else {renumber[i]: s for i, s in shift.items() if i in renumber}
+    stay = [i for i in range(len(layer_widths_before)) if i not in dropped]
+    heads_kept = {new: heads[old] for new, old in enumerate(stay)} if heads else {}
     timings["pruning"] = time.perf_counter() - start
     reconstruction = None
     if recon.mode != "none":
         # On the still-dense copy, before surgery: each layer's Gram needs every neuron's activation. FLAP adds a
         # down_proj bias anyway; there the fitted intercept replaces its mean compensation.
+        # pruned heads: each layer's o_proj is refit on the kept heads first, then its MLP on what they pass
+        channels = {i: (q[:, None] * pruned.attention(i).head_dim + torch.arange(pruned.attention(i).head_dim)).reshape(-1)
+                    for i, (q, _) in heads_kept.items()}
         reconstruction = reconstruct_mlps(pruned, kept, reconstruction_ids, recon.mode, recon.lam,
                                           target=recon.target, select=recon.select, fit_bias=shift is not None,
-                                          batch_size=method.batch_size, progress=progress)
+                                          attention=channels, batch_size=method.batch_size, progress=progress)
         shift = reconstruction.bias_shift if shift is not None else None
         kept = {**kept, **reconstruction.kept}  # --reconstruct-select obs chose these layers' neurons
         timings["reconstruction"] = reconstruction.seconds
     start = time.perf_counter()
+    if heads_kept:  # after the refit, which zeroed the removed heads' o_proj columns: the same function
+        remove_heads(pruned, heads_kept)
     remove_neurons(pruned, kept, shift)
     result.kept = dict(zip(sorted(result.kept), (kept[i] for i in sorted(kept))))  # the source model's layer numbers
     params_after = count_parameters(pruned.model)
@@ -320,6 +329,8 @@ def _run(
     )
     if search_record is not None:
         manifest["allocation"]["search"] = search_record
+    if heads:  # the source model's layer and head numbers
+        manifest["allocation"]["kept_heads"] = {str(i): {"query": q.tolist(), "kv": kv.tolist()} for i, (q, kv) in heads.items()}
     if adapted.streamed:
         manifest["execution"] = {"mode": "streamed", "device": str(adapted.device), "weights_on": str(adapted.home)}
     elif device_map_of(model):
@@ -346,6 +357,23 @@ def _drop_layers(result: MethodResult, plan: WidthPlan, allocation: AllocationCo
         result.down_bias_shift = {i: s for i, s in result.down_bias_shift.items() if i not in dropped}
     result.extra_scores["layer_importance"] = result.layer_scores
     return dropped
+
+
+def _select_heads(result: MethodResult, plan: WidthPlan, dropped: list[int], kv_heads: int
+                  ) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """Per layer that stays, Minitron's choice: the `plan.kv_heads_after` KV groups of the highest summed scores,
+    and in each the `query_heads_after / kv_heads_after` query heads of the highest scores (sorted indices)."""
+    per_group = plan.query_heads_after // plan.kv_heads_after
+    chosen = {}
+    for index, scores in result.head_scores.items():
+        if index in dropped:
+            continue
+        groups = scores.reshape(kv_heads, -1)
+        kv = torch.sort(torch.topk(groups.sum(dim=1), plan.kv_heads_after).indices).values
+        query = torch.cat([j * groups.shape[1] + torch.sort(torch.topk(groups[j], per_group).indices).values for j in kv])
+        chosen[index] = (query, kv)
+    result.extra_scores.update({f"heads.layer.{i}": s for i, s in result.head_scores.items()})
+    return chosen
 
 
 def _layer_params(adapted: AdaptedModel, index: int, adds_mlp_bias: bool) -> int:
@@ -407,6 +435,8 @@ def build_manifest(
             **({} if result.layer_scores is None else {
                 "dropped_layers": sorted(set(range(len(layer_widths_before))) - set(result.kept)),
                 "layer_scores": result.layer_scores.tolist()}),
+            **({} if result.head_scores is None else {
+                "head_scores": {str(i): s.tolist() for i, s in result.head_scores.items()}}),
         },
         "kept_neurons": {str(i): k.tolist() for i, k in sorted(result.kept.items())},
         "reconstruction": {"mode": "none"} if reconstruction is None else {

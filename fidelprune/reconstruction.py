@@ -138,6 +138,7 @@ class ReconstructionResult:
     select: str = "scores"
     # select="obs": the neurons each refit layer keeps instead of the method's (same count, sorted)
     kept: dict[int, torch.Tensor] = field(default_factory=dict)
+    attention: list[LayerFit] = field(default_factory=list)  # the o_proj refits, where heads were pruned
 
     def to_dict(self) -> dict:
         before = [f.error_before for f in self.layers]
@@ -156,7 +157,25 @@ class ReconstructionResult:
             "mean_error_before": sum(before) / len(before) if before else None,
             "mean_error_after": sum(after) / len(after) if after else None,
             "layers": [asdict(f) for f in self.layers],
+            **({"attention": [asdict(f) for f in self.attention]} if self.attention else {}),
         }
+
+
+@dataclass
+class OutputProjection:
+    """An attention's o_proj as the refit sees a down_proj: its input channels (each head's hd of them) are the
+    columns to keep, and its output is the attention's, so the same Gram, solve and write serve it."""
+
+    index: int
+    down: nn.Linear
+
+    @property
+    def width(self) -> int:
+        return self.down.in_features
+
+    @property
+    def hidden_size(self) -> int:
+        return self.down.out_features
 
 
 class Gram:
@@ -389,6 +408,7 @@ def reconstruct(
     target: str = "layer",
     select: str = "scores",
     fit_bias: bool = False,
+    attention: dict[int, torch.Tensor] | None = None,
     batch_size: int = 4,
     progress: bool = True,
 ) -> ReconstructionResult:
@@ -406,6 +426,10 @@ def reconstruct(
     `fit_bias` also fits an intercept where down_proj has no bias and returns it in `bias_shift` (for a caller
     that adds a bias anyway, i.e. FLAP); models with a down_proj bias always get it refit.
 
+    `attention` ({layer: o_proj input channels kept}, sequential mode): the heads to prune. Each such layer first
+    refits its o_proj on the kept channels to its own dense attention output (removed columns zero, the same
+    function as the heads removed: surgery.remove_heads afterwards), then its MLP on what that attention passes.
+
     Memory beyond the model: one layer's Gram ((I+1)^2 fp64) on the model's device, and the N x L x d hidden
     states of the windows in the model's dtype on the CPU (one batch at a time on the device)."""
     check_options(mode, lam, target, select)
@@ -416,15 +440,19 @@ def reconstruct(
     # Layers that lose nothing (protected, or kept whole) are left exactly as they are: a ridge refit would
     # only shrink their weights.
     todo = {i: k for i, k in kept.items() if len(k) < views[i].width}
-    if mode == "none" or not todo:
+    heads = dict(attention or {})
+    if heads and mode != "sequential":
+        raise ConfigError("pruned heads are refit in sequential reconstruction only; use --reconstruct sequential")
+    if mode == "none" or not (todo or heads):
         return result
     start = time.perf_counter()
     result.bias_refit = fit_bias or any(views[i].down.bias is not None for i in todo)
     if fit_bias:
         result.bias_shift = {i: torch.zeros(v.hidden_size) for i, v in views.items()}
     store = torch.device("cpu")  # the N x L x d cache lives off the accelerator; batches move over as they run
-    last = max(todo)  # layers after the last pruned one need no propagation
-    passes = sum((2 if mode == "sequential" and i in todo and i < last else 1) + dense_target for i in range(last + 1))
+    last = max([*todo, *heads])  # layers after the last pruned one need no propagation
+    passes = sum((2 if mode == "sequential" and i in todo and i < last else 1) + dense_target + (i in heads)
+                 for i in range(last + 1))
     result.tokens = windows.numel()
     windows = shard(windows)  # this process's share in a data-parallel run; the Grams are summed before each solve
     bar = tqdm(total=windows.numel() * passes, unit="tok", unit_scale=True, desc=f"reconstruct ({mode})",
@@ -448,6 +476,15 @@ def reconstruct(
 
         for index in range(last + 1):
             with adapted.on_device(index):  # streamed (--offload): this layer's turn on the device
+                if index in heads:  # the attention first: the MLP's Gram below then sees the refit attention
+                    o_proj = OutputProjection(index, adapted.attention(index).o)
+                    gram = Gram(o_proj.width, adapted.layer_device(index))
+                    with registered([o_proj.down.register_forward_pre_hook(accumulate)]):
+                        for h in hidden:
+                            run(index, h)
+                    gram.reduce()
+                    result.attention.append(_refit(o_proj, gram, heads[index], lam)[0])
+                    gram = None
                 if index not in todo:
                     propagate(index)
                     if dense_target:

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .adapters import AdaptedModel, MLPView, adapt
+from .adapters import AdaptedModel, AttentionView, MLPView, adapt
 from .distributed import is_main, shard, sum_, sum_number
 from .errors import ConfigError, FidelpruneError
 from .objectives import gradients_only
@@ -137,7 +137,18 @@ def _activation_values(a: torch.Tensor, mask: torch.Tensor | None) -> Callable[[
     return values
 
 
-class MLPHooks:
+class _Hooked:
+    """Hooks registered on entering the block (in `self._handles`), removed on leaving it, whatever happens."""
+
+    _handles: list
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+
+class MLPHooks(_Hooked):
     """Hooks on every MLP: an optional neuron mask (a_i -> 0 for masked neurons, the same function as a model
     with those neurons removed) and the gradient capture for a score form. `active = False` turns both off,
     which makes the model the original, unmasked one: the SDMPrune teacher without a second copy."""
@@ -170,11 +181,6 @@ class MLPHooks:
                     self._handles.append(view.gate.register_forward_hook(self._grad_hook(state, "gate")))
                     self._handles.append(view.up.register_forward_hook(self._grad_hook(state, "up")))
         return self
-
-    def __exit__(self, *exc) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
 
     def _down_input(self, index: int):
         def hook(module, args):
@@ -455,7 +461,7 @@ def standardize(score: torch.Tensor) -> torch.Tensor:
 LAYER_SCORES = ("taylor", "influence")
 
 
-class LayerScores:
+class LayerScores(_Hooked):
     """Importance of each whole decoder layer, read from the passes of the method that runs inside the block
     (docs/methods.md, "Whole layers"); the layer's output is h_out = h_in + delta, delta its residual contribution.
 
@@ -481,11 +487,6 @@ class LayerScores:
         for index, layer in enumerate(self.adapted.layers):
             self._handles.append(layer.register_forward_hook(self._hook(index), with_kwargs=True))
         return self
-
-    def __exit__(self, *exc) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
 
     def _hook(self, index: int):
         def hook(module, args, kwargs, output):
@@ -518,3 +519,67 @@ class LayerScores:
         if not torch.isfinite(score).all():
             raise ScoringError("non-finite layer scores: the model overflowed; run in float32 (--dtype float32)")
         return score.float()
+
+
+class HeadScores(_Hooked):
+    """Importance of each query head of every layer, from the passes of the method that runs inside the block
+    (docs/methods.md, "Attention heads"), read at o_proj's input a, where head h owns channels [h hd, (h+1) hd):
+
+    - taylor (gradient methods): the activation form summed over the head's channels,
+      s_h = sum_{c in h} sum_n sum_t |a_ntc dL_n/da_ntc|, over every Taylor pass of the method.
+    - norm (forward methods): Minitron's head importance, the mean over tokens of the head output's L2 norm.
+
+    A KV group's score is the sum of its query heads' (`group_scores`)."""
+
+    def __init__(self, model: nn.Module | AdaptedModel, kind: str) -> None:
+        if kind not in ("taylor", "norm"):
+            raise ConfigError(f"unknown head score {kind!r}: choose taylor or norm")
+        self.adapted, self.kind = adapt(model), kind
+        self.views = [self.adapted.attention(i) for i in range(self.adapted.num_layers)]
+        self.sums = {v.index: torch.zeros(v.query_heads, dtype=torch.float64) for v in self.views}
+        self.tokens = dict.fromkeys(self.sums, 0)
+        self._handles: list = []
+
+    def __enter__(self) -> HeadScores:
+        for view in self.views:
+            self._handles.append(view.o.register_forward_pre_hook(self._hook(view)))
+        return self
+
+    def _hook(self, view: AttentionView):
+        heads, hd = view.query_heads, view.head_dim
+
+        def hook(module, args):
+            a = args[0]
+            if self.kind == "norm":
+                with torch.no_grad():
+                    norms = a.detach().float().reshape(*a.shape[:-1], heads, hd).norm(dim=-1)
+                    self.sums[view.index] += norms.reshape(-1, heads).double().sum(dim=0).cpu()
+                    self.tokens[view.index] += norms.numel() // heads
+            elif a.requires_grad:
+                held = a.detach()
+
+                def on_grad(g: torch.Tensor) -> None:
+                    per_channel = (held.float() * g.float()).abs().reshape(-1, heads, hd).sum(dim=(0, 2))
+                    self.sums[view.index] += per_channel.double().cpu()
+
+                a.register_hook(on_grad)
+
+        return hook
+
+    def scores(self) -> dict[int, torch.Tensor]:
+        """{layer: [query heads]} fp32, summed over a data-parallel run's processes."""
+        out = {}
+        for index, sums in self.sums.items():
+            sums = sums.clone()
+            tokens = torch.tensor([float(self.tokens[index])], dtype=torch.float64)
+            sum_(sums, tokens)
+            score = sums if self.kind == "taylor" else sums / tokens.clamp_min(1)
+            if not torch.isfinite(score).all():
+                raise ScoringError(f"non-finite head scores in layer {index}: the model overflowed; run in float32")
+            out[index] = score.float()
+        return out
+
+
+def group_scores(head_scores: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """A KV group's score: the sum of its query heads' (heads h of group j: h // group_size == j)."""
+    return head_scores.reshape(kv_heads, -1).sum(dim=1)

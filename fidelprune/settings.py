@@ -82,6 +82,8 @@ class PruneConfig:
         search_step: int | None = None,
         search_seed: int = AllocationConfig.search_seed,
         drop_layers: int = AllocationConfig.drop_layers,
+        keep_heads: int | None = None,
+        keep_kv_heads: int | None = None,
         reconstruct: str | None = None,
         reconstruct_lambda: float = ReconstructionConfig.lam,
         reconstruct_target: str = ReconstructionConfig.target,
@@ -107,7 +109,7 @@ class PruneConfig:
             AllocationConfig(allocation, round_to, protect_first, protect_last, min_keep, ratio=ratio, keep=keep,
                              search_samples=search_samples, search_generations=search_generations,
                              search_offspring=search_offspring, search_step=search_step, search_seed=search_seed,
-                             drop_layers=drop_layers),
+                             drop_layers=drop_layers, keep_heads=keep_heads, keep_kv_heads=keep_kv_heads),
             ReconstructionConfig(reconstruct, reconstruct_lambda, reconstruct_target,
                                  None if reconstruct_calibration is None else str(reconstruct_calibration),
                                  reconstruct_samples, reconstruct_seed, reconstruct_select),
@@ -140,8 +142,9 @@ def check_width_plan(adapted: AdaptedModel, config: PruneConfig, scores_given: b
     protected = alloc.protected(adapted.num_layers)
     if alloc.drop_layers:
         _check_drop_layers(config, scores_given)
+    heads = _check_heads(adapted, config, scores_given) if alloc.prunes_heads else None
     plan = plan_width(adapted, ratio=alloc.ratio, keep=alloc.keep, round_to=alloc.round_to, protected=protected,
-                      adds_mlp_bias=adds_bias, drop=alloc.drop_layers)
+                      adds_mlp_bias=adds_bias, drop=alloc.drop_layers, heads=heads)
     if alloc.kind == "search" and adds_bias:
         raise AllocationError(f"--allocation search refits down_proj without {config.method.method}'s bias compensation, "
                               f"so it would search the wrong model; use --allocation global with {config.method.method}")
@@ -164,3 +167,30 @@ def _check_drop_layers(config: PruneConfig, scores_given: bool) -> None:
     if config.reconstruction.mode != "none" and config.reconstruction.target == "dense":
         raise ConfigError(f"--drop-layers {n} with --reconstruct-target dense: the dense model's layer outputs do not "
                           f"line up with a model that lost layers; use --reconstruct-target layer (the default)")
+
+
+def _check_heads(adapted: AdaptedModel, config: PruneConfig, scores_given: bool) -> tuple[int, int]:
+    """(query heads, KV heads) every layer keeps under --keep-heads (per KV group) / --keep-kv-heads, after what
+    head pruning needs: heads to remove, a method that reads data, fresh scores."""
+    alloc, method = config.allocation, config.method.spec
+    view = adapted.attention(0)
+    kv = alloc.keep_kv_heads if alloc.keep_kv_heads is not None else view.kv_heads
+    per_group = alloc.keep_heads if alloc.keep_heads is not None else view.group_size
+    if kv > view.kv_heads:
+        raise ConfigError(f"--keep-kv-heads {kv}: the model has {view.kv_heads} KV heads per layer; keep fewer")
+    if per_group > view.group_size:
+        raise ConfigError(f"--keep-heads {per_group}: each of the model's KV groups has {view.group_size} query heads "
+                          f"({view.query_heads} query heads over {view.kv_heads} KV heads); keep fewer")
+    if (kv, per_group) == (view.kv_heads, view.group_size):
+        raise ConfigError("--keep-heads / --keep-kv-heads keep every head: nothing to prune; keep fewer or drop them")
+    if method.kind == "data-free":
+        raise ConfigError(f"{method.name} reads no data, so it cannot score attention heads; choose a method that does "
+                          f"(hfprune, sdmprune, llm-pruner, wanda-sp, flap, minitron)")
+    if scores_given:
+        raise ConfigError("--keep-heads / --keep-kv-heads score the heads in the scoring passes, which --scores skips; "
+                          "drop --scores")
+    recon = config.reconstruction
+    if recon.mode == "parallel" or (recon.mode == "sequential" and recon.target == "dense"):
+        raise ConfigError("pruned heads are refit (o_proj, then the MLP) in sequential reconstruction to each layer's "
+                          "own output: use --reconstruct sequential (target layer) or none")
+    return kv * per_group, kv

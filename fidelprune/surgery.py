@@ -59,3 +59,21 @@ def remove_layers(model: nn.Module | AdaptedModel, dropped: list[int]) -> None:
         config.max_window_layers = sum(1 for i in stay if i < config.max_window_layers)
     if isinstance(getattr(config, LAYER_WIDTHS_KEY, None), list):
         setattr(config, LAYER_WIDTHS_KEY, [getattr(config, LAYER_WIDTHS_KEY)[i] for i in stay])
+
+
+def remove_heads(model: nn.Module | AdaptedModel, kept: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Keep, in every layer, the query heads and KV heads `kept[layer]` = (query head indices, KV head indices),
+    in place: the same counts in every layer (the same number of query heads from each kept KV group), so the
+    config stays vanilla: `num_attention_heads`, `num_key_value_heads`, and `head_dim` written out (it no longer
+    follows from the hidden size)."""
+    adapted = adapt(model)
+    counts = {(len(q), len(kv)) for q, kv in kept.values()}
+    if len(counts) != 1 or set(kept) != set(range(adapted.num_layers)):
+        raise ValueError("remove_heads keeps the same head counts in every layer")
+    head_dim = adapted.attention(0).head_dim
+    for index, (query, kv) in kept.items():
+        adapted.slice_attention(adapted.attention(index), query, kv)
+    (query_heads, kv_heads), = counts
+    config = adapted.config
+    config.head_dim = head_dim
+    config.num_attention_heads, config.num_key_value_heads = query_heads, kv_heads

@@ -190,3 +190,50 @@ def block_influence(model: nn.Module, windows: torch.Tensor) -> torch.Tensor:
             count += sequence.numel()
     handle.remove()
     return sums / count
+
+
+def head_scores(model: nn.Module, windows: torch.Tensor, objective: Objective) -> dict[int, torch.Tensor]:
+    """Attention heads, Taylor: s_h = sum over the head's channels c of o_proj's input, sum_n sum_t |a_ntc dL_n/da_ntc|,
+    one sequence at a time with every weight trainable."""
+    layers = model.model.layers
+    heads = model.config.num_attention_heads
+    scores = {i: torch.zeros(heads, dtype=torch.float64) for i in range(len(layers))}
+    with _all_weights_trainable(model):
+        for sequence in windows:
+            captured = {}
+
+            def keep(args, index):
+                args[0].retain_grad()
+                captured[index] = args[0]
+
+            handles = [layer.self_attn.o_proj.register_forward_pre_hook(lambda m, args, i=i: keep(args, i))
+                       for i, layer in enumerate(layers)]
+            _backward_one(model, sequence, objective, None)
+            for handle in handles:
+                handle.remove()
+            for index, a in captured.items():
+                per_channel = (a * a.grad).detach().double().abs().sum(dim=(0, 1))
+                scores[index] += per_channel.reshape(heads, -1).sum(dim=1)
+    return scores
+
+
+def head_norms(model: nn.Module, windows: torch.Tensor) -> dict[int, torch.Tensor]:
+    """Attention heads, Minitron: the mean over tokens of the L2 norm of each head's output (o_proj's input)."""
+    layers = model.model.layers
+    heads = model.config.num_attention_heads
+    sums = {i: torch.zeros(heads, dtype=torch.float64) for i in range(len(layers))}
+    count = 0
+
+    def add(args, index):
+        a = args[0].detach().double()
+        sums[index].add_(a.reshape(*a.shape[:-1], heads, -1).norm(dim=-1).reshape(-1, heads).sum(dim=0))
+
+    handles = [layer.self_attn.o_proj.register_forward_pre_hook(lambda m, args, i=i: add(args, i))
+               for i, layer in enumerate(layers)]
+    with torch.no_grad():
+        for sequence in windows:
+            model(sequence[None])
+            count += sequence.numel()
+    for handle in handles:
+        handle.remove()
+    return {i: s / count for i, s in sums.items()}

@@ -75,6 +75,15 @@ CASES = [
      BEFORE_LOAD),
     (PRUNE + " --keep 24 --drop-layers 1 --scores {dir}/run/scores.safetensors -o {dir}/out", "drop --scores", BEFORE_LOAD),
     (PRUNE + " --keep 49 --drop-layers 1 -o {dir}/out", "keep must be between 1 and 48", BEFORE_LOAD),
+    # attention heads (the tiny model: 4 query heads over 2 KV heads)
+    (PRUNE + " --keep 24 --keep-heads 0 -o {dir}/out", "--keep-heads must be at least 1", BEFORE_LOAD),
+    (PRUNE + " --keep 24 --keep-heads 3 -o {dir}/out", "each of the model's KV groups has 2 query heads", BEFORE_LOAD),
+    (PRUNE + " --keep 24 --keep-kv-heads 3 -o {dir}/out", "the model has 2 KV heads per layer", BEFORE_LOAD),
+    (PRUNE + " --keep 24 --keep-heads 2 --keep-kv-heads 2 -o {dir}/out", "keep every head", BEFORE_LOAD),
+    (PRUNE + " --keep 24 --keep-heads 1 --method random -o {dir}/out", "random reads no data", BEFORE_LOAD),
+    (PRUNE + " --keep 24 --keep-heads 1 --protect-last 1 -o {dir}/out", "per-layer head counts", BEFORE_LOAD),
+    (PRUNE + " --keep 24 --keep-heads 1 --allocation search -o {dir}/out", "not supported yet", BEFORE_LOAD),
+    (PRUNE + " --keep 24 --keep-heads 1 --scores {dir}/run/scores.safetensors -o {dir}/out", "drop --scores", BEFORE_LOAD),
     # files
     (PRUNE + " --keep 24 --calibration {dir}/none.jsonl -o {dir}/out", "not found", BEFORE_LOAD),
     (PRUNE + " --keep 24 --scores {dir}/wide.safetensors -o {dir}/out", "come from another model", BEFORE_LOAD),
@@ -328,6 +337,7 @@ API_CASES = [
     (dict(method="hfprune", keep=24, drop_layers=1, reconstruct="sequential", reconstruct_target="dense"),
      "use --reconstruct-target layer"),
     (dict(method="random", keep=24, drop_layers=1), "random reads no data"),
+    (dict(method="hfprune", keep=24, keep_heads=1, reconstruct="parallel"), "use --reconstruct sequential"),
     (dict(method="magnitude", keep=24, bogus=1), "prune() has no option 'bogus'"),
     (dict(method="magnitude", keep=24, scores=123), "scores must be a scores.safetensors path"),
     (dict(method=PruneConfig(), keep=24), "either as a PruneConfig or as keywords"),

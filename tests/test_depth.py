@@ -87,7 +87,7 @@ def test_the_ratio_counts_the_dropped_layers():
     assert plan.params_after == kept_params and abs(plan.achieved_ratio - 0.4) < 0.03
     depth_only = plan_width(model, keep=view.width, drop=2)
     assert depth_only.params_after == total - 2 * layer
-    with pytest.raises(AllocationError, match="alone removes"):
+    with pytest.raises(AllocationError, match="alone remove"):
         plan_width(model, ratio=0.05, round_to=4, drop=2)
     with pytest.raises(AllocationError, match="leaves none"):
         plan_width(model, ratio=0.5, round_to=4, drop=4, protected=[])

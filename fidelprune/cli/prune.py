@@ -72,6 +72,11 @@ def add_parser(sub) -> None:
                    help="also drop this many whole decoder layers, those of the lowest importance from the same "
                         "scoring passes (the Taylor term of the layer's residual; Block Influence for forward methods); "
                         "--ratio still counts all parameters, the MLPs of the other layers take the rest")
+    p.add_argument("--keep-heads", type=int, default=None,
+                   help="attention: query heads each KV group keeps in every layer (Minitron's way; scored in the same "
+                        "passes); --ratio counts them")
+    p.add_argument("--keep-kv-heads", type=int, default=None,
+                   help="attention: KV heads (each with its query heads) every layer keeps; --ratio counts them")
     p.add_argument("--scores", default=None, help="re-prune from an earlier run's scores (its folder, or the scores.safetensors file): no calibration")
     p.add_argument("--reconstruct", choices=MODES, default=None,
                    help=f"refit each pruned MLP's down_proj by least squares on calibration activations (default {DEFAULT_MODE})")
@@ -110,7 +115,8 @@ def config_from_args(args) -> PruneConfig:
         aggregation=args.aggregation, steps=args.steps, allocation=args.allocation, protect_first=args.protect_first,
         protect_last=args.protect_last, min_keep=args.min_keep, search_samples=args.search_samples,
         search_generations=args.search_generations, search_offspring=args.search_offspring,
-        search_step=args.search_step, search_seed=args.search_seed, drop_layers=args.drop_layers, reconstruct=reconstruct,
+        search_step=args.search_step, search_seed=args.search_seed, drop_layers=args.drop_layers,
+        keep_heads=args.keep_heads, keep_kv_heads=args.keep_kv_heads, reconstruct=reconstruct,
         reconstruct_lambda=args.reconstruct_lambda, reconstruct_calibration=args.reconstruct_calibration,
         reconstruct_samples=args.reconstruct_samples, reconstruct_seed=args.reconstruct_seed,
         reconstruct_select=args.reconstruct_select,

@@ -104,6 +104,7 @@ class MethodResult:
     stages: list[dict] = field(default_factory=list)
     down_bias_shift: dict[int, torch.Tensor] | None = None  # flap's compensation, added to down_proj biases
     layer_scores: torch.Tensor | None = None  # [layers], whole decoder layers' importance (run_method score_layers)
+    head_scores: dict[int, torch.Tensor] | None = None  # {layer: [query heads]} (run_method score_heads)
 
 
 class Method:
