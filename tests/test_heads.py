@@ -44,6 +44,21 @@ def test_head_norms_are_minitrons(family):
         torch.testing.assert_close(score.double(), expected[index], rtol=1e-5, atol=1e-7)
 
 
+def test_streamed_head_scores_are_the_whole_models():
+    model, windows = tiny_model("llama", num_hidden_layers=3), tiny_windows(4)
+    objective = get_objective("entropy")
+    with HeadScores(model, "taylor") as whole:
+        taylor_scores(model, windows, objective, "activation", batch_size=2, progress=False)
+    adapted = adapt(model).stream("cpu")
+    try:
+        with HeadScores(adapted, "taylor") as streamed:
+            taylor_scores(adapted, windows, objective, "activation", batch_size=2, progress=False)
+    finally:
+        adapted.unstream()
+    for index, score in whole.scores().items():
+        torch.testing.assert_close(streamed.scores()[index], score, rtol=1e-5, atol=0)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("query,kv", [([0, 3], [0, 1]), ([2, 3], [1])])  # a head of each group; a whole KV group
 def test_removing_heads_is_the_model_with_those_heads_silenced(family, query, kv):
