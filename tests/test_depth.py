@@ -151,3 +151,14 @@ def test_gguf_refuses_a_model_whose_sliding_pattern_dropping_broke():
     remove_layers(model, [1])  # sliding, sliding: the second would run as a full-attention layer
     with pytest.raises(ExportError, match="export to vllm instead"):
         check_attention_pattern(model.config)
+
+
+def test_fidelprune_export_takes_the_base_template_of_a_dropped_model(tiny_dir, tiny_template, tmp_path):
+    from gguf import GGUFReader
+
+    run, out = tmp_path / "run", tmp_path / "run.gguf"
+    assert main(["prune", str(tiny_dir), "--drop-layers", "1", "--keep", "24", "--samples", "4", "--seq-len", "32",
+                 "-o", str(run)]) == 0
+    assert main(["export", str(run), "--template", str(tiny_template), "--outtype", "f32", "--no-check",
+                 "-o", str(out)]) == 0
+    assert int(GGUFReader(str(out)).fields["llama.block_count"].contents()) == 1

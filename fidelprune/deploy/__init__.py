@@ -100,7 +100,7 @@ def plan_export(directory: str | Path, config: ExportConfig, output: str | Path 
         check_output_file(output, overwrite, inputs)
         plan = ExportPlan(directory, output, hf_config, shape, manifest, arch=target_arch(hf_config.model_type, shape))
         plan.template = resolve_template(plan, config)
-        plan.template.check_fits(hf_config, plan.arch)
+        plan.template.check_fits(hf_config, plan.arch, dropped_layers(manifest))
         return plan
     check_servable(hf_config, shape)
     check_output_dir(output, overwrite, inputs)
@@ -142,6 +142,11 @@ def converter_vocabulary(directory: Path, llama_cpp: Path, python: str | None = 
     return out
 
 
+def dropped_layers(manifest: dict | None) -> int:
+    """How many decoder layers pruning.json says --drop-layers removed (the base model's GGUF has that many more)."""
+    return len(((manifest or {}).get("allocation") or {}).get("dropped_layers") or [])
+
+
 def export(directory: str | Path, config: ExportConfig | None = None, *, output: str | Path | None = None,
            overwrite: bool = False, progress: bool = True, say=print) -> dict:
     """Export a checkpoint (validate, load, write atomically, load-check); returns the report, also written as
@@ -156,9 +161,8 @@ def export(directory: str | Path, config: ExportConfig | None = None, *, output:
 
     def write_and_check(path: Path) -> None:
         if config.to == "gguf":
-            dropped = len(((plan.manifest or {}).get("allocation") or {}).get("dropped_layers") or [])
             report["written"] = write_gguf(model, plan.template, path, config.outtype, progress=progress,
-                                           dropped_layers=dropped)
+                                           dropped_layers=dropped_layers(plan.manifest))
             check = check_gguf if config.check else None
         else:
             report["written"] = write_vllm(plan.directory, path)
