@@ -530,12 +530,14 @@ def prune_location(
             torch_dtype = _disk_dtype(where, dtype, torch_dtype)
         shapes = check_prune(where, config, scores, trust_remote_code)
         placement = resolve_device_map(device_map, shapes.model, torch_dtype) if device_map else None
+        width_plan = check_width_plan(shapes, config, scores is not None)
+        if distributed.is_main():
+            show("pruning plan", _plan_rows(width_plan, shapes))
         plans = _memory_plans(shapes, config, torch_dtype, device, offload, placement, dry_run, where.gguf_file is None, say, show)
         if dry_run:
             return PruneRun(None, None, plans)
         if distributed.is_main():  # the pruned weights must fit on the output's disk: known now, not after the run
-            pruned_params = check_width_plan(shapes, config, scores is not None).params_after
-            check_output_space(output, pruned_params * torch_dtype.itemsize)
+            check_output_space(output, width_plan.params_after * torch_dtype.itemsize)
         start = time.perf_counter()
         tokenizer = load_tokenizer(where, trust_remote_code)
         check_calibration(tokenizer, config, shapes.model.get_input_embeddings().num_embeddings,
@@ -559,6 +561,21 @@ def prune_location(
         path = save(pruned, tokenizer, report, output, overwrite=overwrite) if distributed.is_main() else output
         distributed.barrier()  # every process holds the same pruned model; one writes it
         return PruneRun(path, report, plans)
+
+
+def _plan_rows(plan: WidthPlan, shapes: AdaptedModel) -> dict[str, str]:
+    """What the run will remove, for people, before the load (the layers dropped and heads kept are chosen by
+    their scores; the counts are known now)."""
+    attention = shapes.attention(0)
+    layers = shapes.num_layers
+    rows = {"parameters": f"{plan.params_before:,} -> {plan.params_after:,} (ratio {plan.achieved_ratio:.4f})",
+            "MLP width (prunable layers)": f"{plan.width_before} -> {plan.width_after}"}
+    if plan.drop_layers:
+        rows["decoder layers"] = f"{layers} -> {layers - plan.drop_layers} (the lowest-scoring dropped)"
+    if plan.query_heads_after is not None:
+        rows["attention heads"] = (f"{attention.query_heads} query / {attention.kv_heads} KV -> "
+                                   f"{plan.query_heads_after} / {plan.kv_heads_after} in every layer")
+    return rows
 
 
 def _check_execution(device_map, offload: str | None, device: str | None) -> None:

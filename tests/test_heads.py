@@ -148,3 +148,9 @@ def test_the_sequential_refit_fits_o_proj_on_the_kept_heads_by_ridge_least_squar
     torch.testing.assert_close(pruned.model.layers[0].self_attn.o_proj.weight, expected, rtol=1e-3, atol=2e-6)
     fits = report.manifest["reconstruction"]["attention"]
     assert [f["layer"] for f in fits] == [0, 1] and all(f["error_after"] < f["error_before"] for f in fits)
+
+
+def test_the_dry_run_shows_what_goes(tiny_dir, capsys):
+    assert main(["prune", str(tiny_dir), "--keep-kv-heads", "1", "--keep", "24", "--seq-len", "32", "--dry-run"]) == 0
+    err = capsys.readouterr().err
+    assert "pruning plan" in err and "4 query / 2 KV -> 2 / 1 in every layer" in err and "48 -> 24" in err
