@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .adapters import AdaptedModel
+from .allocation import WidthPlan
 from .calibration import CalibrationError, check_source, sample_windows
 from .errors import ConfigError
 from .models import ModelLocation, model_config, shape_model
@@ -18,17 +19,18 @@ from .reconstruction import reconstruction_windows
 from .settings import PruneConfig, check_width_plan
 
 
-def check_prune(where: ModelLocation, config: PruneConfig, scores: str | Path | None = None, trust_remote_code: bool = False) -> AdaptedModel:
+def check_prune(where: ModelLocation, config: PruneConfig, scores: str | Path | None = None,
+                trust_remote_code: bool = False) -> tuple[AdaptedModel, WidthPlan]:
     """Everything `prune` will require of this model and config, decided before loading it: the family, the
-    width plan (ratio or keep, round-to, protected layers, FLAP's bias), the window length against the model's
-    positions, and a scores file's layers and widths. Returns the model's shapes (on the meta device) for the
-    memory planner."""
+    width plan (ratio or keep, round-to, protected layers, FLAP's bias, dropped layers and heads), the window
+    length against the model's positions, and a scores file's layers and widths. Returns the model's shapes (on
+    the meta device) for the memory planner, and the width plan."""
     check_source(config.calibration.source)
     if config.reconstruction.calibration is not None:
         check_source(config.reconstruction.calibration)
     model_cfg = model_config(where, trust_remote_code)
     shapes = shape_model(model_cfg)
-    check_width_plan(shapes, config, scores_given=scores is not None)
+    plan = check_width_plan(shapes, config, scores_given=scores is not None)
     _check_refit_tokens(shapes, config)
     alloc = config.allocation
     if alloc.kind == "search" and alloc.search_samples > config.calibration.samples:
@@ -40,7 +42,7 @@ def check_prune(where: ModelLocation, config: PruneConfig, scores: str | Path | 
                                f"choose --seq-len {max_positions} or less")
     if scores is not None:
         check_scores_fit(score_shapes(scores), shapes.widths(), str(scores))
-    return shapes
+    return shapes, plan
 
 
 def _check_refit_tokens(shapes: AdaptedModel, config: PruneConfig) -> None:

@@ -528,9 +528,8 @@ def prune_location(
         torch_dtype = resolve_dtype(dtype, device)
         if offload == "disk":
             torch_dtype = _disk_dtype(where, dtype, torch_dtype)
-        shapes = check_prune(where, config, scores, trust_remote_code)
+        shapes, width_plan = check_prune(where, config, scores, trust_remote_code)
         placement = resolve_device_map(device_map, shapes.model, torch_dtype) if device_map else None
-        width_plan = check_width_plan(shapes, config, scores is not None)
         if distributed.is_main():
             show("pruning plan", _plan_rows(width_plan, shapes))
         plans = _memory_plans(shapes, config, torch_dtype, device, offload, placement, dry_run, where.gguf_file is None, say, show)
