@@ -74,16 +74,11 @@ def get_adapter(model: nn.Module) -> Adapter:
     return adapter_for(getattr(getattr(model, "config", None), "model_type", None))
 
 
-@dataclass
-class MLPView:
-    """One decoder layer's MLP. Neuron i is row i of W_gate and W_up and column i of W_down."""
+class _Columns:
+    """A view whose output projection `down` loses input columns: its width (the columns) and hidden size (its
+    output): MLPView's down_proj, and OutputProjection's o_proj."""
 
-    index: int
-    module: nn.Module
     down: nn.Linear
-    gate: nn.Linear | None = None
-    up: nn.Linear | None = None
-    gate_up: nn.Linear | None = None
 
     @property
     def width(self) -> int:
@@ -92,6 +87,18 @@ class MLPView:
     @property
     def hidden_size(self) -> int:
         return self.down.out_features
+
+
+@dataclass
+class MLPView(_Columns):
+    """One decoder layer's MLP. Neuron i is row i of W_gate and W_up and column i of W_down."""
+
+    index: int
+    module: nn.Module
+    down: nn.Linear
+    gate: nn.Linear | None = None
+    up: nn.Linear | None = None
+    gate_up: nn.Linear | None = None
 
     def gate_up_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(W_gate, W_up), each [I, d]; views into the real parameters."""
@@ -113,6 +120,15 @@ class MLPView:
         """Parameters that removing one neuron removes: its gate and up rows (+ biases), its down column."""
         gate_bias, up_bias = self.gate_up_biases()
         return 3 * self.hidden_size + (gate_bias is not None) + (up_bias is not None)
+
+
+@dataclass
+class OutputProjection(_Columns):
+    """An attention's o_proj as the refit sees a down_proj: its input channels (each head's hd of them) are the
+    columns to keep, and its output is the attention's, so the same Gram, solve and write serve it."""
+
+    index: int
+    down: nn.Linear
 
 
 @dataclass

@@ -37,7 +37,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .adapters import AdaptedModel, MLPView, adapt
+from .adapters import AdaptedModel, MLPView, OutputProjection, adapt
 from .calibration import DEFAULT_SAMPLING, CalibrationConfig, record_dict, sample_windows
 from .distributed import is_main, shard, sum_, sum_number
 from .errors import ConfigError, FidelpruneError, check_int, check_seed
@@ -159,23 +159,6 @@ class ReconstructionResult:
             "layers": [asdict(f) for f in self.layers],
             **({"attention": [asdict(f) for f in self.attention]} if self.attention else {}),
         }
-
-
-@dataclass
-class OutputProjection:
-    """An attention's o_proj as the refit sees a down_proj: its input channels (each head's hd of them) are the
-    columns to keep, and its output is the attention's, so the same Gram, solve and write serve it."""
-
-    index: int
-    down: nn.Linear
-
-    @property
-    def width(self) -> int:
-        return self.down.in_features
-
-    @property
-    def hidden_size(self) -> int:
-        return self.down.out_features
 
 
 class Gram:
