@@ -10,16 +10,22 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import transformers
+from safetensors.torch import load_file
 
 import fidelprune
+from fidelprune.calibration import TOKENIZER_BYTES_PER_CHAR
 from fidelprune.cli import main
+from fidelprune.models import packaged_gguf
 from fidelprune.outputs import OutputExistsError, OutputWriteError, atomic_directory_write, claimed
+from fidelprune.recovery import checkpoints
+from fidelprune.recovery.checkpoints import read_state
 
-from conftest import start_stopped, tree_digest
+from conftest import start_stopped, tiny_model, tree_digest
 
 PRUNE = ["prune", "{tiny}", "--keep", "24", "--samples", "4", "--seq-len", "32", "--reconstruct", "none"]
 
@@ -153,10 +159,6 @@ def test_an_interrupted_overwrite_puts_the_previous_output_back_at_once(tiny_dir
 
 
 def test_training_stops_at_the_first_non_finite_loss_keeping_only_good_checkpoints(tiny_dir, tmp_path, capsys):
-    from safetensors.torch import load_file
-
-    from fidelprune.recovery.checkpoints import read_state
-
     out = tmp_path / "out"
     argv = ["recover", str(tiny_dir), "--data", "c4", "--mode", "full", "--loss", "ce", "--lr", "1e3", "--warmup-ratio",
             "0.5", "--max-grad-norm", "0", "--max-steps", "8", "--save-every", "1", "--keep-last", "8", "--seq-len", "32",
@@ -220,15 +222,9 @@ def test_a_damaged_or_mismatched_checkpoint_is_one_line_before_any_weight_loads(
 
 
 def test_a_tokenizer_the_embedding_cannot_hold_is_one_line_before_the_load(tmp_path, capsys, monkeypatch):
-    from transformers import AutoTokenizer
-
-    from fidelprune.models import packaged_gguf
-
-    from conftest import tiny_model
-
     gguf, model = packaged_gguf(), tmp_path / "small-vocab"
     tiny_model("llama", vocab_size=1000).save_pretrained(model)  # SmolLM2's 49,152-token tokenizer beside it
-    AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(model)
+    transformers.AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(model)
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained",
                         lambda *a, **k: pytest.fail("weights were loaded with a tokenizer they cannot embed"))
     for argv, message in (([*_argv(PRUNE, model), "-o", str(tmp_path / "out")],
@@ -309,8 +305,6 @@ def test_an_output_its_disk_cannot_hold_is_refused_before_the_load(tiny_dir, tmp
 
 
 def test_a_checkpoint_the_disk_cannot_hold_ends_training_with_one_line(tiny_dir, tmp_path, capsys, monkeypatch):
-    from fidelprune.recovery import checkpoints
-
     save_file, calls = checkpoints.save_file, []
 
     def fills_up(tensors, path):
@@ -349,10 +343,6 @@ print(tuple(windows.shape), len(examples), (resource.getrusage(resource.RUSAGE_S
 
 
 def test_a_huge_one_line_text_is_tokenized_in_bounded_pieces(tmp_path):
-    import sys
-
-    from fidelprune.calibration import TOKENIZER_BYTES_PER_CHAR
-
     words = "the model reads a line of calibration text that never ends and "
     big = tmp_path / "one-line.txt"
     big.write_text(words * (12_000_000 // len(words)), encoding="utf-8")  # 12 MB, no newline

@@ -13,6 +13,8 @@ import torch
 from fidelprune import prune
 from fidelprune.adapters import adapt
 from fidelprune.cli import main
+from fidelprune.objectives import get_objective
+from fidelprune.scoring import HeadScores, LayerScores, taylor_scores
 
 from conftest import tiny_model, tiny_windows
 
@@ -123,3 +125,20 @@ def test_a_layers_tensors_come_back_as_they_were():
     moved.restore()
     assert layer.weight.data_ptr() == weight  # untouched: the original tensor's memory itself
     assert layer.bias.data_ptr() != bias and layer.bias.dtype == torch.float32 and torch.equal(layer.bias, torch.full((3,), 2.0))
+
+
+@pytest.mark.parametrize("hooks", [LayerScores, HeadScores])
+def test_streamed_layer_and_head_scores_are_the_whole_models(hooks):
+    """--drop-layers and --keep-heads read their scores from hooks on the decoder layers and o_proj: a streamed
+    backward, which runs each layer again from its kept input, gives them as a whole-model one does."""
+    model, windows = tiny_model("llama", num_hidden_layers=3), tiny_windows(4)
+    objective = get_objective("entropy")
+    with hooks(model, "taylor") as whole:
+        taylor_scores(model, windows, objective, "activation", batch_size=2, progress=False)
+    adapted = adapt(model).stream("cpu")
+    try:
+        with hooks(adapted, "taylor") as streamed:
+            taylor_scores(adapted, windows, objective, "activation", batch_size=2, progress=False)
+    finally:
+        adapted.unstream()
+    torch.testing.assert_close(streamed.scores(), whole.scores(), rtol=1e-5, atol=0)
