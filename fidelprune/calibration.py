@@ -31,11 +31,12 @@ BUNDLED_TEXTS = {"c4": "c4/sample_c4-rp1.jsonl"}
 SAMPLINGS = ("documents", "spans")
 DEFAULT_SAMPLING = "documents"
 
-# A fast tokenizer holds about 125 bytes per character of the texts it is given at once (offsets, alignments), so
-# text goes to it in batches of at most TOKENIZE_CHARS characters (about 0.12 GiB), and a document longer than
-# PIECE_CHARS (or 16 characters per window token, if more) is cut at whitespace into documents of that length:
-# a window needs a few hundred tokens of one document, not all of a 50 MB one-line file. No document of the C4
-# sample (at most 36 k characters) is cut, so the seeds' windows are unchanged.
+# A fast tokenizer holds its offsets and alignments for every character it is given at once, so text goes to it
+# in batches of at most TOKENIZE_CHARS characters, and a document longer than PIECE_CHARS (or 16 characters per
+# window token, if more) is cut at whitespace into documents of that length: a window needs a few hundred tokens
+# of one document, not all of a one-line file. No document of the bundled C4 sample is that long, so the seeds'
+# windows are unchanged. TOKENIZER_BYTES_PER_CHAR is what the memory planner counts (docs/outputs.md, "Memory for
+# text is bounded", has the measurement).
 TOKENIZE_CHARS = 1 << 20
 PIECE_CHARS = 1 << 17
 TOKENIZER_BYTES_PER_CHAR = 125
